@@ -1,0 +1,152 @@
+"""The run configuration: one dataclass, read from YAML/JSON and command-line overrides."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid option or config file (a user mistake, not a bug)."""
+
+
+@dataclass
+class RunConfig:
+    """Everything a run depends on. Same config (and seed), same metrics."""
+
+    # data
+    task: str = "mrpc"
+    train: str | None = None
+    dev: str | None = None
+    text_columns: list[str] | None = None
+    label_column: str | None = None
+    max_length: int = 128
+    # model and adapters
+    model: str = "minilm"
+    target_modules: list[str] | None = None
+    ranks: str = "2-8"
+    lora_alpha: float = 16.0
+    # federation
+    strategy: str = "hlora"
+    clients: int = 100
+    per_round: int = 20
+    rounds: int = 20
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    # local training
+    local_epochs: int = 2
+    lr: float = 1e-3
+    batch_size: int = 16
+    eval_batch_size: int = 128
+    seed: int = 0
+    threads: int | None = None
+    # outputs
+    out: str | None = None
+    # filled in by the run: each client's rank (one rank per client for every adapted layer)
+    client_ranks: list[int] = field(default_factory=list)
+
+    def validate(self) -> "RunConfig":
+        if self.clients < 1:
+            raise ConfigError(f"--clients must be at least 1, got {self.clients}")
+        if not 1 <= self.per_round <= self.clients:
+            raise ConfigError(
+                f"--per-round must be between 1 and --clients ({self.clients}), got {self.per_round}"
+            )
+        if self.rounds < 1:
+            raise ConfigError(f"--rounds must be at least 1, got {self.rounds}")
+        if self.local_epochs < 1:
+            raise ConfigError(f"--local-epochs must be at least 1, got {self.local_epochs}")
+        if self.alpha <= 0:
+            raise ConfigError(f"--alpha (the Dirichlet concentration) must be > 0, got {self.alpha}")
+        if self.partition not in ("iid", "dirichlet"):
+            raise ConfigError(f"--partition must be iid or dirichlet, got {self.partition!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ConfigError("--batch-size must be at least 1")
+        if self.max_length < 8:
+            raise ConfigError(f"--max-length must be at least 8, got {self.max_length}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+        parse_ranks(self.ranks)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+FIELDS = {f.name for f in fields(RunConfig)}
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any]) -> RunConfig:
+    """Defaults, then the config file (YAML or JSON), then the overrides that are not None."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
+        except (yaml.YAMLError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{p}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of option: value")
+        for key, value in loaded.items():
+            name = str(key).replace("-", "_")
+            if name not in FIELDS:
+                raise ConfigError(f"{p}: unknown option {key!r}")
+            values[name] = value
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for key in ("text_columns", "target_modules"):
+        if isinstance(values.get(key), str):
+            values[key] = [s.strip() for s in values[key].split(",") if s.strip()]
+    if "ranks" in values:
+        values["ranks"] = str(values["ranks"])
+    try:
+        return RunConfig(**values).validate()
+    except TypeError as e:
+        raise ConfigError(str(e)) from None
+
+
+_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+
+
+def parse_ranks(spec: str) -> tuple[str, list[int]]:
+    """``"2-8"`` -> ("range", [2, 8]); ``"8"`` -> ("list", [8]); ``"2,4,8"`` -> ("list", [2, 4, 8])."""
+    spec = str(spec)
+    m = _RANGE.match(spec)
+    try:
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            kind, values = "range", [lo, hi]
+            if lo > hi:
+                raise ConfigError(f"--ranks {spec}: the range is empty (low > high)")
+        else:
+            kind, values = "list", [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise ConfigError(f"--ranks takes N, LOW-HIGH or a list N,M,...; got {spec!r}") from None
+    if min(values) < 1:
+        raise ConfigError(f"--ranks {spec}: a LoRA rank must be at least 1")
+    return kind, values
+
+
+def draw_ranks(spec: str, num_clients: int, seed: int) -> list[int]:
+    """Each client's rank: uniform over LOW..HIGH (seeded), or a list assigned cyclically."""
+    kind, values = parse_ranks(spec)
+    if kind == "range":
+        rng = np.random.default_rng([seed, 1])
+        return rng.integers(values[0], values[1] + 1, size=num_clients).tolist()
+    return [values[i % len(values)] for i in range(num_clients)]

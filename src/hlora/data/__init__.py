@@ -1,0 +1,94 @@
+"""Data: load a task's splits, tokenize them once, and partition the training set across clients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hlora.data.examples import DataError, Encoded, Examples, TaskData, encode
+from hlora.data.files import read_rows
+from hlora.data.glue import GLUE
+from hlora.data.partition import partition
+
+__all__ = [
+    "DataError",
+    "Encoded",
+    "Examples",
+    "TaskData",
+    "encode",
+    "load_task",
+    "partition",
+    "TASKS",
+]
+
+TASKS = sorted(GLUE)
+
+
+def load_task(
+    task: str | None,
+    train: str | Path | None = None,
+    dev: str | Path | None = None,
+    text_columns: list[str] | None = None,
+    label_column: str | None = None,
+) -> TaskData:
+    """A GLUE task by name (``mrpc``, ``rte``), or local files given by ``train`` and ``dev``.
+
+    Files need ``text_columns`` (one, or two for a sentence pair) and ``label_column``; labels may be
+    strings or integers. The label set is taken from the training file, sorted.
+    """
+    if train is not None or dev is not None:
+        if train is None or dev is None:
+            raise DataError("--train and --dev go together: give both files")
+        if not text_columns or not label_column:
+            raise DataError("local files need --text-columns and --label-column")
+        if len(text_columns) > 2:
+            raise DataError("--text-columns takes one column, or two for a sentence pair")
+        return _from_files(task or Path(train).stem, train, dev, text_columns, label_column, None, None)
+    if task is None or task.lower() not in GLUE:
+        raise DataError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}, or give --train/--dev files")
+    g = GLUE[task.lower()]
+    return _from_files(
+        task.lower(), g.path("train"), g.path("dev"), list(g.text_columns), g.label_column,
+        list(g.label_names), g.f1_label,
+    )
+
+
+def _from_files(name, train, dev, text_columns, label_column, label_names, f1_label) -> TaskData:
+    train_rows = read_rows(train, text_columns, label_column)
+    dev_rows = read_rows(dev, text_columns, label_column)
+    if label_names is None:
+        found = {label for _, (_, label) in train_rows}
+        numeric = all(_is_int(x) for x in found)
+        label_names = sorted(found, key=int if numeric else str)
+        if numeric and set(found) == {"0", "1"}:
+            f1_label = "1"
+    if len(label_names) < 2:
+        raise DataError(f"{train}: a classifier needs at least two labels, found {label_names}")
+    index = {name: i for i, name in enumerate(label_names)}
+
+    def build(path, rows) -> Examples:
+        labels = []
+        for line, (_, label) in rows:
+            if label not in index:
+                raise DataError(
+                    f"{path} line {line}: unknown label {label!r} (labels: {', '.join(label_names)})"
+                )
+            labels.append(index[label])
+        a = [texts[0] for _, (texts, _) in rows]
+        b = [texts[1] for _, (texts, _) in rows] if len(text_columns) == 2 else None
+        return Examples(a, b, labels)
+
+    return TaskData(
+        name=name,
+        train=build(train, train_rows),
+        dev=build(dev, dev_rows),
+        label_names=list(label_names),
+        f1_label=None if f1_label is None else index[f1_label],
+    )
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s)
+        return True
+    except ValueError:
+        return False

