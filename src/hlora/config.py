@@ -128,16 +128,15 @@ def parse_ranks(spec: str) -> tuple[str, list[int]]:
     """``"2-8"`` -> ("range", [2, 8]); ``"8"`` -> ("list", [8]); ``"2,4,8"`` -> ("list", [2, 4, 8])."""
     spec = str(spec)
     m = _RANGE.match(spec)
-    try:
-        if m:
-            lo, hi = int(m.group(1)), int(m.group(2))
-            kind, values = "range", [lo, hi]
-            if lo > hi:
-                raise ConfigError(f"--ranks {spec}: the range is empty (low > high)")
-        else:
+    if m:
+        kind, values = "range", [int(m.group(1)), int(m.group(2))]
+        if values[0] > values[1]:
+            raise ConfigError(f"--ranks {spec}: the range is empty (low > high)")
+    else:
+        try:
             kind, values = "list", [int(x) for x in spec.split(",")]
-    except ValueError:
-        raise ConfigError(f"--ranks takes N, LOW-HIGH or a list N,M,...; got {spec!r}") from None
+        except ValueError:
+            raise ConfigError(f"--ranks takes N, LOW-HIGH or a list N,M,...; got {spec!r}") from None
     if min(values) < 1:
         raise ConfigError(f"--ranks {spec}: a LoRA rank must be at least 1")
     return kind, values
