@@ -24,6 +24,7 @@ def run_cli(argv, capsys):
     [
         (["--task", "sst9"], "unknown task 'sst9'"),
         (["--strategy", "fedmagic"], "unknown strategy 'fedmagic'"),
+        (["--strategy", "fedit", "--clients", "5", "--per-round", "2"], "defined for equal ranks only"),
         (["--model", "/no/such/model"], "model path '/no/such/model' does not exist"),
         (["--ranks", "0"], "a LoRA rank must be at least 1"),
         (["--per-round", "101"], "--per-round must be between 1 and --clients (100)"),

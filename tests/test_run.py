@@ -135,3 +135,19 @@ def test_real_minilm_end_to_end_on_a_few_dozen_examples(tiny_mrpc, tmp_path):
     assert len(res.rows) == 2 and res.summary["strategy"] == "hlora"
     # MiniLM query/value are 384 x 384: rank 2 and 8 clients upload 12 modules of r * 768 floats each
     assert res.rows[0]["uplink_bytes"] > 12 * 2 * 768 * 4
+
+
+@pytest.mark.parametrize("name", ["hlora", "flexlora", "fedit", "hetlora", "ffa", "fedplora", "flora", "centralized"])
+def test_every_strategy_runs_end_to_end(name, tiny_args, tmp_path):
+    extra = {"ranks": "4"} if name == "fedit" else {}
+    res = run(tiny_config(tiny_args, tmp_path / name, strategy=name, **extra))
+    assert [r["round"] for r in res.rows] == [1, 2]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["train_loss"] > 0 for r in res.rows)
+
+
+def test_strategy_options_reach_the_strategy(tiny_args, tmp_path, capsys):
+    res = run(tiny_config(tiny_args, tmp_path / "h", strategy="hetlora", strategy_options=["norm_weights=true"]))
+    assert yaml.safe_load((res.out / "config.yaml").read_text())["strategy_options"] == {"norm_weights": True}
+    code, text = run_cli(["run", *tiny_args, "--strategy", "hlora", "--strategy-option", "bogus=1",
+                          "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "does not take the option(s) bogus" in text

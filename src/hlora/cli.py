@@ -112,6 +112,10 @@ def run(
     ranks: Optional[str] = _opt("ranks", "Client LoRA ranks: LOW-HIGH (uniform draw), N, or N,M,... (cyclic)."),
     lora_alpha: Optional[float] = _opt("lora_alpha", "LoRA alpha; a client's scaling is alpha / rank."),
     strategy: Optional[str] = _opt("strategy", f"Aggregation method: {', '.join(names())}."),
+    strategy_option: Optional[list[str]] = typer.Option(
+        None, "--strategy-option", help="A strategy's option KEY=VALUE, repeatable (e.g. norm_weights=true).",
+        show_default="none",
+    ),
     clients: Optional[int] = _opt("clients", "Number of clients."),
     per_round: Optional[int] = _opt("per_round", "Clients sampled each round (without replacement)."),
     rounds: Optional[int] = _opt("rounds", "Federated rounds."),
@@ -128,7 +132,8 @@ def run(
     """Run a federated fine-tuning experiment (defaults: HLoRA on GLUE MRPC, ranks 2..8)."""
     from hlora.engine import run as run_experiment
 
-    overrides = {k: v for k, v in locals().items() if k != "config" and k != "run_experiment"}
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "run_experiment", "strategy_option")}
+    overrides["strategy_options"] = strategy_option or None
     for key in ("train", "dev", "out"):
         if overrides[key] is not None:
             overrides[key] = str(overrides[key])

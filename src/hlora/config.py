@@ -34,6 +34,7 @@ class RunConfig:
     lora_alpha: float = 16.0
     # federation
     strategy: str = "hlora"
+    strategy_options: dict[str, Any] = field(default_factory=dict)
     clients: int = 100
     per_round: int = 20
     rounds: int = 20
@@ -113,12 +114,25 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> RunConfig
     for key in ("text_columns", "target_modules"):
         if isinstance(values.get(key), str):
             values[key] = [s.strip() for s in values[key].split(",") if s.strip()]
+    if isinstance(values.get("strategy_options"), (list, tuple)):
+        values["strategy_options"] = parse_options(values["strategy_options"])
     if "ranks" in values:
         values["ranks"] = str(values["ranks"])
     try:
         return RunConfig(**values).validate()
     except TypeError as e:
         raise ConfigError(str(e)) from None
+
+
+def parse_options(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["norm_weights=true", "x=3"]`` -> {"norm_weights": True, "x": 3} (values read as YAML)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = str(pair).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--strategy-option takes KEY=VALUE, got {pair!r}")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value) if value.strip() else ""
+    return out
 
 
 _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")

@@ -67,7 +67,7 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> RunResult:
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    strategy = get_strategy(cfg.strategy)
+    strategy = get_strategy(cfg.strategy, **cfg.strategy_options)
 
     # data: load, tokenize once, partition
     task = load_task(cfg.task, cfg.train, cfg.dev, cfg.text_columns, cfg.label_column)

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from hlora.strategies import centralized, flexlora, hlora  # noqa: F401  (registers them)
+from hlora.strategies import (  # noqa: F401  (importing a module registers its strategy)
+    centralized,
+    fedit,
+    fedplora,
+    ffa,
+    flexlora,
+    flora,
+    hetlora,
+    hlora,
+)
 from hlora.strategies.base import (
     REGISTRY,
     ClientSpec,
@@ -36,4 +45,9 @@ def get_strategy(name: str, **options: Any) -> Strategy:
     """Build the strategy registered under ``name`` with its options."""
     if name not in REGISTRY:
         raise StrategyError(f"unknown strategy {name!r}; choose one of: {', '.join(names())}")
-    return REGISTRY[name](**options)
+    try:
+        return REGISTRY[name](**options)
+    except TypeError:
+        raise StrategyError(
+            f"strategy {name!r} does not take the option(s) {', '.join(sorted(options))}"
+        ) from None

@@ -1,0 +1,69 @@
+"""FLoRA (Wang et al., 2024): stack the clients' factors, so the product is the exact sum.
+
+Server rule, per module, over the round's clients (weights p_k = n_k / n):
+
+    B' = [B_1, ..., B_K],   A' = [p_1 s_1 A_1; ...; p_K s_K A_K],   B' A' = sum_k p_k s_k B_k A_k
+
+The stacked update is merged into the frozen weights (W <- W + B' A') by every client, which then
+starts a fresh LoRA of its own rank for the next round. The download is the stacked factors, whose
+size grows with the number of clients: sum_k r_k (d + k) numbers per module.
+
+Here the merged total (W - W0) is kept as an exact thin SVD (no truncation: zero singular values only
+are dropped), and a client carries it as a frozen low-rank branch beside its fresh LoRA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hlora.factors import Adapter, Factor, tensor_bytes
+from hlora.linalg import factored_svd
+from hlora.strategies.base import (
+    ClientSpec,
+    GlobalState,
+    Payload,
+    Update,
+    average_heads,
+    register,
+    round_weights,
+)
+from hlora.strategies.hlora import HLoRA, svd_adapter
+
+
+def stack_factors(factors: list[Factor], weights: list[float]) -> Factor:
+    """B' = [B_1 .. B_K], A' = [w_1 s_1 A_1; ..; w_K s_K A_K], so B' A' = sum_k w_k s_k B_k A_k."""
+    B = torch.cat([f.B for f in factors], dim=1)
+    A = torch.cat([w * f.scale * f.A for f, w in zip(factors, weights)], dim=0)
+    return Factor(B, A, 1.0)
+
+
+@register
+class FLoRA(HLoRA):
+    name = "flora"
+
+    def dispatch(self, state: GlobalState, client: ClientSpec, rng: torch.Generator) -> Payload:
+        lora = {}
+        for m, svd in state.lora.items():
+            d, k = svd.U.shape[0], svd.Vt.shape[1]
+            r, s = client.ranks[m], client.scale(m)
+            A = (torch.rand(r, k, generator=rng) * 2 - 1) / k**0.5  # a fresh LoRA: PEFT's init
+            lora[m] = Factor(torch.zeros(d, r, dtype=svd.U.dtype), A.to(svd.U.dtype) / s, s)
+        frozen = {m: svd_adapter(svd) for m, svd in state.lora.items()}
+        return Payload(lora=lora, head=state.head, frozen=frozen)
+
+    def aggregate(self, state: GlobalState, updates: list[Update]) -> GlobalState:
+        p = round_weights(updates)
+        lora, sent = {}, 0
+        for m, merged in state.lora.items():
+            stacked = stack_factors([u.lora[m] for u in updates], p)
+            sent += tensor_bytes(stacked.B, stacked.A)
+            lora[m] = factored_svd([merged.U * merged.S, stacked.B], [merged.Vt, stacked.A], [1.0, 1.0])
+        extra = {"stacked_bytes": sent}
+        return GlobalState(lora, average_heads(updates, p), state.init, state.round + 1, extra)
+
+    def global_adapter(self, state: GlobalState) -> Adapter:
+        return {m: svd_adapter(svd) for m, svd in state.lora.items()}
+
+    def downlink_bytes(self, state: GlobalState, payload: Payload) -> int:
+        """The last round's stacked factors (nothing before round 1) and the head."""
+        return state.extra.get("stacked_bytes", 0) + tensor_bytes(*payload.head.values())
