@@ -39,7 +39,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
     assert code == 2
     assert message in " ".join(text.split())
     assert "Traceback" not in text
-    assert len(text.strip().splitlines()) <= 2  # one message (rich may wrap a long line once)
+    assert len(text.strip().splitlines()) == 1
 
 
 def test_malformed_row_names_the_line(capsys, tmp_path, tiny_model):
