@@ -47,24 +47,28 @@ def _opt(name: str, help: str, *flags: str) -> Any:
 class RichReporter:
     """A progress bar over the round's local training, and one line per round."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "") -> None:
         self.progress: Progress | None = None
         self.task = None
         self.rounds = 0
+        self.prefix = prefix
 
-    def start(self, cfg: RunConfig, out: Path) -> None:
+    def start(self, cfg: RunConfig, out: Path, first_round: int) -> None:
         self.rounds = cfg.rounds
         ranks = sorted(set(cfg.client_ranks))
+        again = f", resuming at round {first_round}" if first_round > 1 else ""
         console.print(
-            f"[bold]hlora[/] {cfg.strategy} on {cfg.task}: {cfg.clients} clients, {cfg.per_round} per round, "
-            f"{cfg.rounds} rounds, ranks {ranks[0]}..{ranks[-1]}, model {cfg.model} -> {out}"
+            f"{self.prefix}[bold]hlora[/] {cfg.strategy} on {cfg.task}: {cfg.clients} clients, "
+            f"{cfg.per_round} per round, {cfg.rounds} rounds, ranks {ranks[0]}..{ranks[-1]}, "
+            f"model {cfg.model}{again} -> {out}",
+            highlight=False,
         )
 
     def round_start(self, round: int, examples: int) -> None:
         if not console.is_terminal:
             return
         self.progress = Progress(
-            TextColumn(f"round {round}/{self.rounds}"),
+            TextColumn(f"{self.prefix}round {round}/{self.rounds}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("examples"),
@@ -85,7 +89,7 @@ class RichReporter:
             self.progress = None
         f1 = f" f1 {row['f1']:.3f}" if "f1" in row else ""
         console.print(
-            f"round {row['round']:>3}/{self.rounds}  acc {row['accuracy']:.4f}{f1}  "
+            f"{self.prefix}round {row['round']:>3}/{self.rounds}  acc {row['accuracy']:.4f}{f1}  "
             f"eval_loss {row['eval_loss']:.4f}  train_loss {row['train_loss']:.4f}  "
             f"up {row['uplink_bytes'] / 1e6:.2f} MB  down {row['downlink_bytes'] / 1e6:.2f} MB  "
             f"{row['seconds']:.1f}s"
@@ -128,17 +132,115 @@ def run(
     seed: Optional[int] = _opt("seed", "Seed of the split, ranks, client sampling and training."),
     threads: Optional[int] = _opt("threads", "Torch threads (default: torch's choice)."),
     out: Optional[Path] = _opt("out", "Run directory (must not hold a run already)."),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="Continue the run in this directory from its last checkpoint (no other options).",
+        show_default="none",
+    ),
 ) -> None:
     """Run a federated fine-tuning experiment (defaults: HLoRA on GLUE MRPC, ranks 2..8)."""
+    from hlora.engine import resume as resume_run
     from hlora.engine import run as run_experiment
 
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "run_experiment", "strategy_option")}
-    overrides["strategy_options"] = strategy_option or None
+    overrides = _overrides(locals())
+    if resume is not None:
+        given = sorted(k for k, v in overrides.items() if v is not None)
+        if config is not None or given:
+            raise ConfigError(f"--resume takes no other options (got {', '.join(given) or 'a config file'})")
+        resume_run(resume, RichReporter())
+        return
+    run_experiment(load_config(config, overrides), RichReporter())
+
+
+def _overrides(values: dict[str, Any]) -> dict[str, Any]:
+    """The run options of a command's arguments, as RunConfig field values (None: not given)."""
+    skip = ("config", "resume", "run_experiment", "resume_run", "strategy_option", "strategies", "seeds", "target")
+    out = {k: v for k, v in values.items() if k not in skip}
+    if "strategy_option" in values:
+        out["strategy_options"] = values["strategy_option"] or None
     for key in ("train", "dev", "out"):
-        if overrides[key] is not None:
-            overrides[key] = str(overrides[key])
-    cfg = load_config(config, overrides)
-    run_experiment(cfg, RichReporter())
+        if out.get(key) is not None:
+            out[key] = str(out[key])
+    return out
+
+
+def compare(
+    strategies: str = typer.Option(
+        ..., help="Methods, comma-separated; METHOD:key=value overrides a run option or strategy option."
+    ),
+    seeds: str = typer.Option("0", help="Seeds, comma-separated: each method runs once per seed."),
+    target: float = typer.Option(0.75, help="Accuracy whose first round the table reports."),
+    **run_options: Any,
+) -> None:
+    """Run a grid of methods x seeds on the same split and client sample; write table.md/.csv and figures."""
+    from hlora.compare import compare as run_compare
+    from hlora.compare import parse_methods
+
+    config = run_options.pop("config", None)
+    out = run_options.pop("out", None)
+    if out is None:
+        raise ConfigError("hlora compare needs --out DIR (the grid's directory)")
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds takes integers, comma-separated; got {seeds!r}") from None
+    if not seed_list:
+        raise ConfigError("--seeds names no seed")
+    if not 0 < target <= 1:
+        raise ConfigError(f"--target is an accuracy between 0 and 1, got {target}")
+    shared = _overrides(run_options)
+
+    def reporter_for(i: int, n: int, method, seed: int, eta: float | None) -> RichReporter:
+        left = f", about {eta / 60:.0f} min left" if eta is not None else ""
+        console.print(f"[bold]cell {i}/{n}[/]: {method.label}, seed {seed}{left}", highlight=False)
+        return RichReporter(prefix=f"[{i}/{n} {method.label} s{seed}] ")
+
+    table = run_compare(config, shared, parse_methods(strategies), seed_list, Path(out), target, reporter_for,
+                        say=lambda msg: console.print(msg, highlight=False))
+    console.print(f"wrote {out}/table.md, table.csv, accuracy.png, communication.png ({len(table)} methods)")
+
+
+def _compare_signature() -> None:
+    """compare takes every run option (but --strategy, --seed and --resume, which the grid sets)."""
+    import inspect
+    import typing
+
+    hints = {**typing.get_type_hints(run), **typing.get_type_hints(compare)}
+    own = [p for name, p in inspect.signature(compare).parameters.items() if name != "run_options"]
+    shared = [
+        p for name, p in inspect.signature(run).parameters.items()
+        if name not in ("strategy", "seed", "resume", "strategy_option")
+    ]
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints[p.name]) for p in own + shared]
+    compare.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    app.command(name="compare")(compare)
+
+
+@app.command()
+def plot(
+    runs: list[Path] = typer.Argument(..., help="Run directories, or compare directories (every cell)."),
+    out: Path = typer.Option(Path("."), help="Folder for accuracy.png and communication.png."),
+    title: str = typer.Option("", help="Title of the figures."),
+) -> None:
+    """Curves of accuracy against round and against MB sent, for any set of finished runs."""
+    from hlora.compare import read_rows
+    from hlora.plots import plot_groups
+
+    groups: dict[str, list] = {}
+    for path in runs:
+        if (path / "metrics.jsonl").is_file():
+            groups.setdefault(path.name, []).append(read_rows(path))
+            continue
+        cells = sorted(path.glob("*/seed*/metrics.jsonl"))
+        if not cells:
+            raise ConfigError(f"{path}: neither a run directory nor a compare directory (no metrics.jsonl)")
+        for m in cells:
+            groups.setdefault(m.parent.parent.name, []).append(read_rows(m.parent))
+    out.mkdir(parents=True, exist_ok=True)
+    for p in plot_groups(groups, out, title):
+        console.print(f"wrote {p}")
+
+
+_compare_signature()
 
 
 def main() -> None:

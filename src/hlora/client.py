@@ -11,6 +11,23 @@ from hlora.model import FederatedModel
 from hlora.strategies import Payload, Update
 
 
+def length_grouped_batches(
+    indices: list[int], lengths: list[int], batch_size: int, generator: torch.Generator, window: int = 32
+) -> list[list[int]]:
+    """Shuffled batches of examples of similar length (less padding, same examples per epoch).
+
+    The client's examples are shuffled, cut into windows of ``window`` batches, sorted by length inside
+    each window, cut into batches, and the batches are shuffled again.
+    """
+    order = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+    span = batch_size * window
+    batches = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
 def train_client(
     fm: FederatedModel,
     payload: Payload,
@@ -37,9 +54,7 @@ def train_client(
     total, steps = 0.0, 0
     try:
         for _ in range(epochs):
-            order = torch.randperm(len(indices), generator=shuffle).tolist()
-            for start in range(0, len(order), batch_size):
-                chunk = [indices[i] for i in order[start : start + batch_size]]
+            for chunk in length_grouped_batches(indices, data.lengths, batch_size, shuffle):
                 loss = fm.model(**data.batch(chunk)).loss
                 loss.backward()
                 optimizer.step()

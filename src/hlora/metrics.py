@@ -41,16 +41,19 @@ def predict_logits(
     """Logits of the model W0 + adapter (with ``head``) on every example, in order."""
     fm.install(adapter, head)
     fm.model.eval()
-    out = []
+    order = sorted(range(len(data)), key=data.lengths.__getitem__)  # similar lengths: less padding
+    logits = [None] * len(data)
     try:
         with torch.inference_mode():
-            for start in range(0, len(data), batch_size):
-                batch = data.batch(list(range(start, min(start + batch_size, len(data)))))
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                batch = data.batch(idx)
                 batch.pop("labels")
-                out.append(fm.model(**batch).logits.float())
+                for i, row in zip(idx, fm.model(**batch).logits.float()):
+                    logits[i] = row
     finally:
         fm.clear()
-    return torch.cat(out)
+    return torch.stack(logits)
 
 
 def f1_score(pred: torch.Tensor, labels: torch.Tensor, positive: int) -> float:
@@ -63,10 +66,12 @@ def f1_score(pred: torch.Tensor, labels: torch.Tensor, positive: int) -> float:
 class MetricsLog:
     """Appends one JSON object per round to ``metrics.jsonl``; writes ``summary.json``."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, rows: list[dict[str, Any]] | None = None) -> None:
         self.path = out / "metrics.jsonl"
         self.summary_path = out / "summary.json"
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = list(rows or [])
+        if rows is not None:  # resuming: the file holds exactly the checkpointed rounds
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(row)

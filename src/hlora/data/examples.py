@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -58,6 +59,10 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @cached_property
+    def lengths(self) -> list[int]:
+        return [len(t) for t in self.input_ids]
 
     def batch(self, indices: list[int] | Tensor) -> dict[str, Tensor]:
         idx = [int(i) for i in indices]

@@ -1,7 +1,8 @@
 """The embedded simulation: one process, one frozen base model, clients as adapters that come and go.
 
 config -> data (load, tokenize once, partition) -> clients (local training) -> strategy (aggregate,
-dispatch) -> metrics. Read top to bottom, :func:`run` is the whole federated loop.
+dispatch) -> metrics and artifacts. :func:`setup` builds everything a run needs; :func:`run` and
+:func:`resume` drive the rounds in :func:`_rounds`, checkpointing after each one.
 """
 
 from __future__ import annotations
@@ -15,19 +16,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from hlora.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from hlora.client import train_client
-from hlora.config import ConfigError, RunConfig, draw_ranks
-from hlora.data import encode, load_task, partition
+from hlora.config import ConfigError, RunConfig, draw_ranks, load_config
+from hlora.data import Encoded, TaskData, encode, load_task, partition
+from hlora.export import adapter_svd, save_peft_adapter, truncated
 from hlora.factors import init_factors
 from hlora.metrics import MetricsLog, evaluate
-from hlora.model import FederatedModel, load_classifier
-from hlora.strategies import ClientSpec, Update, get_strategy
+from hlora.model import FederatedModel, load_classifier, resolve_model_path
+from hlora.strategies import ClientSpec, GlobalState, Strategy, Update, get_strategy
 
 
 class Reporter:
     """Progress callbacks; the default one is silent (the CLI shows bars and round lines)."""
 
-    def start(self, cfg: RunConfig, out: Path) -> None: ...
+    def start(self, cfg: RunConfig, out: Path, first_round: int) -> None: ...
     def round_start(self, round: int, examples: int) -> None: ...
     def advance(self, examples: int) -> None: ...
     def round_end(self, row: dict[str, Any]) -> None: ...
@@ -41,6 +44,28 @@ class RunResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass
+class Experiment:
+    """Everything a run needs, built once: data, the one base model, clients, the strategy."""
+
+    cfg: RunConfig
+    task: TaskData
+    fm: FederatedModel
+    train: Encoded
+    dev: Encoded
+    parts: list[list[int]]
+    clients: list[ClientSpec]
+    strategy: Strategy
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.cfg.client_ranks)
+
+    def initial_state(self) -> GlobalState:
+        init = init_factors(self.fm.shapes, self.max_rank, torch.Generator().manual_seed(self.cfg.seed))
+        return self.strategy.init_state(init, self.fm.head_state())
+
+
 def client_seed(seed: int, round: int, client: int) -> int:
     """A seed per (run, round, client): a client's round never depends on what ran before it."""
     return int(np.random.SeedSequence([seed, round, client + 1]).generate_state(1)[0])
@@ -51,64 +76,103 @@ def default_out(cfg: RunConfig) -> Path:
     return Path("runs") / f"{stamp}-{cfg.task}-{cfg.strategy}"
 
 
+def setup(cfg: RunConfig) -> Experiment:
+    """Load and tokenize the data once, partition it, load the base model, give each client a rank."""
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    strategy = get_strategy(cfg.strategy, **cfg.strategy_options)
+    task = load_task(cfg.task, cfg.train, cfg.dev, cfg.text_columns, cfg.label_column)
+    if cfg.clients > len(task.train):
+        raise ConfigError(f"--clients {cfg.clients} exceeds the {len(task.train)} training examples")
+    model, tokenizer = load_classifier(cfg.model, task.num_labels, cfg.seed)
+    fm = FederatedModel(model, cfg.target_modules)
+    parts = partition(task.train.labels, cfg.clients, cfg.partition, cfg.alpha, cfg.seed)
+    ranks = draw_ranks(cfg.ranks, cfg.clients, cfg.seed)
+    if cfg.client_ranks and cfg.client_ranks != ranks:
+        raise ConfigError("the config's client_ranks do not match its --ranks and --seed")
+    cfg.client_ranks = ranks
+    width = min(min(shape) for shape in fm.shapes.values())
+    if max(ranks) > width:
+        raise ConfigError(f"rank {max(ranks)} is above the width {width} of the adapted layers")
+    clients = [
+        ClientSpec(i, dict.fromkeys(fm.shapes, r), cfg.lora_alpha, len(parts[i])) for i, r in enumerate(ranks)
+    ]
+    strategy.check(clients)
+    train = encode(tokenizer, task.train, cfg.max_length)
+    dev = encode(tokenizer, task.dev, cfg.max_length)
+    return Experiment(cfg, task, fm, train, dev, parts, clients, strategy)
+
+
 def prepare_out(out: Path) -> Path:
     """Create the run directory; refuse one that already holds a run (nothing is overwritten)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
-    if any((out / name).exists() for name in ("config.yaml", "metrics.jsonl", "summary.json")):
-        raise ConfigError(f"--out {out} already holds a run; choose another directory")
+    if any((out / name).exists() for name in ("config.yaml", "metrics.jsonl", "summary.json", CHECKPOINT)):
+        raise ConfigError(
+            f"--out {out} already holds a run; choose another directory, or continue it with --resume {out}"
+        )
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
 def run(cfg: RunConfig, reporter: Reporter | None = None) -> RunResult:
     """Run a federated fine-tuning experiment as configured; write its outputs under ``cfg.out``."""
-    reporter = reporter or Reporter()
-    cfg.validate()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    strategy = get_strategy(cfg.strategy, **cfg.strategy_options)
-
-    # data: load, tokenize once, partition
-    task = load_task(cfg.task, cfg.train, cfg.dev, cfg.text_columns, cfg.label_column)
-    if cfg.clients > len(task.train):
-        raise ConfigError(f"--clients {cfg.clients} exceeds the {len(task.train)} training examples")
-    model, tokenizer = load_classifier(cfg.model, task.num_labels, cfg.seed)
-    fm = FederatedModel(model, cfg.target_modules)
-    train = encode(tokenizer, task.train, cfg.max_length)
-    dev = encode(tokenizer, task.dev, cfg.max_length)
-    parts = partition(task.train.labels, cfg.clients, cfg.partition, cfg.alpha, cfg.seed)
-
-    # clients: a rank each (fixed for the run), checked against the layers
-    cfg.client_ranks = draw_ranks(cfg.ranks, cfg.clients, cfg.seed)
-    width = min(min(shape) for shape in fm.shapes.values())
-    if max(cfg.client_ranks) > width:
-        raise ConfigError(f"rank {max(cfg.client_ranks)} is above the width {width} of the adapted layers")
-    clients = [
-        ClientSpec(i, dict.fromkeys(fm.shapes, r), cfg.lora_alpha, len(parts[i]))
-        for i, r in enumerate(cfg.client_ranks)
-    ]
-    strategy.check(clients)
-    max_rank = max(cfg.client_ranks)
-    init = init_factors(fm.shapes, max_rank, torch.Generator().manual_seed(cfg.seed))
-    state = strategy.init_state(init, fm.head_state())
-
+    exp = setup(cfg)
     out = prepare_out(Path(cfg.out) if cfg.out else default_out(cfg))
     cfg.out = str(out)
     cfg.save(out / "config.yaml")
-    log = MetricsLog(out)
-    reporter.start(cfg, out)
     sampler = np.random.default_rng([cfg.seed, 2])
-    t_run = time.perf_counter()
+    return _rounds(exp, out, exp.initial_state(), sampler, MetricsLog(out), 0.0, reporter or Reporter())
 
-    for rnd in range(1, cfg.rounds + 1):
+
+def resume(out: str | Path, reporter: Reporter | None = None) -> RunResult:
+    """Continue a run that stopped (even killed mid-round) from its last checkpoint.
+
+    Rounds after the checkpoint are recomputed; the metrics match, round by round, those of the run
+    that was never interrupted.
+    """
+    out = Path(out)
+    if not (out / "config.yaml").is_file():
+        raise ConfigError(f"--resume {out}: no run there (config.yaml is missing)")
+    if (out / "summary.json").exists():
+        raise ConfigError(f"--resume {out}: this run has already finished")
+    cfg = load_config(out / "config.yaml", {"out": str(out)})
+    exp = setup(cfg)
+    sampler = np.random.default_rng([cfg.seed, 2])
+    if (out / CHECKPOINT).exists():
+        state, saved = load_checkpoint(out)
+        if saved["client_ranks"] != cfg.client_ranks or saved["partition"] != exp.parts:
+            raise ConfigError(f"--resume {out}: the checkpoint does not belong to this config")
+        sampler.bit_generator.state = saved["sampler"]
+        rows, wall = saved["rows"], saved["wall_seconds"]
+    else:  # killed during the first round
+        state, rows, wall = exp.initial_state(), [], 0.0
+    log = MetricsLog(out, rows)  # rewrites metrics.jsonl to the checkpoint's rounds
+    return _rounds(exp, out, state, sampler, log, wall, reporter or Reporter())
+
+
+def _rounds(
+    exp: Experiment,
+    out: Path,
+    state: GlobalState,
+    sampler: np.random.Generator,
+    log: MetricsLog,
+    wall_before: float,
+    reporter: Reporter,
+) -> RunResult:
+    cfg, strategy, fm = exp.cfg, exp.strategy, exp.fm
+    reporter.start(cfg, out, state.round + 1)
+    t_run = time.perf_counter()
+    for rnd in range(state.round + 1, cfg.rounds + 1):
         t0 = time.perf_counter()
         sampled = sorted(sampler.choice(cfg.clients, cfg.per_round, replace=False).tolist())
         if strategy.pools_clients:  # centralized: the round's data pooled at one site
-            pooled = sorted(i for c in sampled for i in parts[c])
-            jobs = [(ClientSpec(-1, dict.fromkeys(fm.shapes, max_rank), cfg.lora_alpha, len(pooled)), pooled)]
+            pooled = sorted(i for c in sampled for i in exp.parts[c])
+            spec = ClientSpec(-1, dict.fromkeys(fm.shapes, exp.max_rank), cfg.lora_alpha, len(pooled))
+            jobs = [(spec, pooled)]
         else:
-            jobs = [(clients[c], parts[c]) for c in sampled]
+            jobs = [(exp.clients[c], exp.parts[c]) for c in sampled]
         reporter.round_start(rnd, cfg.local_epochs * sum(len(ix) for _, ix in jobs))
 
         updates: list[Update] = []
@@ -118,7 +182,7 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> RunResult:
             payload = strategy.dispatch(state, spec, torch.Generator().manual_seed(seed))
             down += strategy.downlink_bytes(state, payload)
             update = train_client(
-                fm, payload, train, indices, client_id=spec.id, epochs=cfg.local_epochs,
+                fm, payload, exp.train, indices, client_id=spec.id, epochs=cfg.local_epochs,
                 lr=cfg.lr, batch_size=cfg.batch_size, seed=seed, on_batch=reporter.advance,
             )
             up += strategy.uplink_bytes(update)
@@ -129,7 +193,8 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> RunResult:
         state = strategy.aggregate(state, updates)
         t_agg = time.perf_counter() - t1
         t2 = time.perf_counter()
-        scores = evaluate(fm, strategy.global_adapter(state), state.head, dev, cfg.eval_batch_size, task.f1_label)
+        adapter = strategy.global_adapter(state)
+        scores = evaluate(fm, adapter, state.head, exp.dev, cfg.eval_batch_size, exp.task.f1_label)
         t_eval = time.perf_counter() - t2
 
         n = sum(u.num_examples for u in updates)
@@ -147,10 +212,18 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> RunResult:
             "seconds_eval": t_eval,
         }
         log.append(row)
+        save_checkpoint(
+            out, state, sampler=sampler.bit_generator.state, rows=log.rows, client_ranks=cfg.client_ranks,
+            partition=exp.parts, wall_seconds=wall_before + time.perf_counter() - t_run,
+        )
         reporter.round_end(row)
 
+    adapter, _ = truncated(adapter_svd(strategy.global_adapter(state)), None)
+    save_peft_adapter(out / "adapter", adapter, state.head, resolve_model_path(cfg.model))
     summary = log.summary(
-        task=task.name, strategy=cfg.strategy, wall_seconds=time.perf_counter() - t_run
+        task=exp.task.name, strategy=cfg.strategy, wall_seconds=wall_before + time.perf_counter() - t_run,
+        adapter_rank=max(f.rank for f in adapter.values()),
     )
     reporter.finish(summary)
     return RunResult(out, summary, log.rows)
+

@@ -1,0 +1,210 @@
+"""A grid of runs (methods x seeds) on the same split, client ranks, client sample and seed; then tables.
+
+Each cell is an ordinary run directory ``OUT/<method>/seed<k>``. A cell with a ``summary.json`` is done
+and skipped, so an interrupted comparison resumes where it stopped (a half-finished cell continues from
+its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import shutil
+import statistics
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from hlora.config import ConfigError, RunConfig, load_config, parse_options
+
+RUN_FIELDS = {f.name for f in fields(RunConfig)}
+
+
+@dataclass
+class Method:
+    """One row of the comparison: a strategy with overrides, e.g. ``hlora:ranks=8``."""
+
+    label: str
+    strategy: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.label.replace(":", "__").replace("=", "-"))
+
+
+def parse_methods(spec: str) -> list[Method]:
+    """``"hlora,hlora:ranks=8,hetlora:norm_weights=true"`` -> methods (run options or strategy options)."""
+    methods = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        name, *pairs = item.split(":")
+        run_opts: dict[str, Any] = {}
+        strat_opts = {}
+        for key, value in parse_options(pairs).items():
+            if key in RUN_FIELDS and key not in ("strategy", "seed", "out", "strategy_options"):
+                run_opts[key] = value
+            else:
+                strat_opts[key] = value
+        if strat_opts:
+            run_opts["strategy_options"] = strat_opts
+        methods.append(Method(item, name.strip(), run_opts))
+    if not methods:
+        raise ConfigError("--strategies names no method")
+    labels = [m.label for m in methods]
+    if len(set(labels)) != len(labels):
+        raise ConfigError("--strategies names a method twice")
+    return methods
+
+
+def cell_configs(
+    config_file: str | Path | None,
+    shared: dict[str, Any],
+    methods: list[Method],
+    seeds: list[int],
+    out: Path,
+) -> list[tuple[Method, int, RunConfig]]:
+    """Every cell's full config, validated before anything runs (a typo fails at once, not hours in)."""
+    cells = []
+    for seed in seeds:
+        for m in methods:
+            overrides = {**shared, **m.overrides, "strategy": m.strategy, "seed": seed,
+                         "out": str(out / m.slug / f"seed{seed}")}
+            cells.append((m, seed, load_config(config_file, overrides)))
+    return cells
+
+
+def cell_state(path: Path) -> str:
+    """``done`` (has summary.json), ``partial`` (started), or ``new``."""
+    if (path / "summary.json").exists():
+        return "done"
+    return "partial" if path.exists() and any(path.iterdir()) else "new"
+
+
+def read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(out: Path, methods: list[Method], seeds: list[int], target: float) -> list[dict[str, Any]]:
+    """One row per method: final / best accuracy (and F1) as mean and std over seeds, rounds to the target
+    accuracy (mean over the seeds that reach it), total MB up and down (mean over seeds)."""
+    table = []
+    for m in methods:
+        runs = [read_rows(out / m.slug / f"seed{s}") for s in seeds
+                if cell_state(out / m.slug / f"seed{s}") == "done"]
+        if not runs:
+            continue
+        row: dict[str, Any] = {"method": m.label, "seeds": len(runs), "rounds": len(runs[0])}
+        for key, values in [
+            ("final_acc", [r[-1]["accuracy"] for r in runs]),
+            ("best_acc", [max(x["accuracy"] for x in r) for r in runs]),
+            ("final_f1", [r[-1].get("f1", math.nan) for r in runs]),
+        ]:
+            row[key], row[key + "_std"] = _mean_std(values)
+        reached = [next((x["round"] for x in r if x["accuracy"] >= target), None) for r in runs]
+        hit = [x for x in reached if x is not None]
+        row["rounds_to_target"] = statistics.fmean(hit) if hit else math.nan
+        row["reached_target"] = f"{len(hit)}/{len(runs)}"
+        row["mb_up"] = statistics.fmean(sum(x["uplink_bytes"] for x in r) / 1e6 for r in runs)
+        row["mb_down"] = statistics.fmean(sum(x["downlink_bytes"] for x in r) / 1e6 for r in runs)
+        table.append(row)
+    return table
+
+
+def write_tables(table: list[dict[str, Any]], out: Path, target: float) -> None:
+    """``table.csv`` (every number) and ``table.md`` (mean ± std, readable)."""
+    if not table:
+        return
+    with (out / "table.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(table[0]))
+        w.writeheader()
+        w.writerows(table)
+    has_f1 = any(not math.isnan(r["final_f1"]) for r in table)
+
+    def pm(mean: float, std: float, scale: float = 100.0) -> str:
+        return "-" if math.isnan(mean) else f"{scale * mean:.1f} ± {scale * std:.1f}"
+
+    head = ["method", "seeds", "rounds", "final acc (%)", "best acc (%)"]
+    head += ["final F1 (%)"] if has_f1 else []
+    head += [f"rounds to {100 * target:.0f}%", "MB up", "MB down"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table:
+        cells = [r["method"], str(r["seeds"]), str(r["rounds"]), pm(r["final_acc"], r["final_acc_std"]),
+                 pm(r["best_acc"], r["best_acc_std"])]
+        cells += [pm(r["final_f1"], r["final_f1_std"])] if has_f1 else []
+        rt = "-" if math.isnan(r["rounds_to_target"]) else f"{r['rounds_to_target']:.1f} ({r['reached_target']})"
+        cells += [rt, f"{r['mb_up']:.1f}", f"{r['mb_down']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+
+
+def reset_cell(path: Path) -> None:
+    """Remove a half-finished cell that cannot be resumed."""
+    shutil.rmtree(path)
+
+
+def run_grid(
+    cells: list[tuple[Method, int, RunConfig]],
+    reporter_for,
+    say,
+) -> None:
+    """Run every cell not yet done, in order; resume half-finished ones from their checkpoint.
+
+    ``reporter_for(i, n, method, seed, eta)`` gives the progress reporter of one cell; ``say`` prints.
+    """
+    import time
+
+    from hlora.engine import resume, run
+
+    seconds_per_round: list[float] = []
+    for i, (method, seed, cfg) in enumerate(cells, start=1):
+        path = Path(cfg.out)
+        state = cell_state(path)
+        if state == "done":
+            say(f"cell {i}/{len(cells)} {method.label} seed {seed}: done, skipped")
+            continue
+        left = sum(c.rounds for _, _, c in cells[i - 1 :])
+        eta = statistics.fmean(seconds_per_round) * left if seconds_per_round else None
+        reporter = reporter_for(i, len(cells), method, seed, eta)
+        t0 = time.perf_counter()
+        if state == "partial" and (path / "config.yaml").exists():
+            result = resume(path, reporter)
+        else:
+            if state == "partial":
+                reset_cell(path)
+            result = run(cfg, reporter)
+        seconds_per_round.append((time.perf_counter() - t0) / max(1, len(result.rows)))
+
+
+def compare(
+    config_file: str | Path | None,
+    shared: dict[str, Any],
+    methods: list[Method],
+    seeds: list[int],
+    out: Path,
+    target: float,
+    reporter_for,
+    say=print,
+) -> list[dict[str, Any]]:
+    """Run the grid (skipping finished cells), then write table.md, table.csv and the figures."""
+    from hlora.plots import plot_groups
+
+    cells = cell_configs(config_file, shared, methods, seeds, out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_grid(cells, reporter_for, say)
+    table = summarize(out, methods, seeds, target)
+    write_tables(table, out, target)
+    groups = {m.label: [read_rows(out / m.slug / f"seed{s}") for s in seeds] for m in methods}
+    plot_groups(groups, out, title=cells[0][2].task)
+    return table

@@ -1,0 +1,65 @@
+"""hlora compare on a tiny grid (2 methods, 2 rounds, tiny model), and hlora plot."""
+
+import csv
+import json
+
+from PIL import Image
+
+from hlora.compare import parse_methods
+from tests.test_cli import run_cli
+
+
+def test_parse_methods_routes_run_and_strategy_options():
+    ms = parse_methods("hlora,hlora:ranks=8,hetlora:norm_weights=true:lr=0.01")
+    assert [m.label for m in ms] == ["hlora", "hlora:ranks=8", "hetlora:norm_weights=true:lr=0.01"]
+    assert ms[1].overrides == {"ranks": 8}
+    assert ms[2].overrides == {"lr": 0.01, "strategy_options": {"norm_weights": True}}
+    assert len({m.slug for m in ms}) == 3 and all("/" not in m.slug for m in ms)
+
+
+def test_tiny_compare_writes_every_output_and_skips_finished_cells(tiny_args, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", *tiny_args, "--strategies", "hlora,fedit:ranks=4", "--seeds", "0,1", "--out", str(out),
+            "--target", "0.5"]
+    code, text = run_cli(argv, capsys)
+    assert code in (0, None), text
+    assert "cell 4/4" in text
+    for slug in ("hlora", "fedit__ranks-4"):
+        for seed in (0, 1):
+            cell = out / slug / f"seed{seed}"
+            assert (cell / "summary.json").exists() and (cell / "adapter" / "adapter_config.json").exists()
+            rows = [json.loads(x) for x in (cell / "metrics.jsonl").read_text().splitlines()]
+            assert len(rows) == 2
+    # same split, client sample and ranks across methods: only the aggregation differs
+    a = [json.loads(x) for x in (out / "hlora" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (out / "fedit__ranks-4" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["clients"] for r in a] == [r["clients"] for r in b]
+    table = list(csv.DictReader((out / "table.csv").open()))
+    assert [r["method"] for r in table] == ["hlora", "fedit:ranks=4"]
+    hl = table[0]
+    finals = [json.loads((out / "hlora" / f"seed{s}" / "summary.json").read_text())["final_accuracy"] for s in (0, 1)]
+    assert abs(float(hl["final_acc"]) - sum(finals) / 2) < 1e-9
+    assert float(hl["mb_up"]) > 0 and hl["seeds"] == "2"
+    md = (out / "table.md").read_text()
+    assert "| hlora | 2 | 2 |" in md and "fedit:ranks=4" in md and "final F1" in md
+    for fig in ("accuracy.png", "communication.png"):
+        with Image.open(out / fig) as im:
+            assert im.size[0] > 400 and im.size[1] > 300
+    # a second call finds every cell done and only rewrites the tables
+    before = (out / "hlora" / "seed0" / "metrics.jsonl").read_text()
+    code, text = run_cli(argv, capsys)
+    assert text.count("done, skipped") == 4
+    assert (out / "hlora" / "seed0" / "metrics.jsonl").read_text() == before
+
+
+def test_plot_any_runs(tiny_args, tmp_path, capsys):
+    from hlora import load_config, run
+    from tests.test_run import tiny_config
+
+    run(tiny_config(tiny_args, tmp_path / "a"))
+    run(tiny_config(tiny_args, tmp_path / "b", strategy="flexlora"))
+    code, text = run_cli(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "fig")], capsys)
+    assert code in (0, None)
+    assert (tmp_path / "fig" / "accuracy.png").exists() and (tmp_path / "fig" / "communication.png").exists()
+    code, text = run_cli(["plot", str(tmp_path / "nothing"), "--out", str(tmp_path / "fig")], capsys)
+    assert code == 2 and "neither a run directory" in text
