@@ -49,3 +49,13 @@ def test_config_file_errors(tmp_path):
     bad.write_text("roundz: 3\n")
     with pytest.raises(ConfigError, match="unknown option 'roundz'"):
         load_config(bad, {})
+
+
+def test_numbers_are_checked_and_coerced(tmp_path):
+    p = tmp_path / "exp.yaml"
+    p.write_text("rounds: '7'\nlr: '0.01'\n")
+    cfg = load_config(p, {})
+    assert cfg.rounds == 7 and cfg.lr == 0.01
+    p.write_text("rounds: many\n")
+    with pytest.raises(ConfigError, match="option rounds expects an integer, got 'many'"):
+        load_config(p, {})

@@ -88,9 +88,13 @@ class RichReporter:
             self.progress.stop()
             self.progress = None
         f1 = f" f1 {row['f1']:.3f}" if "f1" in row else ""
+        for r in row.get("rejected", []):
+            console.print(f"{self.prefix}  rejected client {r['client']}: {r['reason']}", highlight=False)
+        if row.get("skipped"):
+            console.print(f"{self.prefix}  round skipped: too few valid updates (--min-clients)")
         console.print(
             f"{self.prefix}round {row['round']:>3}/{self.rounds}  acc {row['accuracy']:.4f}{f1}  "
-            f"eval_loss {row['eval_loss']:.4f}  train_loss {row['train_loss']:.4f}  "
+            f"eval_loss {row['eval_loss']:.4f}  train_loss {float('nan') if row['train_loss'] is None else row['train_loss']:.4f}  "
             f"up {row['uplink_bytes'] / 1e6:.2f} MB  down {row['downlink_bytes'] / 1e6:.2f} MB  "
             f"{row['seconds']:.1f}s"
         )
@@ -125,6 +129,10 @@ def run(
     rounds: Optional[int] = _opt("rounds", "Federated rounds."),
     partition: Optional[str] = _opt("partition", "How training data is split: dirichlet (label skew) or iid."),
     alpha: Optional[float] = _opt("alpha", "Dirichlet concentration of the label split (smaller: more skew)."),
+    min_clients: Optional[int] = _opt("min_clients", "Valid updates a round needs; below it the round is skipped."),
+    max_norm_ratio: Optional[float] = _opt(
+        "max_norm_ratio", "Reject an update whose norm exceeds this many times the round's median (0: off)."
+    ),
     local_epochs: Optional[int] = _opt("local_epochs", "Local epochs per round."),
     lr: Optional[float] = _opt("lr", "Learning rate (AdamW)."),
     batch_size: Optional[int] = _opt("batch_size", "Local training batch size."),
@@ -241,6 +249,53 @@ def plot(
 
 
 _compare_signature()
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="A run directory."),
+    out: Path = typer.Option(..., help="Folder for the PEFT adapter."),
+    rank: Optional[int] = typer.Option(None, help="Rank of the export (default: all of the update)."),
+) -> None:
+    """Export the run's global model at rank r (the best rank-r truncation) as a PEFT adapter."""
+    from hlora.inference import export_run, load_run
+
+    kept = export_run(load_run(run_dir), rank, out)
+    console.print(f"wrote {out} (rank {rank or 'full'}): keeps {100 * kept:.2f}% of the update's energy")
+
+
+@app.command(name="eval")
+def eval_(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="A run directory."),
+    rank: Optional[int] = typer.Option(None, help="Evaluate the best rank-r truncation (default: full)."),
+    dev: Optional[list[Path]] = typer.Option(None, help="More evaluation files with the run's columns (its dev set is always evaluated)."),
+) -> None:
+    """Evaluate a run's global model on its dev set or other files."""
+    from hlora.data import read_split
+    from hlora.inference import Predictor, load_run
+
+    p = Predictor(load_run(run_dir), rank)
+    console.print(f"rank {rank or 'full'}: keeps {100 * p.energy:.2f}% of the update's energy")
+    targets = [(f"{p.task.name} dev", None)] + [(str(f), read_split(f, p.task)) for f in dev or []]
+    for name, examples in targets:
+        scores = p.evaluate(examples)
+        console.print(f"{name}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()), highlight=False)
+
+
+@app.command()
+def predict(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="A run directory."),
+    text: str = typer.Argument(..., help="The sentence (or the first of a pair)."),
+    second: Optional[str] = typer.Argument(None, help="The second sentence of a pair."),
+    rank: Optional[int] = typer.Option(None, help="Use the best rank-r truncation (default: full)."),
+) -> None:
+    """Classify one sentence or sentence pair with a run's global model."""
+    from hlora.inference import Predictor, load_run
+
+    p = Predictor(load_run(run_dir), rank)
+    label, probs = p.predict(text, second)
+    detail = ", ".join(f"{n} {q:.3f}" for n, q in zip(p.task.label_names, probs))
+    print(f"{label}\t({detail})")
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,9 @@ class RunConfig:
     rounds: int = 20
     partition: str = "dirichlet"
     alpha: float = 0.5
+    # robustness: updates that fail the checks are rejected before aggregation
+    min_clients: int = 1
+    max_norm_ratio: float = 10.0
     # local training
     local_epochs: int = 2
     lr: float = 1e-3
@@ -61,6 +65,10 @@ class RunConfig:
             )
         if self.rounds < 1:
             raise ConfigError(f"--rounds must be at least 1, got {self.rounds}")
+        if self.min_clients < 1:
+            raise ConfigError(f"--min-clients must be at least 1, got {self.min_clients}")
+        if self.max_norm_ratio < 0:
+            raise ConfigError(f"--max-norm-ratio must be >= 0 (0 turns the check off), got {self.max_norm_ratio}")
         if self.local_epochs < 1:
             raise ConfigError(f"--local-epochs must be at least 1, got {self.local_epochs}")
         if self.alpha <= 0:
@@ -88,6 +96,7 @@ class RunConfig:
 
 
 FIELDS = {f.name for f in fields(RunConfig)}
+_HINTS = typing.get_type_hints(RunConfig)
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any]) -> RunConfig:
@@ -118,6 +127,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> RunConfig
         values["strategy_options"] = parse_options(values["strategy_options"])
     if "ranks" in values:
         values["ranks"] = str(values["ranks"])
+    values = {k: _coerce(k, v) for k, v in values.items()}
     try:
         return RunConfig(**values).validate()
     except TypeError as e:
@@ -133,6 +143,21 @@ def parse_options(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
             raise ConfigError(f"--strategy-option takes KEY=VALUE, got {pair!r}")
         out[key.strip().replace("-", "_")] = yaml.safe_load(value) if value.strip() else ""
     return out
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Numbers given as text (a YAML string, a METHOD:key=value override) become numbers; bad ones say so."""
+    kind = _HINTS[name]
+    if value is None or kind not in (int, float, int | None, float | None) or isinstance(value, bool):
+        return value
+    target = int if kind in (int, int | None) else float
+    try:
+        if target is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return target(value)
+    except (TypeError, ValueError):
+        what = "an integer" if target is int else "a number"
+        raise ConfigError(f"option {name.replace('_', '-')} expects {what}, got {value!r}") from None
 
 
 _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")

@@ -16,6 +16,7 @@ __all__ = [
     "TaskData",
     "encode",
     "load_task",
+    "read_split",
     "partition",
     "TASKS",
 ]
@@ -64,26 +65,32 @@ def _from_files(name, train, dev, text_columns, label_column, label_names, f1_la
     if len(label_names) < 2:
         raise DataError(f"{train}: a classifier needs at least two labels, found {label_names}")
     index = {name: i for i, name in enumerate(label_names)}
-
-    def build(path, rows) -> Examples:
-        labels = []
-        for line, (_, label) in rows:
-            if label not in index:
-                raise DataError(
-                    f"{path} line {line}: unknown label {label!r} (labels: {', '.join(label_names)})"
-                )
-            labels.append(index[label])
-        a = [texts[0] for _, (texts, _) in rows]
-        b = [texts[1] for _, (texts, _) in rows] if len(text_columns) == 2 else None
-        return Examples(a, b, labels)
-
     return TaskData(
         name=name,
-        train=build(train, train_rows),
-        dev=build(dev, dev_rows),
+        train=_examples(train, train_rows, index, len(text_columns) == 2),
+        dev=_examples(dev, dev_rows, index, len(text_columns) == 2),
         label_names=list(label_names),
         f1_label=None if f1_label is None else index[f1_label],
+        text_columns=list(text_columns),
+        label_column=label_column,
     )
+
+
+def _examples(path, rows, index: dict[str, int], pair: bool) -> Examples:
+    labels = []
+    for line, (_, label) in rows:
+        if label not in index:
+            raise DataError(f"{path} line {line}: unknown label {label!r} (labels: {', '.join(index)})")
+        labels.append(index[label])
+    a = [texts[0] for _, (texts, _) in rows]
+    b = [texts[1] for _, (texts, _) in rows] if pair else None
+    return Examples(a, b, labels)
+
+
+def read_split(path: str | Path, task: TaskData) -> Examples:
+    """Another labelled file with the task's columns and labels (e.g. a second evaluation set)."""
+    rows = read_rows(path, task.text_columns, task.label_column)
+    return _examples(path, rows, {n: i for i, n in enumerate(task.label_names)}, len(task.text_columns) == 2)
 
 
 def _is_int(s: str) -> bool:

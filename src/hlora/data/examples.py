@@ -42,6 +42,9 @@ class TaskData:
     label_names: list[str]
     #: the label whose F1 is reported (the positive class), or None
     f1_label: int | None = None
+    #: the file columns the examples were read from
+    text_columns: list[str] | None = None
+    label_column: str | None = None
 
     @property
     def num_labels(self) -> int:

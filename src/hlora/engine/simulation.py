@@ -7,6 +7,7 @@ dispatch) -> metrics and artifacts. :func:`setup` builds everything a run needs;
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,6 +26,7 @@ from hlora.factors import init_factors
 from hlora.metrics import MetricsLog, evaluate
 from hlora.model import FederatedModel, load_classifier, resolve_model_path
 from hlora.strategies import ClientSpec, GlobalState, Strategy, Update, get_strategy
+from hlora.validate import norm_outliers, update_problem
 
 
 class Reporter:
@@ -69,6 +71,14 @@ class Experiment:
 def client_seed(seed: int, round: int, client: int) -> int:
     """A seed per (run, round, client): a client's round never depends on what ran before it."""
     return int(np.random.SeedSequence([seed, round, client + 1]).generate_state(1)[0])
+
+
+def _safe_bytes(strategy: Strategy, update: Update) -> int:
+    """Bytes of a rejected update (what it sent), or 0 when it is too broken to measure."""
+    try:
+        return strategy.uplink_bytes(update)
+    except Exception:
+        return 0
 
 
 def default_out(cfg: RunConfig) -> Path:
@@ -176,21 +186,38 @@ def _rounds(
         reporter.round_start(rnd, cfg.local_epochs * sum(len(ix) for _, ix in jobs))
 
         updates: list[Update] = []
+        rejected: list[dict[str, Any]] = []
         up = down = 0
         for spec, indices in jobs:
             seed = client_seed(cfg.seed, rnd, spec.id)
             payload = strategy.dispatch(state, spec, torch.Generator().manual_seed(seed))
             down += strategy.downlink_bytes(state, payload)
-            update = train_client(
-                fm, payload, exp.train, indices, client_id=spec.id, epochs=cfg.local_epochs,
-                lr=cfg.lr, batch_size=cfg.batch_size, seed=seed, on_batch=reporter.advance,
-            )
-            up += strategy.uplink_bytes(update)
-            updates.append(update)
+            try:
+                update = train_client(
+                    fm, payload, exp.train, indices, client_id=spec.id, epochs=cfg.local_epochs,
+                    lr=cfg.lr, batch_size=cfg.batch_size, seed=seed, on_batch=reporter.advance,
+                )
+            except Exception as e:  # a failing client is dropped from the round; the run goes on
+                rejected.append({"client": spec.id, "reason": f"training failed: {type(e).__name__}: {e}"})
+                continue
+            problem = update_problem(update, payload)
+            if problem is None:
+                up += strategy.uplink_bytes(update)
+                updates.append(update)
+            else:
+                up += _safe_bytes(strategy, update)
+                rejected.append({"client": spec.id, "reason": problem})
+        outliers = norm_outliers(updates, cfg.max_norm_ratio)
+        rejected += [{"client": updates[i].client, "reason": why} for i, why in outliers.items()]
+        updates = [u for i, u in enumerate(updates) if i not in outliers]
         t_train = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        state = strategy.aggregate(state, updates)
+        skipped = len(updates) < cfg.min_clients
+        if not skipped:
+            state = strategy.aggregate(state, updates)
+        else:  # too few valid updates: the global model stays as it was
+            state = dataclasses.replace(state, round=state.round + 1)
         t_agg = time.perf_counter() - t1
         t2 = time.perf_counter()
         adapter = strategy.global_adapter(state)
@@ -201,11 +228,13 @@ def _rounds(
         row = {
             "round": rnd,
             **scores,
-            "train_loss": sum(u.train_loss * u.num_examples for u in updates) / n,
+            "train_loss": sum(u.train_loss * u.num_examples for u in updates) / n if n else None,
             "clients": sampled,
             "ranks": [cfg.client_ranks[c] for c in sampled],
             "uplink_bytes": up,
             "downlink_bytes": down,
+            "rejected": rejected,
+            "skipped": skipped,
             "seconds": time.perf_counter() - t0,
             "seconds_train": t_train,
             "seconds_aggregate": t_agg,

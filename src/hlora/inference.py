@@ -1,0 +1,76 @@
+"""Use a finished (or checkpointed) run: export at any rank, evaluate, predict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hlora.checkpoint import CHECKPOINT, load_checkpoint
+from hlora.config import ConfigError, RunConfig, load_config
+from hlora.data import encode, load_task
+from hlora.data.examples import Examples
+from hlora.export import adapter_svd, save_peft_adapter, truncated
+from hlora.factors import Adapter
+from hlora.metrics import evaluate, predict_logits
+from hlora.model import FederatedModel, load_classifier, resolve_model_path
+from hlora.strategies import get_strategy
+
+
+@dataclass
+class TrainedRun:
+    """A run's config and its global model: W0 + ``adapter``, with ``head``."""
+
+    cfg: RunConfig
+    adapter: Adapter
+    head: dict[str, torch.Tensor]
+    round: int
+
+    def truncated(self, rank: int | None) -> tuple[Adapter, float]:
+        """The best rank-``rank`` truncation of every module's update (None: all of it), energy kept."""
+        if rank is not None and rank < 1:
+            raise ConfigError(f"--rank must be at least 1, got {rank}")
+        return truncated(adapter_svd(self.adapter), rank)
+
+
+def load_run(run_dir: str | Path) -> TrainedRun:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / CHECKPOINT).is_file():
+        raise ConfigError(f"{run_dir}: not a run directory with a checkpoint (config.yaml, {CHECKPOINT})")
+    cfg = load_config(run_dir / "config.yaml", {})
+    state, _ = load_checkpoint(run_dir)
+    strategy = get_strategy(cfg.strategy, **cfg.strategy_options)
+    return TrainedRun(cfg, strategy.global_adapter(state), state.head, state.round)
+
+
+def export_run(run: TrainedRun, rank: int | None, out: Path) -> float:
+    """Write the (rank-truncated) global model as a PEFT adapter; return the energy fraction kept."""
+    adapter, kept = run.truncated(rank)
+    save_peft_adapter(out, adapter, run.head, resolve_model_path(run.cfg.model))
+    return kept
+
+
+class Predictor:
+    """The run's base model with its global adapter (optionally truncated), ready to score text."""
+
+    def __init__(self, run: TrainedRun, rank: int | None = None) -> None:
+        self.run = run
+        self.task = load_task(run.cfg.task, run.cfg.train, run.cfg.dev, run.cfg.text_columns, run.cfg.label_column)
+        model, self.tokenizer = load_classifier(run.cfg.model, self.task.num_labels, run.cfg.seed)
+        self.fm = FederatedModel(model, run.cfg.target_modules)
+        self.adapter, self.energy = run.truncated(rank)
+
+    def evaluate(self, examples: Examples | None = None) -> dict[str, float]:
+        data = encode(self.tokenizer, examples or self.task.dev, self.run.cfg.max_length)
+        return evaluate(self.fm, self.adapter, self.run.head, data, self.run.cfg.eval_batch_size, self.task.f1_label)
+
+    def predict(self, text_a: str, text_b: str | None = None) -> tuple[str, list[float]]:
+        pair = self.task.train.text_b is not None
+        if pair and text_b is None:
+            raise ConfigError("this task classifies sentence pairs: give two sentences")
+        if not pair and text_b is not None:
+            raise ConfigError("this task classifies single sentences: give one sentence")
+        data = encode(self.tokenizer, Examples([text_a], [text_b] if pair else None, [0]), self.run.cfg.max_length)
+        probs = predict_logits(self.fm, self.adapter, self.run.head, data, 1).softmax(-1)[0]
+        return self.task.label_names[int(probs.argmax())], probs.tolist()
