@@ -98,7 +98,16 @@ def test_validation_rules_as_pure_functions():
     assert "unexpected modules" in update_problem(extra, payload)
     empty = Update(0, good.lora, good.head, 0)
     assert "num_examples" in update_problem(empty, payload)
-    ups = [Update(i, {"m": Factor(torch.ones(d, r) * (100 if i == 3 else 1), torch.ones(r, k), 1.0)}, {}, 1)
-           for i in range(5)]
-    assert list(norm_outliers(ups, 10.0)) == [3]
-    assert norm_outliers(ups, 0) == {}  # 0 turns the check off
+    wrong_scale = Update(0, {"m": Factor(good.lora["m"].B, good.lora["m"].A, 1.0)}, good.head, 5)
+    assert "wrong LoRA scaling" in update_problem(wrong_scale, payload)
+    picks = Payload(payload.lora, payload.head, info={"indices": {"m": torch.tensor([0, 3])}})
+    forged = Update(0, good.lora, good.head, 5, info={"indices": {"m": torch.tensor([0, 7])}})
+    assert "metadata" in update_problem(forged, picks)
+    # the norm check measures the change from what was sent, not the size of the adapter
+    start = Factor(torch.full((d, r), 50.0), torch.ones(r, k), 1.0)
+    sent = [Payload({"m": start}, {}) for _ in range(5)]
+    ups = [Update(i, {"m": Factor(start.B + (100 if i == 3 else 1), start.A, 1.0)}, {}, 1) for i in range(5)]
+    assert list(norm_outliers(ups, sent, 10.0)) == [3]
+    assert norm_outliers(ups, sent, 0) == {}  # 0 turns the check off
+    same = [Update(i, {"m": Factor(start.B + 1, start.A, 1.0)}, {}, 1) for i in range(5)]
+    assert norm_outliers(same, sent, 10.0) == {}

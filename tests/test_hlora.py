@@ -115,7 +115,7 @@ def test_round_one_hands_out_the_shared_initialisation():
     for r in (2, 8):
         f = s.dispatch(state, ClientSpec(0, {"m": r}, 16.0, 1), torch.Generator()).lora["m"]
         assert f.B.abs().max() == 0 and f.A.shape == (r, K)
-        torch.testing.assert_close(f.A * f.scale, state.init["m"].A[:r])
+        assert torch.equal(f.A, state.init["m"].A[:r])  # PEFT's fresh init, whatever the scaling
     assert s.global_adapter(state)["m"].delta().abs().max() == 0
 
 

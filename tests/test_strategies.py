@@ -106,7 +106,10 @@ def test_hetlora_zero_padded_average_and_truncation():
     A_ref = torch.zeros(R, K, dtype=torch.float64)
     A_ref[:2] += 0.5 * f0.scale * f0.A
     A_ref[:6] += 0.5 * f1.scale * f1.A
-    torch.testing.assert_close(g.A, A_ref)
+    torch.testing.assert_close(g.A[:6], A_ref[:6])
+    # ranks 7 and 8, which no client of the round holds, keep their previous value (not zero)
+    torch.testing.assert_close(g.A[6:], state.init["m"].A[6:])
+    assert torch.equal(g.B[:, 6:], torch.zeros(D, 2, dtype=torch.float64))
 
 
 def test_hetlora_norm_weights():
@@ -117,8 +120,13 @@ def test_hetlora_norm_weights():
     assert sum(w) == pytest.approx(1.0) and w[1] > 0.8
     s, state = state_for("hetlora", norm_weights=True)
     ups = trained_updates(s, state, [spec(0, 2, n=1), spec(1, 6, n=1000)])
-    plain_s, _ = state_for("hetlora")
-    assert not torch.allclose(global_delta(s, s.aggregate(state, ups)), global_delta(plain_s, plain_s.aggregate(state, ups)))
+    w = norm_weights([u.lora["m"] for u in ups])  # the example counts play no part
+    g = s.global_adapter(s.aggregate(state, ups))["m"]
+    f0, f1 = ups[0].lora["m"], ups[1].lora["m"]
+    B_ref = torch.zeros(D, R, dtype=torch.float64)
+    B_ref[:, :2] += w[0] * f0.B
+    B_ref[:, :6] += w[1] * f1.B
+    torch.testing.assert_close(g.B[:, :6], B_ref[:, :6])
 
 
 def test_flora_stacked_product_is_the_exact_weighted_sum():
@@ -137,7 +145,8 @@ def test_flora_merges_rounds_and_restarts_a_fresh_lora():
         payloads = [s.dispatch(state, c, torch.Generator().manual_seed(rnd)) for c in specs]
         for pl in payloads:  # each client starts a fresh LoRA (B = 0) on top of the merged total
             assert pl.lora["m"].B.abs().max() == 0
-            torch.testing.assert_close(pl.frozen["m"].delta() if rnd else total, total)
+            torch.testing.assert_close(pl.frozen["m"].delta(), total)
+            assert rnd > 0 or total.abs().max() == 0
         ups = trained_updates(s, state, specs, seed=rnd)
         total = total + 0.25 * ups[0].lora["m"].delta() + 0.75 * ups[1].lora["m"].delta()
         state = s.aggregate(state, ups)
@@ -145,6 +154,12 @@ def test_flora_merges_rounds_and_restarts_a_fresh_lora():
     # the download is the last round's stacked factors: (2 + 5) * (D + K) floats, plus the head
     pl = s.dispatch(state, spec(0, 2), torch.Generator())
     assert s.downlink_bytes(state, pl) == 7 * (D + K) * 8 + 3 * 8
+    # a client that missed every round needs all three stacks (21 ranks), or the merged update (its
+    # thin SVD, rank 16 here) when that is smaller
+    late = s.dispatch(state, spec(9, 2), torch.Generator())
+    merged = global_delta(s, state)
+    rank = int(torch.linalg.matrix_rank(merged))
+    assert s.downlink_bytes(state, late) == min(21 * (D + K), rank * (D + 1 + K)) * 8 + 3 * 8
 
 
 def test_ffa_A_is_bit_identical_on_every_client_and_round():
@@ -225,3 +240,15 @@ def test_centralized_keeps_the_single_learner_update():
     pl = s.dispatch(new, spec(-1, R), torch.Generator())
     torch.testing.assert_close(pl.lora["m"].delta(), u.lora["m"].delta())
     assert s.uplink_bytes(u) == 0 and s.downlink_bytes(new, pl) == 0
+
+
+@pytest.mark.parametrize("name", ["hlora", "flexlora", "hetlora", "fedit", "centralized"])
+def test_bytes_are_the_rank_r_factors_and_the_head(name):
+    r = R if name in ("fedit", "centralized") else 3
+    s, state = state_for(name)
+    ups = trained_updates(s, state, [spec(0, r), spec(1, r)])
+    state = s.aggregate(state, ups)
+    pl = s.dispatch(state, spec(0, r), torch.Generator())
+    expected = 0 if name == "centralized" else (r * (D + K) + 3) * 8  # float64 in these tests
+    assert s.downlink_bytes(state, pl) == expected
+    assert s.uplink_bytes(ups[0]) == expected

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from hlora.factors import Adapter, Factor
 
 #: default adapted layers, by architecture family (PEFT's names): the attention query and value.
-DEFAULT_TARGETS = (("query", "value"), ("q_lin", "v_lin"), ("q_proj", "v_proj"), ("c_attn",))
+DEFAULT_TARGETS = (("query", "value"), ("q_lin", "v_lin"), ("q_proj", "v_proj"))
 HEAD_NAMES = ("classifier", "score")
 DEFAULT_MODEL = "minilm"
 

@@ -68,9 +68,10 @@ class Experiment:
         return self.strategy.init_state(init, self.fm.head_state())
 
 
-def client_seed(seed: int, round: int, client: int) -> int:
-    """A seed per (run, round, client): a client's round never depends on what ran before it."""
-    return int(np.random.SeedSequence([seed, round, client + 1]).generate_state(1)[0])
+def client_seed(seed: int, round: int, client: int, stream: int = 0) -> int:
+    """A seed per (run, round, client, stream): a client's round never depends on what ran before it.
+    Stream 0 drives local training (shuffling, dropout), stream 1 the server's draws for the client."""
+    return int(np.random.SeedSequence([seed, round, client + 1, stream]).generate_state(1)[0])
 
 
 def _safe_bytes(strategy: Strategy, update: Update) -> int:
@@ -91,6 +92,8 @@ def setup(cfg: RunConfig) -> Experiment:
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    else:  # record it: float reductions, hence exact resumes, depend on the thread count
+        cfg.threads = torch.get_num_threads()
     strategy = get_strategy(cfg.strategy, **cfg.strategy_options)
     task = load_task(cfg.task, cfg.train, cfg.dev, cfg.text_columns, cfg.label_column)
     if cfg.clients > len(task.train):
@@ -186,11 +189,14 @@ def _rounds(
         reporter.round_start(rnd, cfg.local_epochs * sum(len(ix) for _, ix in jobs))
 
         updates: list[Update] = []
+        payloads = []
         rejected: list[dict[str, Any]] = []
+        failures: list[Exception] = []
         up = down = 0
         for spec, indices in jobs:
             seed = client_seed(cfg.seed, rnd, spec.id)
-            payload = strategy.dispatch(state, spec, torch.Generator().manual_seed(seed))
+            draws = torch.Generator().manual_seed(client_seed(cfg.seed, rnd, spec.id, stream=1))
+            payload = strategy.dispatch(state, spec, draws)
             down += strategy.downlink_bytes(state, payload)
             try:
                 update = train_client(
@@ -199,15 +205,19 @@ def _rounds(
                 )
             except Exception as e:  # a failing client is dropped from the round; the run goes on
                 rejected.append({"client": spec.id, "reason": f"training failed: {type(e).__name__}: {e}"})
+                failures.append(e)
                 continue
             problem = update_problem(update, payload)
             if problem is None:
                 up += strategy.uplink_bytes(update)
                 updates.append(update)
+                payloads.append(payload)
             else:
                 up += _safe_bytes(strategy, update)
                 rejected.append({"client": spec.id, "reason": problem})
-        outliers = norm_outliers(updates, cfg.max_norm_ratio)
+        if failures and len(failures) == len(jobs):  # every client failed: a bug or a setup error, not a client
+            raise failures[0]
+        outliers = norm_outliers(updates, payloads, cfg.max_norm_ratio)
         rejected += [{"client": updates[i].client, "reason": why} for i, why in outliers.items()]
         updates = [u for i, u in enumerate(updates) if i not in outliers]
         t_train = time.perf_counter() - t0
@@ -230,7 +240,7 @@ def _rounds(
             **scores,
             "train_loss": sum(u.train_loss * u.num_examples for u in updates) / n if n else None,
             "clients": sampled,
-            "ranks": [cfg.client_ranks[c] for c in sampled],
+            "ranks": [spec.ranks[next(iter(spec.ranks))] for spec, _ in jobs],
             "uplink_bytes": up,
             "downlink_bytes": down,
             "rejected": rejected,

@@ -109,8 +109,24 @@ def pad_rank(f: Factor, r: int, init_A: Tensor) -> Factor:
         return Factor(f.B[:, :r], f.A[:r], f.scale)
     d = f.B.shape[0]
     B = torch.cat([f.B, f.B.new_zeros(d, r - have)], dim=1)
-    A = torch.cat([f.A, init_A[have:r].to(f.A.dtype) / f.scale], dim=0)
+    A = torch.cat([f.A, init_A[have:r].to(f.A.dtype)], dim=0)
     return Factor(B, A, f.scale)
+
+
+def fresh_ranks(f: Factor, init_A: Tensor, rows: Tensor | None = None) -> Factor:
+    """Ranks whose column of B is zero carry no update: give them PEFT's fresh init, A = A0's row.
+
+    The function is unchanged (those ranks contribute B[:, j] a_j = 0), and a client's untrained ranks
+    start exactly as a new PEFT LoRA of its own scaling would (B = 0, A ~ the shared seeded init),
+    whatever the global scaling convention. ``rows`` maps f's ranks to rows of ``init_A``.
+    """
+    dead = (f.B == 0).all(dim=0)
+    if not bool(dead.any()):
+        return f
+    idx = torch.arange(f.rank) if rows is None else rows
+    A = f.A.clone()
+    A[dead] = init_A[idx[dead]].to(A.dtype)
+    return Factor(f.B, A, f.scale)
 
 
 def zero_pad(t: Tensor, r: int, dim: int) -> Tensor:

@@ -20,6 +20,7 @@ from hlora.strategies.base import (
     Payload,
     Strategy,
     Update,
+    fresh_ranks,
     pad_rank,
     register,
 )
@@ -35,7 +36,7 @@ class Centralized(Strategy):
 
     def dispatch(self, state: GlobalState, client: ClientSpec, rng: torch.Generator) -> Payload:
         lora = {
-            m: pad_rank(f.with_scale(client.scale(m)), client.ranks[m], state.init[m].A)
+            m: fresh_ranks(pad_rank(f.with_scale(client.scale(m)), client.ranks[m], state.init[m].A), state.init[m].A)
             for m, f in state.lora.items()
         }
         return Payload(lora=lora, head=state.head)

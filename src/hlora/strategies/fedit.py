@@ -21,22 +21,29 @@ from hlora.strategies.base import (
     StrategyError,
     Update,
     average_heads,
+    fresh_ranks,
     register,
     round_weights,
     zero_pad,
 )
 
 
-def fedavg_factors(factors: list[Factor], weights: list[float], rank: int | None = None) -> Factor:
+def fedavg_factors(
+    factors: list[Factor], weights: list[float], rank: int | None = None, previous: Factor | None = None
+) -> Factor:
     """Average B and A separately (at scaling 1: A_k enters as s_k A_k), zero-padded to ``rank``.
 
         B = sum_k w_k [B_k, 0],   A = sum_k w_k [s_k A_k; 0]
 
-    With equal ranks this is FedIT's average; with mixed ranks, HetLoRA's zero-padded one.
+    With equal ranks this is FedIT's average; with mixed ranks, HetLoRA's zero-padded one. A rank that
+    no client of the round holds keeps its ``previous`` value (instead of collapsing to zero).
     """
     r = rank if rank is not None else max(f.rank for f in factors)
     B = sum(w * zero_pad(f.B, r, dim=1) for f, w in zip(factors, weights))
     A = sum(w * zero_pad(f.scale * f.A, r, dim=0) for f, w in zip(factors, weights))
+    held = max(f.rank for f in factors)
+    if previous is not None and held < r:
+        B[:, held:], A[held:] = previous.B[:, held:r], previous.A[held:r]
     return Factor(B, A, 1.0)
 
 
@@ -63,15 +70,14 @@ class FedIT(Strategy):
         lora = {}
         for m, g in state.lora.items():
             r = client.ranks[m]
-            lora[m] = Factor(g.B[:, :r], g.A[:r], 1.0).with_scale(client.scale(m))
+            lora[m] = fresh_ranks(Factor(g.B[:, :r], g.A[:r], 1.0).with_scale(client.scale(m)), state.init[m].A)
         return Payload(lora=lora, head=state.head)
 
     def aggregate(self, state: GlobalState, updates: list[Update]) -> GlobalState:
         p = self.weights(state, updates)
         lora = {}
         for m, g in state.lora.items():
-            new = fedavg_factors([u.lora[m] for u in updates], p[m], rank=g.rank)
-            lora[m] = new
+            lora[m] = fedavg_factors([u.lora[m] for u in updates], p[m], rank=g.rank, previous=g)
         return GlobalState(lora, average_heads(updates, round_weights(updates)), state.init, state.round + 1)
 
     def weights(self, state: GlobalState, updates: list[Update]) -> dict[str, list[float]]:

@@ -26,6 +26,7 @@ from hlora.strategies.base import (
     Strategy,
     Update,
     average_heads,
+    fresh_ranks,
     register,
     round_weights,
 )
@@ -71,7 +72,8 @@ class FedPLoRA(Strategy):
         lora, frozen, indices = {}, {}, {}
         for m, g in state.lora.items():
             indices[m] = select_modules(g.rank, client.ranks[m], rng)
-            lora[m], frozen[m] = split_modules(g, indices[m], client.scale(m))
+            trainable, frozen[m] = split_modules(g, indices[m], client.scale(m))
+            lora[m] = fresh_ranks(trainable, state.init[m].A, rows=indices[m])
         return Payload(lora=lora, head=state.head, frozen=frozen, info={"indices": indices})
 
     def aggregate(self, state: GlobalState, updates: list[Update]) -> GlobalState:

@@ -6,7 +6,8 @@ Server rule, per module, over the round's clients (weights p_k = n_k / n):
 
 The stacked update is merged into the frozen weights (W <- W + B' A') by every client, which then
 starts a fresh LoRA of its own rank for the next round. The download is the stacked factors, whose
-size grows with the number of clients: sum_k r_k (d + k) numbers per module.
+size grows with the number of clients: sum_k r_k (d + k) numbers per module. A client sampled again
+after missing rounds downloads every stack it missed (or the merged update, when that is smaller).
 
 Here the merged total (W - W0) is kept as an exact thin SVD (no truncation: zero singular values only
 are dropped), and a client carries it as a frozen low-rank branch beside its fresh LoRA.
@@ -47,9 +48,18 @@ class FLoRA(HLoRA):
             d, k = svd.U.shape[0], svd.Vt.shape[1]
             r, s = client.ranks[m], client.scale(m)
             A = (torch.rand(r, k, generator=rng) * 2 - 1) / k**0.5  # a fresh LoRA: PEFT's init
-            lora[m] = Factor(torch.zeros(d, r, dtype=svd.U.dtype), A.to(svd.U.dtype) / s, s)
+            lora[m] = Factor(torch.zeros(d, r, dtype=svd.U.dtype), A.to(svd.U.dtype), s)
         frozen = {m: svd_adapter(svd) for m, svd in state.lora.items()}
-        return Payload(lora=lora, head=state.head, frozen=frozen)
+        return Payload(lora=lora, head=state.head, frozen=frozen, info={"catch_up_bytes": self._catch_up(state, client)})
+
+    @staticmethod
+    def _catch_up(state: GlobalState, client: ClientSpec) -> int:
+        """What a client must download to hold the merged weights: the stacks of every round since it
+        last took part, or the merged update itself (thin SVD factors) when that is smaller."""
+        since = state.extra.get("synced", {}).get(client.id, 0)
+        stacks = sum(b for rnd, b in state.extra.get("stacked_bytes", {}).items() if rnd > since)
+        merged = sum(tensor_bytes(svd.U, svd.S, svd.Vt) for svd in state.lora.values())
+        return min(stacks, merged)
 
     def aggregate(self, state: GlobalState, updates: list[Update]) -> GlobalState:
         p = round_weights(updates)
@@ -58,12 +68,17 @@ class FLoRA(HLoRA):
             stacked = stack_factors([u.lora[m] for u in updates], p)
             sent += tensor_bytes(stacked.B, stacked.A)
             lora[m] = factored_svd([merged.U * merged.S, stacked.B], [merged.Vt, stacked.A], [1.0, 1.0])
-        extra = {"stacked_bytes": sent}
-        return GlobalState(lora, average_heads(updates, p), state.init, state.round + 1, extra)
+        rnd = state.round + 1
+        stacks = {**state.extra.get("stacked_bytes", {}), rnd: sent}
+        # the round's clients hold the merged weights up to the previous round (they merge this
+        # round's stack when it reaches them)
+        synced = {**state.extra.get("synced", {}), **{u.client: rnd - 1 for u in updates}}
+        extra = {"stacked_bytes": stacks, "synced": synced}
+        return GlobalState(lora, average_heads(updates, p), state.init, rnd, extra)
 
     def global_adapter(self, state: GlobalState) -> Adapter:
         return {m: svd_adapter(svd) for m, svd in state.lora.items()}
 
     def downlink_bytes(self, state: GlobalState, payload: Payload) -> int:
-        """The last round's stacked factors (nothing before round 1) and the head."""
-        return state.extra.get("stacked_bytes", 0) + tensor_bytes(*payload.head.values())
+        """The stacks the client has missed (see ``_catch_up``) and the head."""
+        return payload.info["catch_up_bytes"] + tensor_bytes(*payload.head.values())
