@@ -242,13 +242,13 @@ def test_centralized_keeps_the_single_learner_update():
     assert s.uplink_bytes(u) == 0 and s.downlink_bytes(new, pl) == 0
 
 
-@pytest.mark.parametrize("name", ["hlora", "flexlora", "hetlora", "fedit", "centralized"])
+@pytest.mark.parametrize("name", ["hlora", "flexlora", "hetlora", "fedit"])
 def test_bytes_are_the_rank_r_factors_and_the_head(name):
-    r = R if name in ("fedit", "centralized") else 3
+    r = R if name == "fedit" else 3
     s, state = state_for(name)
     ups = trained_updates(s, state, [spec(0, r), spec(1, r)])
     state = s.aggregate(state, ups)
     pl = s.dispatch(state, spec(0, r), torch.Generator())
-    expected = 0 if name == "centralized" else (r * (D + K) + 3) * 8  # float64 in these tests
+    expected = (r * (D + K) + 3) * 8  # float64 in these tests
     assert s.downlink_bytes(state, pl) == expected
     assert s.uplink_bytes(ups[0]) == expected
