@@ -151,3 +151,15 @@ def test_strategy_options_reach_the_strategy(tiny_args, tmp_path, capsys):
     code, text = run_cli(["run", *tiny_args, "--strategy", "hlora", "--strategy-option", "bogus=1",
                           "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and "does not take the option(s) bogus" in text
+
+
+def test_hetlora_self_pruning_runs_and_prunes(tiny_args, tmp_path):
+    from hlora.checkpoint import load_checkpoint
+
+    res = run(tiny_config(tiny_args, tmp_path / "p", strategy="hetlora", rounds=3, per_round=4,
+                          strategy_options=["prune=true", "prune_decay=1.0", "prune_threshold=10"]))
+    state, _ = load_checkpoint(res.out)
+    pruned = state.extra["pruned"]
+    assert pruned and all(r >= 1 for r in pruned.values())
+    ranks = yaml.safe_load((res.out / "config.yaml").read_text())["client_ranks"]
+    assert all(pruned[c] < ranks[c] for c in pruned)

@@ -252,3 +252,28 @@ def test_bytes_are_the_rank_r_factors_and_the_head(name):
     expected = (r * (D + K) + 3) * 8  # float64 in these tests
     assert s.downlink_bytes(state, pl) == expected
     assert s.uplink_bytes(ups[0]) == expected
+
+
+def test_hetlora_self_pruning_drops_a_weak_tail_rank():
+    s, state = state_for("hetlora", prune=True, prune_threshold=0.1)
+    pl = s.dispatch(state, spec(0, 4), torch.Generator())
+    assert pl.tail_penalty == pytest.approx(1e-3)  # the client regularises its last rank
+    strong, weak = random_factor(4, 16.0, 1), random_factor(4, 16.0, 2)
+    weak.B[:, -1] *= 1e-4  # its last rank carries almost nothing
+    ups = [Update(0, {"m": strong}, {"h": torch.zeros(3, dtype=torch.float64)}, 1),
+           Update(1, {"m": weak}, {"h": torch.zeros(3, dtype=torch.float64)}, 1)]
+    new = s.aggregate(state, ups)
+    assert new.extra["pruned"] == {1: 3}
+    assert s.dispatch(new, spec(1, 4), torch.Generator()).lora["m"].rank == 3
+    assert s.dispatch(new, spec(0, 4), torch.Generator()).lora["m"].rank == 4
+    # the pruned client's update entered the average without its last rank
+    fedavg = 0.5 * zero_pad_B(strong) + 0.5 * zero_pad_B(Factor(weak.B[:, :3], weak.A[:3], weak.scale))
+    torch.testing.assert_close(s.global_adapter(new)["m"].B[:, :4], fedavg[:, :4])
+    off, st = state_for("hetlora")
+    assert off.dispatch(st, spec(0, 4), torch.Generator()).tail_penalty == 0.0
+
+
+def zero_pad_B(f):
+    out = torch.zeros(D, R, dtype=torch.float64)
+    out[:, : f.rank] = f.B
+    return out

@@ -56,10 +56,12 @@ def train_client(
         for _ in range(epochs):
             for chunk in length_grouped_batches(indices, data.lengths, batch_size, shuffle):
                 loss = fm.model(**data.batch(chunk)).loss
+                total += float(loss.detach())
+                if payload.tail_penalty:
+                    loss = loss + payload.tail_penalty * fm.tail_norm()
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                total += float(loss.detach())
                 steps += 1
                 if on_batch is not None:
                     on_batch(len(chunk))

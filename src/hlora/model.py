@@ -180,6 +180,14 @@ class FederatedModel:
             p.requires_grad_(True)
         return trainable + list(self.head_params.values())
 
+    def tail_norm(self) -> Tensor:
+        """sum_m ||s b_r a_r^T||_F = sum_m s ||b_r|| ||a_r|| over the installed trainable adapters."""
+        return sum(
+            layer.scale * layer.lora_B[:, -1].norm() * layer.lora_A[-1].norm()
+            for layer in self.layers.values()
+            if layer.lora_A is not None
+        )
+
     def read(self) -> tuple[Adapter, dict[str, Tensor]]:
         """The installed (trained) adapter and head, detached copies."""
         return {n: layer.read() for n, layer in self.layers.items()}, self.head_state()
