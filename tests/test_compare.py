@@ -53,7 +53,7 @@ def test_tiny_compare_writes_every_output_and_skips_finished_cells(tiny_args, tm
 
 
 def test_plot_any_runs(tiny_args, tmp_path, capsys):
-    from hlora import load_config, run
+    from hlora import run
     from tests.test_run import tiny_config
 
     run(tiny_config(tiny_args, tmp_path / "a"))

@@ -8,7 +8,6 @@ import yaml
 
 from hlora import load_config, run
 from hlora.model import FederatedModel, load_classifier
-from hlora.strategies import Payload
 from tests.test_cli import run_cli
 
 

@@ -152,8 +152,9 @@ class Strategy(ABC):
     def check(self, clients: list[ClientSpec]) -> None:
         """Refuse clients this method is not defined for (raises StrategyError)."""
 
-    @abstractmethod
-    def init_state(self, init: Adapter, head: dict[str, Tensor]) -> GlobalState: ...
+    def init_state(self, init: Adapter, head: dict[str, Tensor]) -> GlobalState:
+        """By default the global state is one factor per module at scaling 1, starting at ``init``."""
+        return GlobalState(lora=dict(init), head=head, init=init)
 
     @abstractmethod
     def dispatch(self, state: GlobalState, client: ClientSpec, rng: torch.Generator) -> Payload: ...
@@ -161,8 +162,9 @@ class Strategy(ABC):
     @abstractmethod
     def aggregate(self, state: GlobalState, updates: list[Update]) -> GlobalState: ...
 
-    @abstractmethod
-    def global_adapter(self, state: GlobalState) -> Adapter: ...
+    def global_adapter(self, state: GlobalState) -> Adapter:
+        """The evaluated update; by default the global factors themselves."""
+        return dict(state.lora)
 
     def downlink_bytes(self, state: GlobalState, payload: Payload) -> int:
         """Bytes sent to one client: its trainable and frozen factors and the head."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from hlora.factors import Adapter, Factor
 from hlora.strategies.base import (
     ClientSpec,
     GlobalState,
@@ -31,9 +30,6 @@ class Centralized(Strategy):
     name = "centralized"
     pools_clients = True
 
-    def init_state(self, init: Adapter, head: dict[str, torch.Tensor]) -> GlobalState:
-        return GlobalState(lora=dict(init), head=head, init=init)
-
     def dispatch(self, state: GlobalState, client: ClientSpec, rng: torch.Generator) -> Payload:
         lora = {
             m: fresh_ranks(pad_rank(f.with_scale(client.scale(m)), client.ranks[m], state.init[m].A), state.init[m].A)
@@ -47,9 +43,6 @@ class Centralized(Strategy):
         (u,) = updates
         lora = {m: u.lora[m].with_scale(1.0) for m in state.lora}
         return GlobalState(lora, dict(u.head), state.init, state.round + 1)
-
-    def global_adapter(self, state: GlobalState) -> Adapter:
-        return dict(state.lora)
 
     def downlink_bytes(self, state: GlobalState, payload: Payload) -> int:
         return 0

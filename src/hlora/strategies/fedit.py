@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from hlora.factors import Adapter, Factor
+from hlora.factors import Factor
 from hlora.strategies.base import (
     ClientSpec,
     GlobalState,
@@ -63,9 +63,6 @@ class FedIT(Strategy):
                 "strategy such as hlora"
             )
 
-    def init_state(self, init: Adapter, head: dict[str, torch.Tensor]) -> GlobalState:
-        return GlobalState(lora=dict(init), head=head, init=init)
-
     def dispatch(self, state: GlobalState, client: ClientSpec, rng: torch.Generator) -> Payload:
         lora = {}
         for m, g in state.lora.items():
@@ -84,6 +81,3 @@ class FedIT(Strategy):
         """Aggregation weights per module: p_k = n_k / n."""
         p = round_weights(updates)
         return {m: p for m in state.lora}
-
-    def global_adapter(self, state: GlobalState) -> Adapter:
-        return dict(state.lora)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from hlora.factors import Adapter, Factor, tensor_bytes
+from hlora.factors import Factor, tensor_bytes
 from hlora.strategies.base import (
     ClientSpec,
     GlobalState,
@@ -65,9 +65,6 @@ def average_modules(
 class FedPLoRA(Strategy):
     name = "fedplora"
 
-    def init_state(self, init: Adapter, head: dict[str, torch.Tensor]) -> GlobalState:
-        return GlobalState(lora=dict(init), head=head, init=init)
-
     def dispatch(self, state: GlobalState, client: ClientSpec, rng: torch.Generator) -> Payload:
         lora, frozen, indices = {}, {}, {}
         for m, g in state.lora.items():
@@ -83,9 +80,6 @@ class FedPLoRA(Strategy):
             for m, g in state.lora.items()
         }
         return GlobalState(lora, average_heads(updates, p), state.init, state.round + 1)
-
-    def global_adapter(self, state: GlobalState) -> Adapter:
-        return dict(state.lora)
 
     def uplink_bytes(self, update: Update) -> int:
         """The picked modules, their indices and the head."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from hlora.factors import Adapter, Factor, tensor_bytes
+from hlora.factors import Factor, tensor_bytes
 from hlora.strategies.base import (
     ClientSpec,
     GlobalState,
@@ -36,9 +36,6 @@ def average_B(factors: list[Factor], weights: list[float], rank: int) -> torch.T
 class FFALoRA(Strategy):
     name = "ffa"
 
-    def init_state(self, init: Adapter, head: dict[str, torch.Tensor]) -> GlobalState:
-        return GlobalState(lora=dict(init), head=head, init=init)
-
     def dispatch(self, state: GlobalState, client: ClientSpec, rng: torch.Generator) -> Payload:
         lora = {}
         for m, g in state.lora.items():
@@ -53,9 +50,6 @@ class FFALoRA(Strategy):
             for m, g in state.lora.items()
         }
         return GlobalState(lora, average_heads(updates, p), state.init, state.round + 1)
-
-    def global_adapter(self, state: GlobalState) -> Adapter:
-        return dict(state.lora)
 
     def downlink_bytes(self, state: GlobalState, payload: Payload) -> int:
         return tensor_bytes(*(f.B for f in payload.lora.values()), *payload.head.values())

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from hlora.factors import Adapter, Factor, tensor_bytes
+from hlora.factors import Factor, tensor_bytes
 from hlora.linalg import factored_svd
 from hlora.strategies.base import (
     ClientSpec,
@@ -75,9 +75,6 @@ class FLoRA(HLoRA):
         synced = {**state.extra.get("synced", {}), **{u.client: rnd - 1 for u in updates}}
         extra = {"stacked_bytes": stacks, "synced": synced}
         return GlobalState(lora, average_heads(updates, p), state.init, rnd, extra)
-
-    def global_adapter(self, state: GlobalState) -> Adapter:
-        return {m: svd_adapter(svd) for m, svd in state.lora.items()}
 
     def downlink_bytes(self, state: GlobalState, payload: Payload) -> int:
         """The stacks the client has missed (see ``_catch_up``) and the head."""
