@@ -20,6 +20,8 @@ def length_grouped_batches(
     each window, cut into batches, and the batches are shuffled again.
     """
     order = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+    if window <= 0:  # no grouping: plain random batches
+        return [order[j : j + batch_size] for j in range(0, len(order), batch_size)]
     span = batch_size * window
     batches = []
     for start in range(0, len(order), span):
@@ -40,11 +42,14 @@ def train_client(
     batch_size: int,
     seed: int,
     on_batch: Callable[[int], None] | None = None,
+    group_by_length: bool = True,
 ) -> Update:
     """Put the payload into the model, run ``epochs`` of AdamW over the client's examples, read out.
 
     ``seed`` fixes the shuffling and dropout, so a client's round is the same whatever ran before it.
     ``on_batch(n)`` is called after each batch with the number of examples it held (progress).
+    ``group_by_length`` batches examples of similar length together (less padding); otherwise batches
+    are drawn at random.
     """
     params = fm.install(payload.lora, payload.head, payload.frozen, payload.train_A)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -54,7 +59,8 @@ def train_client(
     total, steps = 0.0, 0
     try:
         for _ in range(epochs):
-            for chunk in length_grouped_batches(indices, data.lengths, batch_size, shuffle):
+            window = 32 if group_by_length else 0
+            for chunk in length_grouped_batches(indices, data.lengths, batch_size, shuffle, window):
                 loss = fm.model(**data.batch(chunk)).loss
                 total += float(loss.detach())
                 if payload.tail_penalty:
