@@ -7,7 +7,6 @@ dispatch) -> metrics and artifacts. :func:`setup` builds everything a run needs;
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,9 +23,9 @@ from hlora.data import Encoded, TaskData, encode, load_task, partition
 from hlora.export import adapter_svd, save_peft_adapter, truncated
 from hlora.factors import init_factors
 from hlora.metrics import MetricsLog, evaluate
+from hlora.server import client_seed, server_round
 from hlora.model import FederatedModel, load_classifier, resolve_model_path
 from hlora.strategies import ClientSpec, GlobalState, Strategy, Update, get_strategy
-from hlora.validate import norm_outliers, update_problem
 
 
 class Reporter:
@@ -66,20 +65,6 @@ class Experiment:
     def initial_state(self) -> GlobalState:
         init = init_factors(self.fm.shapes, self.max_rank, torch.Generator().manual_seed(self.cfg.seed))
         return self.strategy.init_state(init, self.fm.head_state())
-
-
-def client_seed(seed: int, round: int, client: int, stream: int = 0) -> int:
-    """A seed per (run, round, client, stream): a client's round never depends on what ran before it.
-    Stream 0 drives local training (shuffling, dropout), stream 1 the server's draws for the client."""
-    return int(np.random.SeedSequence([seed, round, client + 1, stream]).generate_state(1)[0])
-
-
-def _safe_bytes(strategy: Strategy, update: Update) -> int:
-    """Bytes of a rejected update (what it sent), or 0 when it is too broken to measure."""
-    try:
-        return strategy.uplink_bytes(update)
-    except Exception:
-        return 0
 
 
 def default_out(cfg: RunConfig) -> Path:
@@ -186,68 +171,45 @@ def _rounds(
             jobs = [(spec, pooled)]
         else:
             jobs = [(exp.clients[c], exp.parts[c]) for c in sampled]
+        indices = {spec.id: ix for spec, ix in jobs}
         reporter.round_start(rnd, cfg.local_epochs * sum(len(ix) for _, ix in jobs))
 
-        updates: list[Update] = []
-        payloads = []
-        rejected: list[dict[str, Any]] = []
-        failures: list[Exception] = []
-        up = down = 0
-        for spec, indices in jobs:
-            seed = client_seed(cfg.seed, rnd, spec.id)
-            draws = torch.Generator().manual_seed(client_seed(cfg.seed, rnd, spec.id, stream=1))
-            payload = strategy.dispatch(state, spec, draws)
-            down += strategy.downlink_bytes(state, payload)
-            try:
-                update = train_client(
-                    fm, payload, exp.train, indices, client_id=spec.id, epochs=cfg.local_epochs,
-                    lr=cfg.lr, batch_size=cfg.batch_size, seed=seed, on_batch=reporter.advance,
-                )
-            except Exception as e:  # a failing client is dropped from the round; the run goes on
-                rejected.append({"client": spec.id, "reason": f"training failed: {type(e).__name__}: {e}"})
-                failures.append(e)
-                continue
-            problem = update_problem(update, payload)
-            if problem is None:
-                up += strategy.uplink_bytes(update)
-                updates.append(update)
-                payloads.append(payload)
-            else:
-                up += _safe_bytes(strategy, update)
-                rejected.append({"client": spec.id, "reason": problem})
-        if failures and len(failures) == len(jobs):  # every client failed: a bug or a setup error, not a client
-            raise failures[0]
-        outliers = norm_outliers(updates, payloads, cfg.max_norm_ratio)
-        rejected += [{"client": updates[i].client, "reason": why} for i, why in outliers.items()]
-        updates = [u for i, u in enumerate(updates) if i not in outliers]
-        t_train = time.perf_counter() - t0
+        def execute(pairs: list[tuple[ClientSpec, Any]]) -> list[Update | Exception]:
+            results: list[Update | Exception] = []
+            for spec, payload in pairs:
+                try:
+                    results.append(train_client(
+                        fm, payload, exp.train, indices[spec.id], client_id=spec.id, epochs=cfg.local_epochs,
+                        lr=cfg.lr, batch_size=cfg.batch_size, seed=client_seed(cfg.seed, rnd, spec.id),
+                        on_batch=reporter.advance,
+                    ))
+                except Exception as e:  # a failing client is dropped from the round; the run goes on
+                    results.append(e)
+            return results
 
-        t1 = time.perf_counter()
-        skipped = len(updates) < cfg.min_clients
-        if not skipped:
-            state = strategy.aggregate(state, updates)
-        else:  # too few valid updates: the global model stays as it was
-            state = dataclasses.replace(state, round=state.round + 1)
-        t_agg = time.perf_counter() - t1
+        outcome = server_round(
+            strategy, state, [spec for spec, _ in jobs], execute, round=rnd, seed=cfg.seed,
+            min_clients=cfg.min_clients, max_norm_ratio=cfg.max_norm_ratio,
+        )
+        state = outcome.state
         t2 = time.perf_counter()
         adapter = strategy.global_adapter(state)
         scores = evaluate(fm, adapter, state.head, exp.dev, cfg.eval_batch_size, exp.task.f1_label)
         t_eval = time.perf_counter() - t2
 
-        n = sum(u.num_examples for u in updates)
         row = {
             "round": rnd,
             **scores,
-            "train_loss": sum(u.train_loss * u.num_examples for u in updates) / n if n else None,
+            "train_loss": outcome.train_loss,
             "clients": sampled,
             "ranks": [spec.ranks[next(iter(spec.ranks))] for spec, _ in jobs],
-            "uplink_bytes": up,
-            "downlink_bytes": down,
-            "rejected": rejected,
-            "skipped": skipped,
+            "uplink_bytes": outcome.uplink_bytes,
+            "downlink_bytes": outcome.downlink_bytes,
+            "rejected": outcome.rejected,
+            "skipped": outcome.skipped,
             "seconds": time.perf_counter() - t0,
-            "seconds_train": t_train,
-            "seconds_aggregate": t_agg,
+            "seconds_train": outcome.seconds_train,
+            "seconds_aggregate": outcome.seconds_aggregate,
             "seconds_eval": t_eval,
         }
         log.append(row)

@@ -1,0 +1,111 @@
+"""One federated round on the server, whatever carries the messages.
+
+dispatch (strategy) -> clients train (an executor: in-process, or Flower) -> checks (validate) ->
+aggregate (strategy). The embedded simulation and the Flower ServerApp both call :func:`server_round`
+with their own executor, so the server logic exists once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from hlora.strategies import ClientSpec, GlobalState, Payload, Strategy, Update
+from hlora.validate import norm_outliers, update_problem
+
+#: trains the given clients on their payloads; returns, in order, an Update or the Exception it raised
+Executor = Callable[[list[tuple[ClientSpec, Payload]]], list["Update | Exception"]]
+
+
+def client_seed(seed: int, round: int, client: int, stream: int = 0) -> int:
+    """A seed per (run, round, client, stream): a client's round never depends on what ran before it.
+    Stream 0 drives local training (shuffling, dropout), stream 1 the server's draws for the client."""
+    return int(np.random.SeedSequence([seed, round, client + 1, stream]).generate_state(1)[0])
+
+
+@dataclass
+class RoundOutcome:
+    state: GlobalState
+    accepted: list[Update]
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+    skipped: bool = False
+    seconds_train: float = 0.0  # inside the executor: the clients' local training (and transport)
+    seconds_aggregate: float = 0.0
+
+    @property
+    def train_loss(self) -> float | None:
+        n = sum(u.num_examples for u in self.accepted)
+        return sum(u.train_loss * u.num_examples for u in self.accepted) / n if n else None
+
+
+def server_round(
+    strategy: Strategy,
+    state: GlobalState,
+    clients: list[ClientSpec],
+    execute: Executor,
+    *,
+    round: int,
+    seed: int,
+    min_clients: int = 1,
+    max_norm_ratio: float = 10.0,
+) -> RoundOutcome:
+    """Dispatch to ``clients``, let ``execute`` train them, reject bad updates, aggregate the rest.
+
+    A client that raises, or whose update fails :func:`~hlora.validate.update_problem` or the norm
+    check, is recorded in ``rejected`` and left out. Below ``min_clients`` valid updates the round is
+    skipped and the global model stays as it was. When every client raises, the first error is raised:
+    that is a bug or a setup error, not a client's fault.
+    """
+    payloads = []
+    down = 0
+    for spec in clients:
+        draws = torch.Generator().manual_seed(client_seed(seed, round, spec.id, stream=1))
+        payloads.append(strategy.dispatch(state, spec, draws))
+        down += strategy.downlink_bytes(state, payloads[-1])
+    t0 = time.perf_counter()
+    results = execute(list(zip(clients, payloads)))
+    out = RoundOutcome(state, [], downlink_bytes=down, seconds_train=time.perf_counter() - t0)
+    sent: list[Payload] = []
+    failures = []
+    for spec, payload, result in zip(clients, payloads, results):
+        if isinstance(result, Exception):
+            out.rejected.append({"client": spec.id, "reason": f"training failed: {type(result).__name__}: {result}"})
+            failures.append(result)
+            continue
+        problem = update_problem(result, payload)
+        out.uplink_bytes += _bytes(strategy, result)
+        if problem is None:
+            out.accepted.append(result)
+            sent.append(payload)
+        else:
+            out.rejected.append({"client": spec.id, "reason": problem})
+    if failures and len(failures) == len(clients):
+        raise failures[0]
+    outliers = norm_outliers(out.accepted, sent, max_norm_ratio)
+    out.rejected += [{"client": out.accepted[i].client, "reason": why} for i, why in outliers.items()]
+    out.accepted = [u for i, u in enumerate(out.accepted) if i not in outliers]
+
+    out.skipped = len(out.accepted) < min_clients
+    t0 = time.perf_counter()
+    if out.skipped:
+        out.state = dataclasses.replace(state, round=state.round + 1)
+    else:
+        out.state = strategy.aggregate(state, out.accepted)
+    out.seconds_aggregate = time.perf_counter() - t0
+    return out
+
+
+def _bytes(strategy: Strategy, update: Update) -> int:
+    """Bytes an update sent, or 0 when it is too broken to measure."""
+    try:
+        return strategy.uplink_bytes(update)
+    except Exception:
+        return 0
