@@ -86,3 +86,18 @@ def test_dirichlet_split_is_label_skewed_and_iid_is_not():
 
     assert spread(partition(labels, 20, "dirichlet", 0.1, 0)) > 0.3
     assert spread(partition(labels, 20, "iid", 0.5, 0)) < 0.15
+
+
+def test_hugging_face_dataset_by_name_through_the_datasets_library(tmp_path):
+    """A local dataset folder goes through the same datasets.load_dataset call as a hub name."""
+    folder = tmp_path / "my_ds"
+    folder.mkdir()
+    (folder / "train.csv").write_text("sentence,label\ngood film,pos\nbad film,neg\nfine film,pos\n")
+    (folder / "validation.csv").write_text("sentence,label\nawful,neg\n")
+    data = load_task(f"hf:{folder}", text_columns=["sentence"], label_column="label")
+    assert data.label_names == ["neg", "pos"] and data.train.labels == [1, 0, 1] and data.dev.labels == [0]
+    assert data.text_columns == ["sentence"]
+    with pytest.raises(DataError, match="no column 'text'"):
+        load_task(f"hf:{folder}", text_columns=["text"], label_column="label")
+    with pytest.raises(DataError, match="cannot load dataset"):
+        load_task(f"hf:{tmp_path / 'nothing-here'}", text_columns=["sentence"], label_column="label")

@@ -109,7 +109,9 @@ class RichReporter:
 @app.command()
 def run(
     config: Optional[Path] = typer.Argument(None, help="A YAML or JSON config file; options override it."),
-    task: Optional[str] = _opt("task", "GLUE task: mrpc or rte (or a name for --train/--dev files)."),
+    task: Optional[str] = _opt(
+        "task", "GLUE task: mrpc or rte; hf:NAME[:CONFIG] for a Hugging Face dataset; or a name for --train/--dev."
+    ),
     train: Optional[Path] = _opt("train", "Training file (.tsv, .csv, .jsonl) instead of a GLUE task."),
     dev: Optional[Path] = _opt("dev", "Evaluation file, with the same columns as --train."),
     text_columns: Optional[str] = _opt("text_columns", "Text column(s) of the files: a or a,b (a pair)."),

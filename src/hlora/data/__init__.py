@@ -34,7 +34,8 @@ def load_task(
     """A GLUE task by name (``mrpc``, ``rte``), or local files given by ``train`` and ``dev``.
 
     Files need ``text_columns`` (one, or two for a sentence pair) and ``label_column``; labels may be
-    strings or integers. The label set is taken from the training file, sorted.
+    strings or integers. The label set is taken from the training file, sorted. ``hf:NAME[:CONFIG]``
+    loads a Hugging Face dataset (train and validation splits), with the same column options.
     """
     if train is not None or dev is not None:
         if train is None or dev is None:
@@ -44,6 +45,10 @@ def load_task(
         if len(text_columns) > 2:
             raise DataError("--text-columns takes one column, or two for a sentence pair")
         return _from_files(task or Path(train).stem, train, dev, text_columns, label_column, None, None)
+    if task is not None and task.startswith("hf:"):
+        from hlora.data.hub import load_hub_task
+
+        return load_hub_task(task[3:], text_columns, label_column)
     if task is None or task.lower() not in GLUE:
         raise DataError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}, or give --train/--dev files")
     g = GLUE[task.lower()]
