@@ -44,6 +44,8 @@ def test_two_round_four_client_run_writes_every_output(tiny_args, tmp_path, caps
             assert key in r
         assert len(r["clients"]) == 2 and len(set(r["clients"])) == 2
         assert 0.0 <= r["accuracy"] <= 1.0 and r["uplink_bytes"] > 0 and r["downlink_bytes"] > 0
+        kept = [r["energy_kept"][str(k)] for k in sorted(set(cfg["client_ranks"]))]
+        assert all(0.0 < e <= 1.0 for e in kept) and kept == sorted(kept)  # more rank, more energy
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["final_accuracy"] == rows[-1]["accuracy"]
     assert summary["uplink_bytes"] == sum(r["uplink_bytes"] for r in rows)

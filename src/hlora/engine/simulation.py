@@ -196,6 +196,8 @@ def _rounds(
         adapter = strategy.global_adapter(state)
         scores = evaluate(fm, adapter, state.head, exp.dev, cfg.eval_batch_size, exp.task.f1_label)
         t_eval = time.perf_counter() - t2
+        svds = adapter_svd(adapter)
+        energy = {str(r): round(truncated(svds, r)[1], 6) for r in sorted(set(cfg.client_ranks))}
 
         row = {
             "round": rnd,
@@ -205,6 +207,7 @@ def _rounds(
             "ranks": [spec.ranks[next(iter(spec.ranks))] for spec, _ in jobs],
             "uplink_bytes": outcome.uplink_bytes,
             "downlink_bytes": outcome.downlink_bytes,
+            "energy_kept": energy,
             "rejected": outcome.rejected,
             "skipped": outcome.skipped,
             "seconds": time.perf_counter() - t0,
