@@ -50,6 +50,12 @@ def test_tiny_compare_writes_every_output_and_skips_finished_cells(tiny_args, tm
     code, text = run_cli(argv, capsys)
     assert text.count("done, skipped") == 4
     assert (out / "hlora" / "seed0" / "metrics.jsonl").read_text() == before
+    # --report-only runs nothing: a method not yet run is left out of the tables
+    i = argv.index("hlora,fedit:ranks=4")
+    code, text = run_cli([*argv[:i], "hlora,fedit:ranks=4,flexlora", *argv[i + 1:], "--report-only"], capsys)
+    assert code in (0, None) and "cell" not in text
+    assert not (out / "flexlora").exists()
+    assert [r["method"] for r in csv.DictReader((out / "table.csv").open())] == ["hlora", "fedit:ranks=4"]
 
 
 def test_plot_any_runs(tiny_args, tmp_path, capsys):

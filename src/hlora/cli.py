@@ -163,7 +163,8 @@ def run(
 
 def _overrides(values: dict[str, Any]) -> dict[str, Any]:
     """The run options of a command's arguments, as RunConfig field values (None: not given)."""
-    skip = ("config", "resume", "run_experiment", "resume_run", "strategy_option", "strategies", "seeds", "target")
+    skip = ("config", "resume", "run_experiment", "resume_run", "strategy_option", "strategies", "seeds", "target",
+            "report_only")
     out = {k: v for k, v in values.items() if k not in skip}
     if "strategy_option" in values:
         out["strategy_options"] = values["strategy_option"] or None
@@ -179,6 +180,9 @@ def compare(
     ),
     seeds: str = typer.Option("0", help="Seeds, comma-separated: each method runs once per seed."),
     target: float = typer.Option(0.75, help="Accuracy whose first round the table reports."),
+    report_only: bool = typer.Option(
+        False, "--report-only", help="Run nothing: write the tables and figures of the cells finished so far."
+    ),
     **run_options: Any,
 ) -> None:
     """Run a grid of methods x seeds on the same split and client sample; write table.md/.csv and figures."""
@@ -205,7 +209,7 @@ def compare(
         return RichReporter(prefix=f"[{i}/{n} {method.label} s{seed}] ")
 
     table = run_compare(config, shared, parse_methods(strategies), seed_list, Path(out), target, reporter_for,
-                        say=lambda msg: console.print(msg, highlight=False))
+                        say=lambda msg: console.print(msg, highlight=False), run_cells=not report_only)
     console.print(f"wrote {out}/table.md, table.csv, accuracy.png, communication.png ({len(table)} methods)")
 
 

@@ -196,15 +196,21 @@ def compare(
     target: float,
     reporter_for,
     say=print,
+    run_cells: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run the grid (skipping finished cells), then write table.md, table.csv and the figures."""
+    """Run the grid (skipping finished cells), then write table.md, table.csv and the figures.
+
+    With ``run_cells`` False nothing runs: the tables and figures cover the cells finished so far.
+    """
     from hlora.plots import plot_groups
 
     cells = cell_configs(config_file, shared, methods, seeds, out)
     out.mkdir(parents=True, exist_ok=True)
-    run_grid(cells, reporter_for, say)
+    if run_cells:
+        run_grid(cells, reporter_for, say)
     table = summarize(out, methods, seeds, target)
     write_tables(table, out, target)
-    groups = {m.label: [read_rows(out / m.slug / f"seed{s}") for s in seeds] for m in methods}
+    done = lambda m, s: cell_state(out / m.slug / f"seed{s}") == "done"  # noqa: E731
+    groups = {m.label: [read_rows(out / m.slug / f"seed{s}") for s in seeds if done(m, s)] for m in methods}
     plot_groups(groups, out, title=cells[0][2].task)
     return table
