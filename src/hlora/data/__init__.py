@@ -50,7 +50,9 @@ def load_task(
 
         return load_hub_task(task[3:], text_columns, label_column)
     if task is None or task.lower() not in GLUE:
-        raise DataError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}, or give --train/--dev files")
+        raise DataError(
+            f"unknown task {task!r}; choose one of: {', '.join(TASKS)}, hf:NAME[:CONFIG], or give --train/--dev files"
+        )
     g = GLUE[task.lower()]
     return _from_files(
         task.lower(), g.path("train"), g.path("dev"), list(g.text_columns), g.label_column,
