@@ -38,12 +38,6 @@ class Factor:
         """The dense update ``scale * B @ A`` (for tests and small layers only)."""
         return self.scale * (self.B @ self.A)
 
-    def numel(self) -> int:
-        return self.B.numel() + self.A.numel()
-
-    def detached(self) -> "Factor":
-        return Factor(self.B.detach().clone(), self.A.detach().clone(), self.scale)
-
     def with_scale(self, scale: float) -> "Factor":
         """The same update expressed with another LoRA scaling (A absorbs the ratio)."""
         return Factor(self.B, self.A * (self.scale / scale), scale)
@@ -51,11 +45,6 @@ class Factor:
 
 #: An adapter: module name -> its factor. Ranks may differ from module to module.
 Adapter = dict[str, Factor]
-
-
-def lora_scale(alpha: float, rank: int) -> float:
-    """PEFT's LoRA scaling ``alpha / r``."""
-    return alpha / rank
 
 
 def init_factors(
@@ -73,11 +62,6 @@ def init_factors(
         A = (torch.rand(r, k, generator=generator) * 2 - 1) * bound
         out[name] = Factor(torch.zeros(d, r), A, 1.0)
     return out
-
-
-def adapter_delta(adapter: Adapter) -> dict[str, Tensor]:
-    """Dense updates of a whole adapter (tests and small models only)."""
-    return {name: f.delta() for name, f in adapter.items()}
 
 
 def tensor_bytes(*tensors: Tensor) -> int:
