@@ -25,20 +25,27 @@ def adapter_svd(adapter: Adapter) -> dict[str, SVD]:
     return {m: factored_svd([f.B * f.scale], [f.A], [1.0], tol=RANK_TOL) for m, f in adapter.items()}
 
 
+def energy_kept(svds: dict[str, SVD], rank: int | None) -> float:
+    """Fraction of the whole adapter's squared Frobenius norm that rank-``rank`` truncations keep."""
+    kept = total = 0.0
+    for svd in svds.values():
+        energy = svd.S.double() ** 2
+        kept += float(energy[: svd.rank if rank is None else rank].sum())
+        total += float(energy.sum())
+    return 1.0 if total == 0 else kept / total
+
+
 def truncated(svds: dict[str, SVD], rank: int | None) -> tuple[Adapter, float]:
     """Factors (scaling 1) of the rank-``rank`` truncation (None: full), and the energy kept overall."""
-    out, kept, total = {}, 0.0, 0.0
+    out = {}
     for m, svd in svds.items():
         r = svd.rank if rank is None else min(rank, svd.rank)
-        energy = float((svd.S.double() ** 2).sum())
-        kept += energy * svd.energy_kept(r)
-        total += energy
         t = svd.truncate(max(r, 1)) if svd.rank else svd
         if t.rank == 0:  # an all-zero update still needs a rank-1 slot in a PEFT adapter
             d, k = svd.U.shape[0], svd.Vt.shape[1]
             t = SVD(torch.zeros(d, 1), torch.zeros(1), torch.zeros(1, k))
         out[m] = Factor(t.U * t.S, t.Vt, 1.0)
-    return out, (1.0 if total == 0 else kept / total)
+    return out, energy_kept(svds, rank)
 
 
 def save_peft_adapter(

@@ -40,11 +40,6 @@ class SVD:
         """The best rank-r approximation (Eckart-Young): the r leading triplets."""
         return SVD(self.U[:, :r], self.S[:r], self.Vt[:r])
 
-    def energy_kept(self, r: int) -> float:
-        """Fraction of the squared Frobenius norm that the rank-r truncation keeps."""
-        total = float((self.S.double() ** 2).sum())
-        return 1.0 if total == 0.0 else float((self.S[:r].double() ** 2).sum()) / total
-
 
 def factored_svd(
     Bs: list[Tensor], As: list[Tensor], weights: list[float], tol: float = 0.0

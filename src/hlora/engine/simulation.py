@@ -20,7 +20,7 @@ from hlora.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from hlora.client import train_client
 from hlora.config import ConfigError, RunConfig, draw_ranks, load_config
 from hlora.data import Encoded, TaskData, encode, load_task, partition
-from hlora.export import adapter_svd, save_peft_adapter, truncated
+from hlora.export import adapter_svd, energy_kept, save_peft_adapter, truncated
 from hlora.factors import init_factors
 from hlora.metrics import MetricsLog, evaluate
 from hlora.server import client_seed, server_round
@@ -197,7 +197,7 @@ def _rounds(
         scores = evaluate(fm, adapter, state.head, exp.dev, cfg.eval_batch_size, exp.task.f1_label)
         t_eval = time.perf_counter() - t2
         svds = adapter_svd(adapter)
-        energy = {str(r): round(truncated(svds, r)[1], 6) for r in sorted(set(cfg.client_ranks))}
+        energy = {str(r): round(energy_kept(svds, r), 6) for r in sorted(set(cfg.client_ranks))}
 
         row = {
             "round": rnd,
