@@ -46,7 +46,7 @@ class RunConfig:
     max_norm_ratio: float = 10.0
     # local training
     local_epochs: int = 2
-    lr: float = 3e-4
+    lr: float = 1e-3
     batch_size: int = 16
     eval_batch_size: int = 128
     seed: int = 0
