@@ -20,11 +20,11 @@ from hlora.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from hlora.client import train_client
 from hlora.config import ConfigError, RunConfig, draw_ranks, load_config
 from hlora.data import Encoded, TaskData, encode, load_task, partition
-from hlora.export import adapter_svd, energy_kept, save_peft_adapter, truncated
 from hlora.factors import init_factors
-from hlora.metrics import MetricsLog, evaluate
+from hlora.engine.outputs import finish_run, round_row
+from hlora.metrics import MetricsLog
 from hlora.server import client_seed, server_round
-from hlora.model import FederatedModel, load_classifier, resolve_model_path
+from hlora.model import FederatedModel, load_classifier
 from hlora.strategies import ClientSpec, GlobalState, Strategy, Update, get_strategy
 
 
@@ -192,29 +192,11 @@ def _rounds(
             min_clients=cfg.min_clients, max_norm_ratio=cfg.max_norm_ratio,
         )
         state = outcome.state
-        t2 = time.perf_counter()
-        adapter = strategy.global_adapter(state)
-        scores = evaluate(fm, adapter, state.head, exp.dev, cfg.eval_batch_size, exp.task.f1_label)
-        t_eval = time.perf_counter() - t2
-        svds = adapter_svd(adapter)
-        energy = {str(r): round(energy_kept(svds, r), 6) for r in sorted(set(cfg.client_ranks))}
-
-        row = {
-            "round": rnd,
-            **scores,
-            "train_loss": outcome.train_loss,
-            "clients": sampled,
-            "ranks": [spec.ranks[next(iter(spec.ranks))] for spec, _ in jobs],
-            "uplink_bytes": outcome.uplink_bytes,
-            "downlink_bytes": outcome.downlink_bytes,
-            "energy_kept": energy,
-            "rejected": outcome.rejected,
-            "skipped": outcome.skipped,
-            "seconds": time.perf_counter() - t0,
-            "seconds_train": outcome.seconds_train,
-            "seconds_aggregate": outcome.seconds_aggregate,
-            "seconds_eval": t_eval,
-        }
+        row = round_row(
+            rnd, outcome, strategy=strategy, fm=fm, dev=exp.dev, f1_label=exp.task.f1_label,
+            eval_batch_size=cfg.eval_batch_size, client_ranks=cfg.client_ranks, clients=sampled,
+            ranks=[spec.ranks[next(iter(spec.ranks))] for spec, _ in jobs], started=t0,
+        )
         log.append(row)
         save_checkpoint(
             out, state, sampler=sampler.bit_generator.state, rows=log.rows, client_ranks=cfg.client_ranks,
@@ -222,11 +204,9 @@ def _rounds(
         )
         reporter.round_end(row)
 
-    adapter, _ = truncated(adapter_svd(strategy.global_adapter(state)), None)
-    save_peft_adapter(out / "adapter", adapter, state.head, resolve_model_path(cfg.model))
-    summary = log.summary(
-        task=exp.task.name, strategy=cfg.strategy, wall_seconds=wall_before + time.perf_counter() - t_run,
-        adapter_rank=max(f.rank for f in adapter.values()),
+    summary = finish_run(
+        out, strategy, state, log, model=cfg.model, task=exp.task.name, strategy_name=cfg.strategy,
+        wall_seconds=wall_before + time.perf_counter() - t_run,
     )
     reporter.finish(summary)
     return RunResult(out, summary, log.rows)

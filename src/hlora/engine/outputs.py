@@ -1,0 +1,86 @@
+"""What every engine writes: one metrics row per round, and the final adapter and summary.
+
+The embedded simulation and the Flower ServerApp both call these, so ``metrics.jsonl``,
+``summary.json`` and ``adapter/`` mean the same thing whatever carried the messages.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from hlora.data import Encoded
+from hlora.export import adapter_svd, energy_kept, save_peft_adapter, truncated
+from hlora.metrics import MetricsLog, evaluate
+from hlora.model import FederatedModel, resolve_model_path
+from hlora.server import RoundOutcome
+from hlora.strategies import GlobalState, Strategy
+
+
+def round_row(
+    rnd: int,
+    outcome: RoundOutcome,
+    *,
+    strategy: Strategy,
+    fm: FederatedModel,
+    dev: Encoded | None,
+    f1_label: int | None,
+    eval_batch_size: int,
+    client_ranks: list[int],
+    clients: list[int],
+    ranks: list[int],
+    started: float,
+) -> dict[str, Any]:
+    """Evaluate the round's global model on ``dev`` and build its ``metrics.jsonl`` row.
+
+    ``clients`` and ``ranks`` are the round's sampled client ids and their ranks; ``started`` is the
+    ``time.perf_counter()`` at the start of the round. Without a dev set, accuracy and loss are NaN.
+    """
+    state = outcome.state
+    t_eval = time.perf_counter()
+    adapter = strategy.global_adapter(state)
+    if dev is not None:
+        scores = evaluate(fm, adapter, state.head, dev, eval_batch_size, f1_label)
+    else:
+        scores = {"accuracy": math.nan, "eval_loss": math.nan}
+    t_eval = time.perf_counter() - t_eval
+    svds = adapter_svd(adapter)
+    energy = {str(r): round(energy_kept(svds, r), 6) for r in sorted(set(client_ranks))}
+    return {
+        "round": rnd,
+        **scores,
+        "train_loss": outcome.train_loss,
+        "clients": clients,
+        "ranks": ranks,
+        "uplink_bytes": outcome.uplink_bytes,
+        "downlink_bytes": outcome.downlink_bytes,
+        "energy_kept": energy,
+        "rejected": outcome.rejected,
+        "skipped": outcome.skipped,
+        "seconds": time.perf_counter() - started,
+        "seconds_train": outcome.seconds_train,
+        "seconds_aggregate": outcome.seconds_aggregate,
+        "seconds_eval": t_eval,
+    }
+
+
+def finish_run(
+    out: Path,
+    strategy: Strategy,
+    state: GlobalState,
+    log: MetricsLog,
+    *,
+    model: str,
+    task: str,
+    strategy_name: str,
+    wall_seconds: float,
+) -> dict[str, Any]:
+    """Write the final global model as a PEFT adapter (``out/adapter``) and ``summary.json``."""
+    adapter, _ = truncated(adapter_svd(strategy.global_adapter(state)), None)
+    save_peft_adapter(out / "adapter", adapter, state.head, resolve_model_path(model))
+    return log.summary(
+        task=task, strategy=strategy_name, wall_seconds=wall_seconds,
+        adapter_rank=max(f.rank for f in adapter.values()),
+    )
