@@ -1,4 +1,4 @@
-"""Engines drive rounds: the embedded in-process simulation (and, later, Flower)."""
+"""Engines drive rounds: the embedded in-process simulation, and Flower (:mod:`hlora.engine.flower`)."""
 
 from hlora.engine.simulation import Reporter, RunResult, resume, run
 
