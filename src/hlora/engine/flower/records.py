@@ -1,0 +1,208 @@
+"""Payloads and updates as Flower records, and back. Pure: no network, no model, no file.
+
+A train message (server -> node) holds one client's :class:`~hlora.strategies.Payload` and its local
+training settings; the reply (node -> server) holds its :class:`~hlora.strategies.Update`. Each message
+carries tensors of its own client's rank, so every node gets factors of its own shape.
+
+Layout of a message's :class:`~flwr.app.RecordDict`:
+
+=================  ===========  ===========================================================
+key                record       holds
+=================  ===========  ===========================================================
+``lora``           ArrayRecord  ``<module>/B`` and ``<module>/A`` of the trainable factors
+``frozen``         ArrayRecord  the same for the frozen factors (payloads only)
+``head``           ArrayRecord  the classification head's parameters
+``info-arrays``    ArrayRecord  the tensors found in ``info`` (e.g. Fed-PLoRA's indices)
+``config``         ConfigRecord module order and LoRA scalings, ``info`` as JSON, train_A,
+                                tail_penalty, the client id, and training settings or results
+=================  ===========  ===========================================================
+
+Module and head names are listed in order in ``config`` (records are maps, their order is not kept).
+Scalings travel as 64-bit floats, so they come back bit for bit. ArrayRecord rejects bfloat16: such
+tensors are sent as float32.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from torch import Tensor
+
+from hlora.factors import Adapter, Factor
+from hlora.strategies import Payload, Update
+
+
+class RecordError(ValueError):
+    """A message does not hold a valid payload or update."""
+
+
+@dataclass
+class TrainSettings:
+    """How a node trains for one round (the same values the simulation passes to ``train_client``)."""
+
+    client: int
+    round: int
+    seed: int
+    local_epochs: int
+    lr: float
+    batch_size: int
+
+
+def payload_to_record(payload: Payload, settings: TrainSettings) -> RecordDict:
+    """One train message's content: the client's payload and how to train on it."""
+    arrays: dict[str, Tensor] = {}
+    info = _encode_info(payload.info, arrays)
+    config = ConfigRecord({
+        **_adapter_config("lora", payload.lora),
+        **_adapter_config("frozen", payload.frozen),
+        "head-names": list(payload.head),
+        "info": json.dumps(info),
+        "train-A": bool(payload.train_A),
+        "tail-penalty": float(payload.tail_penalty),
+        "client": int(settings.client),
+        "round": int(settings.round),
+        "seed": int(settings.seed),
+        "local-epochs": int(settings.local_epochs),
+        "lr": float(settings.lr),
+        "batch-size": int(settings.batch_size),
+    })
+    return RecordDict({
+        "lora": _adapter_record(payload.lora),
+        "frozen": _adapter_record(payload.frozen),
+        "head": _tensor_record(payload.head),
+        "info-arrays": _tensor_record(arrays),
+        "config": config,
+    })
+
+
+def record_to_payload(content: RecordDict) -> tuple[Payload, TrainSettings]:
+    """Inverse of :func:`payload_to_record`."""
+    try:
+        config = content.config_records["config"]
+        arrays = content.array_records
+        payload = Payload(
+            lora=_read_adapter(arrays["lora"], config, "lora"),
+            head=_read_tensors(arrays["head"], config["head-names"]),
+            frozen=_read_adapter(arrays["frozen"], config, "frozen"),
+            train_A=bool(config["train-A"]),
+            info=_decode_info(json.loads(str(config["info"])), arrays["info-arrays"]),
+            tail_penalty=float(config["tail-penalty"]),
+        )
+        settings = TrainSettings(
+            client=int(config["client"]), round=int(config["round"]), seed=int(config["seed"]),
+            local_epochs=int(config["local-epochs"]), lr=float(config["lr"]),
+            batch_size=int(config["batch-size"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise RecordError(f"not a valid hlora train message: {type(e).__name__}: {e}") from e
+    return payload, settings
+
+
+def update_to_record(update: Update) -> RecordDict:
+    """A train reply's content: the client's update."""
+    arrays: dict[str, Tensor] = {}
+    info = _encode_info(update.info, arrays)
+    config = ConfigRecord({
+        **_adapter_config("lora", update.lora),
+        "head-names": list(update.head),
+        "info": json.dumps(info),
+        "client": int(update.client),
+        "num-examples": int(update.num_examples),
+        "train-loss": float(update.train_loss),
+    })
+    return RecordDict({
+        "lora": _adapter_record(update.lora),
+        "head": _tensor_record(update.head),
+        "info-arrays": _tensor_record(arrays),
+        "config": config,
+    })
+
+
+def record_to_update(content: RecordDict) -> Update:
+    """Inverse of :func:`update_to_record`."""
+    try:
+        config = content.config_records["config"]
+        arrays = content.array_records
+        return Update(
+            client=int(config["client"]),
+            lora=_read_adapter(arrays["lora"], config, "lora"),
+            head=_read_tensors(arrays["head"], config["head-names"]),
+            num_examples=int(config["num-examples"]),
+            info=_decode_info(json.loads(str(config["info"])), arrays["info-arrays"]),
+            train_loss=float(config["train-loss"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise RecordError(f"not a valid hlora update: {type(e).__name__}: {e}") from e
+
+
+def _wire(t: Tensor) -> Tensor:
+    t = t.detach().cpu()
+    return t.float() if t.dtype == torch.bfloat16 else t
+
+
+def _adapter_record(adapter: Adapter) -> ArrayRecord:
+    record = ArrayRecord()
+    for m, f in adapter.items():
+        record[f"{m}/B"] = Array(_wire(f.B).numpy())
+        record[f"{m}/A"] = Array(_wire(f.A).numpy())
+    return record
+
+
+def _adapter_config(prefix: str, adapter: Adapter) -> dict[str, Any]:
+    scales = [float(f.scale) for f in adapter.values()]
+    return {f"{prefix}-modules": list(adapter), f"{prefix}-scales": scales}
+
+
+def _read_adapter(record: ArrayRecord, config: ConfigRecord, prefix: str) -> Adapter:
+    modules = list(config[f"{prefix}-modules"])
+    scales = list(config[f"{prefix}-scales"])
+    if len(modules) != len(scales):
+        raise ValueError(f"{len(modules)} {prefix} modules but {len(scales)} scalings")
+    return {m: Factor(_tensor(record[f"{m}/B"]), _tensor(record[f"{m}/A"]), float(s))
+            for m, s in zip(modules, scales)}
+
+
+def _tensor_record(tensors: dict[str, Tensor]) -> ArrayRecord:
+    record = ArrayRecord()
+    for name, t in tensors.items():
+        record[name] = Array(_wire(t).numpy())
+    return record
+
+
+def _read_tensors(record: ArrayRecord, names: list[str]) -> dict[str, Tensor]:
+    return {name: _tensor(record[name]) for name in names}
+
+
+def _tensor(array: Array) -> Tensor:
+    return torch.from_numpy(array.numpy().copy())
+
+
+def _encode_info(value: Any, arrays: dict[str, Tensor]) -> Any:
+    """JSON-able form of ``info``: tensors are moved to ``arrays`` and replaced by a reference."""
+    if isinstance(value, Tensor):
+        key = str(len(arrays))
+        arrays[key] = value
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError(f"info keys must be strings, got {list(value)!r}")
+        return {k: _encode_info(v, arrays) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode_info(v, arrays) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot send a {type(value).__name__} in a payload's info")
+
+
+def _decode_info(value: Any, record: ArrayRecord) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__tensor__"}:
+            return _tensor(record[value["__tensor__"]])
+        return {k: _decode_info(v, record) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode_info(v, record) for v in value]
+    return value

@@ -1,0 +1,206 @@
+"""A Flower run's settings: the shared run-config (as a :class:`~hlora.config.RunConfig`) and each node's
+node-config (its data and LoRA rank), and the task every node and the server agree on.
+
+Flower's run-config holds only bool, int, float and str values, with dashes in keys (``per-round``).
+Every key that names a :class:`~hlora.config.RunConfig` field means what it means in ``hlora run``; an
+empty string means "not set". A few keys are the Flower engine's own (:class:`FlowerOptions`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hlora.config import FIELDS, ConfigError, RunConfig, load_config
+from hlora.data import DataError, Examples, TaskData, load_task, partition, read_split
+
+
+class NodeConfigError(ConfigError):
+    """A SuperNode's ``--node-config`` is missing a key or names data it cannot read."""
+
+
+#: run-config keys of the Flower engine itself, with their defaults
+FLOWER_DEFAULTS: dict[str, Any] = {
+    "round-timeout": 600.0,
+    "node-timeout": 300.0,
+    "save-updates": False,
+    "labels": "",
+}
+#: RunConfig fields that do not come from the run-config (the nodes report their ranks)
+NOT_IN_RUN_CONFIG = {"ranks", "client_ranks"}
+
+
+@dataclass
+class FlowerOptions:
+    """The Flower engine's own settings."""
+
+    #: seconds to wait for a round's replies; the round then goes on with those that arrived
+    round_timeout: float = 600.0
+    #: seconds to wait at the start for ``clients`` nodes to connect
+    node_timeout: float = 300.0
+    #: write each round's previous state, accepted updates and new state to ``OUT/updates/round-N.pt``
+    save_updates: bool = False
+    #: the label names, in index order, for nodes that read their own files (``labels = "0,1"``)
+    labels: list[str] | None = None
+
+
+def run_settings(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerOptions]:
+    """Parse a Flower run-config into hlora's RunConfig (validated) and the engine's own options."""
+    overrides: dict[str, Any] = {}
+    own = dict(FLOWER_DEFAULTS)
+    for key, value in run_config.items():
+        name = key.replace("-", "_")
+        if key in FLOWER_DEFAULTS:
+            own[key] = value
+        elif name in FIELDS and name not in NOT_IN_RUN_CONFIG:
+            if isinstance(value, str) and not value.strip():
+                continue  # "" means: not set, the RunConfig default
+            if name == "strategy_options":
+                value = [p for p in re.split(r"[\s,]+", str(value)) if p]
+            if name == "threads" and value == 0:
+                continue
+            overrides[name] = value
+        elif name in NOT_IN_RUN_CONFIG:
+            raise ConfigError(f"run-config key {key!r}: each node gives its rank in its --node-config")
+        else:
+            raise ConfigError(f"unknown run-config key {key!r}")
+    cfg = load_config(None, overrides)
+    try:
+        options = FlowerOptions(
+            round_timeout=float(own["round-timeout"]),
+            node_timeout=float(own["node-timeout"]),
+            save_updates=_flag(own["save-updates"]),
+            labels=[s.strip() for s in str(own["labels"]).split(",") if s.strip()] or None,
+        )
+    except ValueError as e:
+        raise ConfigError(f"run-config: {e}") from None
+    if options.round_timeout <= 0 or options.node_timeout <= 0:
+        raise ConfigError("run-config round-timeout and node-timeout must be > 0 seconds")
+    return cfg, options
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no", ""):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def shared_task(cfg: RunConfig, labels: list[str] | None, with_dev: bool) -> TaskData:
+    """The task as every site sees it: label names (in index order), text columns and the F1 class.
+
+    * ``train`` and ``dev`` in the run-config: files every site can read, as in ``hlora run``;
+    * ``labels`` (with ``text-columns`` and ``label-column``): nodes bring their own files;
+    * otherwise a named task (``mrpc``, ``rte``, ``hf:NAME``).
+
+    ``with_dev`` reads the dev set (the server, which evaluates); a node never needs it.
+    """
+    if labels:
+        if not cfg.text_columns or not cfg.label_column:
+            raise ConfigError("run-config labels needs text-columns and label-column")
+        empty = Examples([], [] if len(cfg.text_columns) == 2 else None, [])
+        f1 = labels.index("1") if sorted(labels) == ["0", "1"] else None
+        task = TaskData(cfg.task, empty, empty, list(labels), f1, list(cfg.text_columns), cfg.label_column)
+        if with_dev and cfg.dev:
+            task.dev = read_split(cfg.dev, task)
+        return task
+    if cfg.train:
+        task = load_task(cfg.task, cfg.train, cfg.dev, cfg.text_columns, cfg.label_column)
+        return classification_only(task)
+    task = classification_only(load_task(cfg.task))
+    if with_dev and cfg.dev:
+        task.dev = read_split(cfg.dev, task)
+    return task
+
+
+def classification_only(task: TaskData) -> TaskData:
+    """The Flower engine trains sequence classifiers; refuse other kinds of task with one line."""
+    kind = getattr(task, "kind", "classify")
+    if kind != "classify":
+        raise ConfigError(f"the Flower engine runs classification tasks; a task of kind {kind!r}: hlora run")
+    return task
+
+
+@dataclass
+class NodeSettings:
+    """One SuperNode's ``--node-config``."""
+
+    rank: int
+    lora_alpha: float
+    data_file: str | None = None
+    partition_id: int | None = None
+    num_partitions: int | None = None
+    model: str | None = None
+    threads: int | None = None
+
+
+NODE_KEYS = ("rank", "lora-alpha", "data-file", "partition-id", "num-partitions", "model", "threads")
+
+
+def node_settings(node_config: Mapping[str, Any], cfg: RunConfig) -> NodeSettings:
+    """Read and check a node's ``--node-config``; a problem is a :class:`NodeConfigError` of one line."""
+    unknown = sorted(set(node_config) - set(NODE_KEYS))
+    if unknown:
+        raise NodeConfigError(f"node-config: unknown key {unknown[0]!r} (known: {', '.join(NODE_KEYS)})")
+    if "rank" not in node_config:
+        raise NodeConfigError("node-config: 'rank' is missing (this site's LoRA rank, e.g. rank=8)")
+    rank = _int(node_config, "rank")
+    if rank < 1:
+        raise NodeConfigError(f"node-config: rank must be at least 1, got {rank}")
+    alpha = float(node_config.get("lora-alpha", cfg.lora_alpha))
+    if alpha <= 0:
+        raise NodeConfigError(f"node-config: lora-alpha must be > 0, got {alpha}")
+    data_file = str(node_config.get("data-file", "")) or None
+    pid = _int(node_config, "partition-id") if "partition-id" in node_config else None
+    parts = _int(node_config, "num-partitions") if "num-partitions" in node_config else None
+    if data_file is None and (pid is None or parts is None):
+        raise NodeConfigError("node-config: give data-file, or partition-id and num-partitions")
+    if data_file is not None and (pid is not None or parts is not None):
+        raise NodeConfigError("node-config: give data-file or partition-id/num-partitions, not both")
+    if parts is not None and not 0 <= (pid or 0) < parts:
+        raise NodeConfigError(f"node-config: partition-id must be in 0..{parts - 1}, got {pid}")
+    threads = _int(node_config, "threads") if "threads" in node_config else None
+    model = str(node_config.get("model", "")) or None
+    return NodeSettings(rank, alpha, data_file, pid, parts, model, threads or None)
+
+
+def _int(node_config: Mapping[str, Any], key: str) -> int:
+    value = node_config[key]
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        return int(value)
+    except (TypeError, ValueError):
+        raise NodeConfigError(f"node-config: {key} must be an integer, got {value!r}") from None
+
+
+def node_examples(node: NodeSettings, cfg: RunConfig, task: TaskData) -> Examples:
+    """This site's training examples: its own file, or its share of the task's training set (the same
+    seeded split as ``hlora run --clients num-partitions --partition ... --seed ...``)."""
+    if node.data_file is not None:
+        path = Path(node.data_file).expanduser()
+        if not path.is_file():
+            raise NodeConfigError(f"node-config: data-file {node.data_file!r} does not exist (or is no file)")
+        try:
+            examples = read_split(path, task)
+        except (DataError, OSError, UnicodeDecodeError) as e:
+            raise NodeConfigError(f"node-config: data-file {node.data_file!r} cannot be read: {e}") from None
+        if not len(examples):
+            raise NodeConfigError(f"node-config: data-file {node.data_file!r} holds no examples")
+        return examples
+    if not len(task.train):
+        raise NodeConfigError(
+            "node-config: partition-id needs a training set in the run-config (a task such as mrpc, or train)"
+        )
+    assert node.partition_id is not None and node.num_partitions is not None
+    if node.num_partitions > len(task.train):
+        raise NodeConfigError(f"node-config: num-partitions {node.num_partitions} exceeds the "
+                              f"{len(task.train)} training examples")
+    parts = partition(task.train.labels, node.num_partitions, cfg.partition, cfg.alpha, cfg.seed)
+    return task.train.subset(parts[node.partition_id])

@@ -1,0 +1,214 @@
+"""hlora on Flower's Deployment Engine, on loopback: a SuperLink and 3 SuperNodes of ranks 2, 4, 8.
+
+Each test starts real ``flower-superlink`` / ``flower-supernode`` processes on 127.0.0.1 with free ports,
+submits the hlora app with ``flwr run``, waits for the run's final status with ``flwr list``, checks the
+outputs against what the in-process code computes from the same inputs, and stops every process it
+started (also Flower's own children), checking that none is left.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from hlora.client import train_client
+from hlora.data import encode, load_task, partition
+from hlora.model import FederatedModel, load_classifier
+from hlora.server import client_seed
+from hlora.strategies import get_strategy
+from tests.flower_cluster import Cluster
+
+RANKS = (2, 4, 8)
+TEXT = ["#1 String", "#2 String"]
+
+
+@pytest.fixture(scope="module")
+def sites(tiny_mrpc, tmp_path_factory) -> dict[int, str]:
+    """Node configs by rank: two nodes take an IID share of the run's training file, the third reads
+    the same share from a data file of its own."""
+    train, _ = tiny_mrpc
+    labels = load_task("mrpc", *tiny_mrpc, TEXT, "Quality").train.labels
+    share = partition(labels, 3, "iid", 0.5, 0)[2]
+    lines = Path(train).read_text(encoding="utf-8").splitlines()
+    own = tmp_path_factory.mktemp("site") / "site-train.tsv"
+    own.write_text("\n".join([lines[0], *(lines[i + 1] for i in share)]) + "\n", encoding="utf-8")
+    return {
+        2: "rank=2 partition-id=0 num-partitions=3 threads=1",
+        4: "rank=4 partition-id=1 num-partitions=3 threads=1",
+        8: f'rank=8 data-file="{own}" threads=1',
+    }
+
+
+def run_config(tiny_model, tiny_mrpc, out: Path, **extra) -> str:
+    train, dev = tiny_mrpc
+    values = {
+        "task": "mrpc", "train": train, "dev": dev, "text-columns": ",".join(TEXT), "label-column": "Quality",
+        "model": tiny_model, "max-length": 48, "clients": 3, "per-round": 3, "rounds": 2, "local-epochs": 1,
+        "batch-size": 8, "partition": "iid", "threads": 1, "out": str(out), "save-updates": True,
+        "round-timeout": 120.0, "node-timeout": 60.0, **extra,
+    }
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+
+
+def start(cluster: Cluster, sites: dict[int, str]) -> Cluster:
+    cluster.start_superlink()
+    for rank, node_config in sites.items():
+        cluster.start_node(f"rank{rank}", node_config)
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, sites):
+    """One insecure SuperLink with 3 SuperNodes, shared by the tests below (the last one kills a node)."""
+    c = Cluster(tmp_path_factory.mktemp("flower"))
+    try:
+        yield start(c, sites)
+    finally:
+        left = c.close()
+    assert not left, f"processes left running: {left}"
+
+
+def client_data(tiny_model, tiny_mrpc, sites) -> dict[int, tuple]:
+    """Each rank's training examples, tokenized in-process (the node reads them itself)."""
+    task = load_task("mrpc", *tiny_mrpc, TEXT, "Quality")
+    _, tok = load_classifier(tiny_model, 2, 0)
+    share = partition(task.train.labels, 3, "iid", 0.5, 0)
+    return {rank: encode(tok, task.train.subset(share[i]), 48) for i, rank in enumerate(sorted(sites))}
+
+
+def check_run(out: Path, tiny_model, tiny_mrpc, sites, rounds: int = 2) -> None:
+    """Outputs written; each round's aggregate equals the in-process strategy on the same updates; each
+    node trained exactly what train_client computes in-process on its payload; the adapter is the model."""
+    flower = json.loads((out / "flower.json").read_text())
+    nodes = {c["client"]: c for c in flower["clients"]}
+    assert sorted(c["rank"] for c in nodes.values()) == list(RANKS) and not flower["left_out"]
+    assert [c["node_id"] for c in flower["clients"]] == sorted(c["node_id"] for c in flower["clients"])
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["client_ranks"] == [nodes[i]["rank"] for i in range(3)] and cfg["clients"] == 3
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(1, rounds + 1))
+    for r in rows:
+        assert r["clients"] == [0, 1, 2] and not r["rejected"] and not r["skipped"]
+        assert r["nodes"] == [nodes[i]["node_id"] for i in range(3)]
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["uplink_bytes"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == rounds and summary["final_accuracy"] == rows[-1]["accuracy"]
+
+    strategy = get_strategy("hlora")
+    data = client_data(tiny_model, tiny_mrpc, sites)
+    model, _ = load_classifier(tiny_model, 2, 0)
+    fm = FederatedModel(model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the nodes (threads=1)
+    previous = None
+    try:
+        for rnd in range(1, rounds + 1):
+            saved = torch.load(out / "updates" / f"round-{rnd}.pt", weights_only=False)
+            before, after, updates = saved["before"], saved["after"], saved["updates"]
+            if previous is not None:  # the rounds chain
+                assert_same_adapter(strategy.global_adapter(before), strategy.global_adapter(previous), 0, 0)
+            previous = after
+            assert [u.client for u in updates] == [0, 1, 2]
+            for spec, u in zip(saved["clients"], updates):
+                draws = torch.Generator().manual_seed(client_seed(0, rnd, spec.id, 1))
+                payload = strategy.dispatch(before, spec, draws)
+                assert all(f.rank == nodes[spec.id]["rank"] for f in u.lora.values())
+                mine = train_client(fm, payload, data[spec.ranks[next(iter(spec.ranks))]],
+                                    list(range(u.num_examples)), client_id=spec.id, epochs=1, lr=3e-4,
+                                    batch_size=8, seed=client_seed(0, rnd, spec.id))
+                assert_same_adapter(u.lora, mine.lora, 1e-5, 1e-6)
+            expected = strategy.aggregate(before, updates)
+            assert_same_adapter(strategy.global_adapter(after), strategy.global_adapter(expected), 1e-6, 1e-7)
+            for name, t in expected.head.items():
+                torch.testing.assert_close(after.head[name], t, rtol=1e-6, atol=1e-7)
+    finally:
+        torch.set_num_threads(threads)
+
+    written = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    final = strategy.global_adapter(previous)
+    for m, f in final.items():
+        B = written[f"base_model.model.{m}.lora_B.weight"]
+        A = written[f"base_model.model.{m}.lora_A.weight"]
+        torch.testing.assert_close(B @ A, f.delta(), rtol=1e-4, atol=1e-6)
+
+
+def assert_same_adapter(a, b, rtol: float, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for m in a:
+        torch.testing.assert_close(a[m].delta(), b[m].delta(), rtol=rtol, atol=atol)
+
+
+def test_three_nodes_two_rounds_match_the_in_process_computation(cluster, tiny_model, tiny_mrpc, sites,
+                                                                   tmp_path):
+    out = tmp_path / "run"
+    run = cluster.wait(cluster.run(run_config(tiny_model, tiny_mrpc, out)), timeout=300)
+    assert run["status"] == "finished:completed", run
+    check_run(out, tiny_model, tiny_mrpc, sites)
+
+
+def test_the_same_with_tls_and_node_authentication(tmp_path, tiny_model, tiny_mrpc, sites):
+    cluster = Cluster(tmp_path / "tls", tls=True, node_auth=True)
+    try:
+        start(cluster, sites)
+        out = tmp_path / "run"
+        run = cluster.wait(cluster.run(run_config(tiny_model, tiny_mrpc, out)), timeout=300)
+        assert run["status"] == "finished:completed", run
+        with socket.create_connection(("127.0.0.1", cluster.port)) as raw:  # the SuperLink speaks TLS
+            context = ssl.create_default_context(cafile=str(cluster.certs["ca"]))
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                assert tls.version().startswith("TLS")
+        listed = cluster.flwr("supernode", "list", "test", "--format", "json")
+        assert listed.returncode == 0 and listed.stdout.count('"node-id"') >= 3, listed.stdout
+        check_run(out, tiny_model, tiny_mrpc, sites)
+    finally:
+        left = cluster.close()
+    assert not left, f"processes left running: {left}"
+
+
+def test_a_bad_run_config_fails_the_run_with_its_reason(cluster, tiny_model, tiny_mrpc, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("")
+    run = cluster.wait(cluster.run(run_config(tiny_model, tiny_mrpc, out)), timeout=120)
+    assert run["status"] == "finished:failed" and "already holds a run" in run["status-details"]
+
+
+def test_a_node_killed_mid_round_is_recorded_and_the_round_completes(cluster, tiny_model, tiny_mrpc,
+                                                                       tmp_path):
+    out = tmp_path / "run"
+    victim = "rank8"
+    run_id = cluster.run(run_config(tiny_model, tiny_mrpc, out, rounds=1, **{"min-clients": 2,
+                                                                             "round-timeout": 45.0}))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # round 1 has begun and the victim is training
+        training = any("flwr-clientapp" in cmd for _, cmd in cluster.descendants(victim))
+        if (out / "flower.json").exists() and training:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the victim never started training; logs in {cluster.root}")
+    cluster.kill(victim)
+    gone = time.monotonic() + 10
+    while cluster.descendants(victim) and time.monotonic() < gone:
+        time.sleep(0.1)
+    assert not cluster.descendants(victim)
+    run = cluster.wait(run_id, timeout=240)
+    assert run["status"] == "finished:completed", run
+    flower = json.loads((out / "flower.json").read_text())
+    dead = next(c for c in flower["clients"] if c["rank"] == 8)
+    [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not row["skipped"] and row["clients"] == [0, 1, 2]
+    assert [(r["client"], r["node_id"]) for r in row["rejected"]] == [(dead["client"], dead["node_id"])]
+    reason = row["rejected"][0]["reason"]  # our deadline, or the SuperLink's missed-heartbeat notice
+    assert "NodeUnavailable" in reason and ("no reply within 45 s" in reason or "Node Unavailable" in reason)
+    saved = torch.load(out / "updates" / "round-1.pt", weights_only=False)
+    assert sorted(u.client for u in saved["updates"]) == sorted({0, 1, 2} - {dead["client"]})
+    assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "summary.json").exists()

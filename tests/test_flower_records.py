@@ -1,0 +1,230 @@
+"""The Flower engine without a network: records on the wire, settings, and the ClientApp in-process."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import tomli
+import torch
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app.message import make_message
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+from hlora.client import train_client
+from hlora.config import ConfigError
+from hlora.data import encode, load_task, partition
+from hlora.engine.flower import client_app
+from hlora.engine.flower.records import (
+    RecordError,
+    TrainSettings,
+    payload_to_record,
+    record_to_payload,
+    record_to_update,
+    update_to_record,
+)
+from hlora.engine.flower.settings import NodeConfigError, node_settings, run_settings
+from hlora.factors import Factor, init_factors
+from hlora.model import FederatedModel, load_classifier
+from hlora.server import client_seed
+from hlora.strategies import ClientSpec, Update, get_strategy
+
+APP = Path(__file__).resolve().parents[1] / "flower-app" / "pyproject.toml"
+SHAPES = {"layer.0.query": (6, 5), "layer.0.value": (6, 5), "layer.1.query": (6, 5)}
+
+
+def wire(content: RecordDict) -> RecordDict:
+    """What the other side gets: the records deflated to bytes, as Flower sends them, and inflated."""
+    objects = {oid: obj.deflate() for oid, obj in get_all_nested_objects(content).items()}
+    return inflate_object_from_contents(content.object_id, objects)
+
+
+def same_adapter(a, b) -> None:
+    assert list(a) == list(b)
+    for m in a:
+        assert torch.equal(a[m].B, b[m].B) and torch.equal(a[m].A, b[m].A) and a[m].scale == b[m].scale
+        assert a[m].B.dtype == b[m].B.dtype
+
+
+def same_info(a, b) -> None:
+    assert type(a) is type(b) or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor))
+    if isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            same_info(a[k], b[k])
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b) and a.dtype == b.dtype
+    else:
+        assert a == b
+
+
+def state_after_one_round(name: str, **options):
+    """A strategy's state after one aggregation, so payloads hold trained values (and FLoRA's frozen part)."""
+    strategy = get_strategy(name, **options)
+    init = init_factors(SHAPES, 4, torch.Generator().manual_seed(0))
+    head = {"classifier.weight": torch.randn(2, 6), "classifier.bias": torch.zeros(2)}
+    state = strategy.init_state(init, head)
+    clients = [ClientSpec(i, dict.fromkeys(SHAPES, r), 8.0, 10 + i) for i, r in enumerate((2, 4, 3))]
+    updates = []
+    for spec in clients:
+        p = strategy.dispatch(state, spec, torch.Generator().manual_seed(spec.id))
+        lora = {m: Factor(f.B + 0.1 * torch.randn_like(f.B), f.A, f.scale) for m, f in p.lora.items()}
+        updates.append(Update(spec.id, lora, p.head, spec.num_examples, dict(p.info), 0.5))
+    return strategy, strategy.aggregate(state, updates), clients
+
+
+@pytest.mark.parametrize("name,options", [
+    ("hlora", {}), ("flexlora", {}), ("hetlora", {"prune": True}), ("ffa", {}), ("flora", {}),
+    ("fedplora", {}),
+])
+def test_payloads_and_updates_cross_the_wire_bit_for_bit(name, options):
+    strategy, state, clients = state_after_one_round(name, **options)
+    for spec in clients:
+        payload = strategy.dispatch(state, spec, torch.Generator().manual_seed(client_seed(0, 2, spec.id, 1)))
+        settings = TrainSettings(spec.id, 2, client_seed(0, 2, spec.id), 2, 3e-4, 16)
+        got, got_settings = record_to_payload(wire(payload_to_record(payload, settings)))
+        assert got_settings == settings
+        same_adapter(got.lora, payload.lora)
+        same_adapter(got.frozen, payload.frozen)
+        assert list(got.head) == list(payload.head)
+        assert all(torch.equal(got.head[k], payload.head[k]) for k in payload.head)
+        assert got.train_A == payload.train_A and got.tail_penalty == payload.tail_penalty
+        same_info(got.info, payload.info)
+        # every client gets factors of its own rank
+        assert all(f.rank == min(spec.ranks[m], 4) for m, f in got.lora.items()) or name == "fedplora"
+
+        update = Update(spec.id, payload.lora, payload.head, 7, dict(payload.info), 0.25)
+        back = record_to_update(wire(update_to_record(update)))
+        same_adapter(back.lora, update.lora)
+        same_info(back.info, update.info)
+        assert (back.client, back.num_examples, back.train_loss) == (spec.id, 7, 0.25)
+
+
+def test_bfloat16_travels_as_float32_and_bad_records_are_refused():
+    f = Factor(torch.ones(3, 2, dtype=torch.bfloat16), torch.ones(2, 4, dtype=torch.bfloat16), 2.0)
+    update = Update(0, {"m": f}, {}, 1)
+    back = record_to_update(wire(update_to_record(update)))
+    assert back.lora["m"].B.dtype == torch.float32 and torch.equal(back.lora["m"].A, torch.ones(2, 4))
+    with pytest.raises(RecordError, match="not a valid hlora update"):
+        record_to_update(RecordDict({"config": ConfigRecord({"client": 1})}))
+
+
+def test_the_flower_app_config_is_a_valid_hlora_run_config():
+    config = tomli.loads(APP.read_text())
+    app = config["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "hlora.engine.flower.server_app:app",
+                                 "clientapp": "hlora.engine.flower.client_app:app"}
+    cfg, options = run_settings(app["config"])
+    assert (cfg.task, cfg.model, cfg.strategy) == ("mrpc", "minilm", "hlora")
+    assert (cfg.clients, cfg.per_round, cfg.partition) == (3, 3, "iid")
+    assert cfg.threads is None and cfg.train is None and options.labels is None and not options.save_updates
+    cfg, options = run_settings({**app["config"], "strategy": "hetlora", "labels": "no,yes",
+                                 "strategy-options": "norm_weights=true prune=1", "save-updates": True,
+                                 "target-modules": "query,key"})
+    assert cfg.strategy_options == {"norm_weights": True, "prune": 1}
+    assert options.labels == ["no", "yes"] and options.save_updates and cfg.target_modules == ["query", "key"]
+
+
+def test_run_config_mistakes_are_named():
+    with pytest.raises(ConfigError, match="unknown run-config key 'roundz'"):
+        run_settings({"roundz": 3})
+    with pytest.raises(ConfigError, match="node-config"):
+        run_settings({"ranks": "2,4"})
+    with pytest.raises(ConfigError, match="per-round"):
+        run_settings({"clients": 2, "per-round": 3})
+
+
+def test_node_config_mistakes_are_one_line():
+    cfg, _ = run_settings({})
+    assert node_settings({"rank": 4, "partition-id": 1, "num-partitions": 3}, cfg).lora_alpha == 16.0
+    cases = [
+        ({"partition-id": 0, "num-partitions": 2}, "'rank' is missing"),
+        ({"rank": "eight", "data-file": "x.tsv"}, "rank must be an integer"),
+        ({"rank": 4}, "give data-file, or partition-id and num-partitions"),
+        ({"rank": 4, "partition-id": 3, "num-partitions": 3}, "partition-id must be in 0..2"),
+        ({"rank": 4, "data_file": "x"}, "unknown key 'data_file'"),
+    ]
+    for node_config, message in cases:
+        with pytest.raises(NodeConfigError, match=message):
+            node_settings(node_config, cfg)
+
+
+def incoming(content: RecordDict, message_type: str) -> Message:
+    """A message as a ClientApp receives it from its SuperNode."""
+    metadata = Metadata(run_id=1, message_id="m1", src_node_id=1, dst_node_id=7, reply_to_message_id="",
+                        group_id="1", created_at=time.time(), ttl=600, message_type=message_type)
+    return make_message(metadata, content)
+
+
+def call_app(node_config: dict, run_config: dict, content: RecordDict, message_type: str) -> Message:
+    ctx = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config)
+    return client_app.app(incoming(content, message_type), ctx)
+
+
+@pytest.fixture
+def tiny_run_config(tiny_model, tiny_mrpc) -> dict:
+    train, dev = tiny_mrpc
+    return {"task": "mrpc", "train": train, "dev": dev, "text-columns": "#1 String,#2 String",
+            "label-column": "Quality", "model": tiny_model, "max-length": 48, "clients": 3, "per-round": 3}
+
+
+def test_client_app_answers_a_query_or_says_what_is_wrong(tiny_run_config, tiny_mrpc, tmp_path):
+    query = RecordDict({"hlora": ConfigRecord({})})
+    reply = call_app({"rank": 4, "partition-id": 1, "num-partitions": 3}, tiny_run_config, query, "query")
+    assert not reply.has_error()
+    labels = load_task("mrpc", *tiny_mrpc, ["#1 String", "#2 String"], "Quality").train.labels
+    n = len(partition(labels, 3, "dirichlet", 0.5, 0)[1])  # hlora run's default split
+    assert dict(reply.content.config_records["site"]) == {"rank": 4, "lora-alpha": 16.0, "num-examples": n,
+                                                          "labels": ["0", "1"]}
+    bad = [
+        ({"partition-id": 1, "num-partitions": 3}, "node-config: 'rank' is missing"),
+        ({"rank": 4, "data-file": str(tmp_path / "nope.tsv")}, "does not exist"),
+        ({"rank": 64, "partition-id": 0, "num-partitions": 3}, "rank 64 is above the width 32"),
+    ]
+    (tmp_path / "bad.tsv").write_text("a\tb\n1\t2\n")
+    bad.append(({"rank": 4, "data-file": str(tmp_path / "bad.tsv")}, "cannot be read"))
+    for node_config, reason in bad:
+        reply = call_app(node_config, tiny_run_config, query, "query")
+        assert reply.has_error() and reason in reply.error.reason and "\n" not in reply.error.reason
+
+
+def test_client_app_trains_exactly_as_the_simulation(tiny_run_config, tiny_model, tiny_mrpc):
+    task = load_task("mrpc", *tiny_mrpc, ["#1 String", "#2 String"], "Quality")
+    model, tok = load_classifier(tiny_model, 2, 0)
+    fm = FederatedModel(model)
+    strategy = get_strategy("hlora")
+    state = strategy.init_state(init_factors(fm.shapes, 8, torch.Generator().manual_seed(0)), fm.head_state())
+    spec = ClientSpec(2, dict.fromkeys(fm.shapes, 8), 16.0, 16)
+    payload = strategy.dispatch(state, spec, torch.Generator().manual_seed(client_seed(0, 1, 2, 1)))
+    settings = TrainSettings(2, 1, client_seed(0, 1, 2), 1, 3e-4, 8)
+    part = partition(task.train.labels, 3, "dirichlet", 0.5, 0)[2]
+    reply = call_app({"rank": 8, "partition-id": 2, "num-partitions": 3}, tiny_run_config,
+                     payload_to_record(payload, settings), "train")
+    assert not reply.has_error(), reply.error
+    got = record_to_update(wire(reply.content))
+    expected = train_client(fm, payload, encode(tok, task.train, 48), part, client_id=2, epochs=1, lr=3e-4,
+                            batch_size=8, seed=settings.seed)
+    assert got.client == 2 and got.num_examples == len(part) == expected.num_examples
+    for m in expected.lora:
+        torch.testing.assert_close(got.lora[m].B, expected.lora[m].B, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.lora[m].A, expected.lora[m].A, rtol=1e-5, atol=1e-6)
+    assert abs(got.train_loss - expected.train_loss) < 1e-5
+
+
+def test_a_round_whose_nodes_are_all_unreachable_is_skipped_not_fatal():
+    from hlora.engine.flower.server_app import GridExecutor, unreachable_round
+    from hlora.engine.flower.transport import NodeUnavailable
+
+    strategy, state, clients = state_after_one_round("hlora")
+    cfg, _ = run_settings({})
+    execute = GridExecutor(None, cfg, {0: 11, 1: 12}, 2, 30.0)
+    execute.pairs = [(s, strategy.dispatch(state, s, torch.Generator().manual_seed(0))) for s in clients[:2]]
+    execute.results = [NodeUnavailable("node 11 is offline"), NodeUnavailable("node 12: no reply within 30 s")]
+    outcome = unreachable_round(strategy, state, execute)
+    assert outcome.skipped and not outcome.accepted and outcome.state.round == state.round + 1
+    assert outcome.state.lora is state.lora
+    assert [r["client"] for r in outcome.rejected] == [0, 1]
+    assert "NodeUnavailable: node 12: no reply within 30 s" in outcome.rejected[1]["reason"]
+    assert outcome.downlink_bytes == sum(strategy.downlink_bytes(state, p) for _, p in execute.pairs) > 0
