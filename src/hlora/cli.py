@@ -92,16 +92,21 @@ class RichReporter:
             console.print(f"{self.prefix}  rejected client {r['client']}: {r['reason']}", highlight=False)
         if row.get("skipped"):
             console.print(f"{self.prefix}  round skipped: too few valid updates (--min-clients)")
+        if "accuracy" in row:
+            score = f"acc {row['accuracy']:.4f}{f1}"
+        else:  # a language model
+            score = f"ppl {row['perplexity']:.2f}" + (f" rouge_l {row['rouge_l']:.3f}" if "rouge_l" in row else "")
         console.print(
-            f"{self.prefix}round {row['round']:>3}/{self.rounds}  acc {row['accuracy']:.4f}{f1}  "
+            f"{self.prefix}round {row['round']:>3}/{self.rounds}  {score}  "
             f"eval_loss {row['eval_loss']:.4f}  train_loss {float('nan') if row['train_loss'] is None else row['train_loss']:.4f}  "
             f"up {row['uplink_bytes'] / 1e6:.2f} MB  down {row['downlink_bytes'] / 1e6:.2f} MB  "
             f"{row['seconds']:.1f}s"
         )
 
     def finish(self, summary: dict[str, Any]) -> None:
+        key = "accuracy" if "final_accuracy" in summary else "eval_loss"
         console.print(
-            f"done: final accuracy {summary['final_accuracy']:.4f}, best {summary['best_accuracy']:.4f} "
+            f"done: final {key.replace('_', ' ')} {summary[f'final_{key}']:.4f}, best {summary[f'best_{key}']:.4f} "
             f"(round {summary['best_round']}), {summary['wall_seconds']:.0f}s"
         )
 
@@ -110,17 +115,31 @@ class RichReporter:
 def run(
     config: Optional[Path] = typer.Argument(None, help="A YAML or JSON config file; options override it."),
     task: Optional[str] = _opt(
-        "task", "GLUE task: mrpc or rte; hf:NAME[:CONFIG] for a Hugging Face dataset; or a name for --train/--dev."
+        "task", "GLUE task: mrpc or rte; instruct (decoder LM on instruction JSONL, with --train/--dev); "
+        "hf:NAME[:CONFIG] for a Hugging Face dataset; or a name for --train/--dev."
     ),
     train: Optional[Path] = _opt("train", "Training file (.tsv, .csv, .jsonl) instead of a GLUE task."),
     dev: Optional[Path] = _opt("dev", "Evaluation file, with the same columns as --train."),
     text_columns: Optional[str] = _opt("text_columns", "Text column(s) of the files: a or a,b (a pair)."),
     label_column: Optional[str] = _opt("label_column", "Label column of the files (strings or integers)."),
     max_length: Optional[int] = _opt("max_length", "Tokens per example (longer ones are truncated)."),
+    prompt_field: Optional[str] = _opt("prompt_field", "Instruction field of --task instruct data (default: instruction)."),
+    input_field: Optional[str] = _opt("input_field", "Optional input field (default: input or context)."),
+    response_field: Optional[str] = _opt("response_field", "Response field (default: output or response)."),
+    category_field: Optional[str] = _opt(
+        "category_field", "Category field: the Dirichlet split is over it (default: category, if present)."
+    ),
+    gen_samples: Optional[int] = _opt("gen_samples", "Dev examples generated greedily each round for ROUGE-L."),
+    max_new_tokens: Optional[int] = _opt("max_new_tokens", "Tokens generated per ROUGE-L example."),
     model: Optional[str] = _opt("model", "Base model: minilm (bundled), or a Hugging Face id or path."),
     target_modules: Optional[str] = _opt("target_modules", "Adapted linear layers, comma-separated names."),
     ranks: Optional[str] = _opt("ranks", "Client LoRA ranks: LOW-HIGH (uniform draw), N, or N,M,... (cyclic)."),
     lora_alpha: Optional[float] = _opt("lora_alpha", "LoRA alpha; a client's scaling is alpha / rank."),
+    dtype: Optional[str] = _opt("dtype", "Base model weights: float32 or bfloat16 (adapters stay float32)."),
+    gradient_checkpointing: Optional[bool] = typer.Option(
+        None, "--gradient-checkpointing",
+        help="Recompute activations in the backward pass (less memory, more compute).", show_default="off",
+    ),
     strategy: Optional[str] = _opt("strategy", f"Aggregation method: {', '.join(names())}."),
     strategy_option: Optional[list[str]] = typer.Option(
         None, "--strategy-option", help="A strategy's option KEY=VALUE, repeatable (e.g. norm_weights=true).",
@@ -129,7 +148,9 @@ def run(
     clients: Optional[int] = _opt("clients", "Number of clients."),
     per_round: Optional[int] = _opt("per_round", "Clients sampled each round (without replacement)."),
     rounds: Optional[int] = _opt("rounds", "Federated rounds."),
-    partition: Optional[str] = _opt("partition", "How training data is split: dirichlet (label skew) or iid."),
+    partition: Optional[str] = _opt(
+        "partition", "How training data is split: dirichlet (label skew; category skew for instruct) or iid."
+    ),
     alpha: Optional[float] = _opt("alpha", "Dirichlet concentration of the label split (smaller: more skew)."),
     min_clients: Optional[int] = _opt("min_clients", "Valid updates a round needs; below it the round is skipped."),
     max_norm_ratio: Optional[float] = _opt(

@@ -28,11 +28,20 @@ class RunConfig:
     text_columns: list[str] | None = None
     label_column: str | None = None
     max_length: int = 128
+    # instruction data (--task instruct): field names (default: Alpaca/Dolly names), generation metric
+    prompt_field: str | None = None
+    input_field: str | None = None
+    response_field: str | None = None
+    category_field: str | None = None
+    gen_samples: int = 16
+    max_new_tokens: int = 64
     # model and adapters
     model: str = "minilm"
     target_modules: list[str] | None = None
     ranks: str = "2-8"
     lora_alpha: float = 16.0
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
     # federation
     strategy: str = "hlora"
     strategy_options: dict[str, Any] = field(default_factory=dict)
@@ -83,6 +92,12 @@ class RunConfig:
             raise ConfigError("--batch-size must be at least 1")
         if self.max_length < 8:
             raise ConfigError(f"--max-length must be at least 8, got {self.max_length}")
+        if self.gen_samples < 0:
+            raise ConfigError(f"--gen-samples must be >= 0, got {self.gen_samples}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         parse_ranks(self.ranks)

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hlora.data import Encoded
+from hlora.data import Encoded, EncodedLM
+from hlora.data.instruct import IGNORE, rouge_l, special_ids
 from hlora.factors import Adapter
 from hlora.model import FederatedModel
 
@@ -56,6 +57,58 @@ def predict_logits(
     return torch.stack(logits)
 
 
+def evaluate_lm(
+    fm: FederatedModel,
+    adapter: Adapter,
+    dev: EncodedLM,
+    batch_size: int,
+    tokenizer,
+    references: list[str],
+    gen_samples: int,
+    max_new_tokens: int,
+) -> dict[str, float]:
+    """Mean cross-entropy per response token on ``dev`` (``eval_loss``), ``perplexity`` = exp(eval_loss),
+    and ``rouge_l``: ROUGE-L F1 of greedy generations for the first ``gen_samples`` dev examples against
+    their references (0 turns generation off)."""
+    fm.install(adapter, fm.head_state())
+    fm.model.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.inference_mode():
+            order = sorted(range(len(dev)), key=dev.lengths.__getitem__)
+            for start in range(0, len(order), batch_size):
+                batch = dev.batch(order[start : start + batch_size])
+                labels = batch.pop("labels")
+                logits = fm.model(**batch).logits.float()
+                target = labels[:, 1:]
+                total += float(F.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
+                    ignore_index=IGNORE, reduction="sum",
+                ))
+                count += int((target != IGNORE).sum())
+            scores = [
+                rouge_l(generate(fm.model, tokenizer, dev.prompt(i), max_new_tokens), references[i])
+                for i in range(min(gen_samples, len(dev)))
+            ]
+    finally:
+        fm.clear()
+    loss = total / max(count, 1)
+    out = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    if scores:
+        out["rouge_l"] = sum(scores) / len(scores)
+    return out
+
+
+def generate(model, tokenizer, prompt: torch.Tensor, max_new_tokens: int) -> str:
+    """Greedy decoding from one prompt, up to EOS or ``max_new_tokens``; the new text only."""
+    eos = special_ids(tokenizer)[1]
+    out = model.generate(
+        input_ids=prompt[None], attention_mask=torch.ones_like(prompt)[None], max_new_tokens=max_new_tokens,
+        do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True).strip()
+
+
 def f1_score(pred: torch.Tensor, labels: torch.Tensor, positive: int) -> float:
     tp = int(((pred == positive) & (labels == positive)).sum())
     fp = int(((pred == positive) & (labels != positive)).sum())
@@ -79,16 +132,22 @@ class MetricsLog:
             fh.write(json.dumps(row) + "\n")
 
     def summary(self, **extra: Any) -> dict[str, Any]:
-        acc = [r["accuracy"] for r in self.rows]
-        best = max(range(len(acc)), key=acc.__getitem__) if acc else None
+        """Final and best value of the main metric (accuracy; eval_loss, lower is better, for an LM)."""
+        key = "eval_loss" if self.rows and "accuracy" not in self.rows[0] else "accuracy"
+        values = [r[key] for r in self.rows]
+        pick = min if key == "eval_loss" else max
+        best = pick(range(len(values)), key=values.__getitem__) if values else None
         out = {
             "rounds": len(self.rows),
-            "final_accuracy": acc[-1] if acc else math.nan,
-            "best_accuracy": acc[best] if acc else math.nan,
-            "best_round": self.rows[best]["round"] if acc else None,
+            f"final_{key}": values[-1] if values else math.nan,
+            f"best_{key}": values[best] if values else math.nan,
+            "best_round": self.rows[best]["round"] if values else None,
             "uplink_bytes": sum(r["uplink_bytes"] for r in self.rows),
             "downlink_bytes": sum(r["downlink_bytes"] for r in self.rows),
         }
+        if self.rows and "rouge_l" in self.rows[-1]:
+            out["final_rouge_l"] = self.rows[-1]["rouge_l"]
+            out["final_perplexity"] = self.rows[-1]["perplexity"]
         if self.rows and "f1" in self.rows[-1]:
             out["final_f1"] = self.rows[-1]["f1"]
             out["best_f1"] = max(r["f1"] for r in self.rows)

@@ -54,7 +54,7 @@ class LoRALinear(nn.Module):
         if trainable is None:
             self.lora_A = self.lora_B = None
         else:
-            dtype = self.base.weight.dtype
+            dtype = lora_dtype(self.base.weight.dtype)
             self.lora_A = nn.Parameter(trainable.A.detach().to(dtype).clone(), requires_grad=train_A)
             self.lora_B = nn.Parameter(trainable.B.detach().to(dtype).clone())
             self.scale = float(trainable.scale)
@@ -67,11 +67,18 @@ class LoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
         if self.lora_A is not None:
-            y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+            xl = x.to(self.lora_A.dtype)  # a bf16 base keeps float32 adapters, as PEFT does
+            y = y + (F.linear(F.linear(xl, self.lora_A), self.lora_B) * self.scale).to(y.dtype)
         if self.frozen is not None:
             f = self.frozen
-            y = y + F.linear(F.linear(x, f.A.to(x.dtype)), f.B.to(x.dtype)) * f.scale
+            xf = x.to(f.A.dtype)
+            y = y + (F.linear(F.linear(xf, f.A), f.B.to(f.A.dtype)) * f.scale).to(y.dtype)
         return y
+
+
+def lora_dtype(base: torch.dtype) -> torch.dtype:
+    """Adapters train in float32 over a half-precision base (bf16 gradients of small factors are too coarse)."""
+    return torch.float32 if base in (torch.bfloat16, torch.float16) else base
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -90,7 +97,40 @@ def load_classifier(name_or_path: str, num_labels: int, seed: int):
 
     The head is freshly initialised (seeded) when the checkpoint has none.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
+
+    return _load(AutoModelForSequenceClassification, name_or_path, seed, num_labels=num_labels)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def load_causal_lm(name_or_path: str, seed: int, dtype: str = "float32", gradient_checkpointing: bool = False):
+    """Load a decoder LM (``AutoModelForCausalLM``) and its tokenizer; the base in ``dtype``.
+
+    The LM head is not trained (LoRA only). ``gradient_checkpointing`` recomputes activations in the
+    backward pass (less memory, about a third more compute).
+    """
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ModelError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    model, tokenizer = _load(AutoModelForCausalLM, name_or_path, seed, dtype=DTYPES[dtype])
+    if tokenizer.pad_token_id is None:
+        from hlora.data.instruct import special_ids
+
+        tokenizer.pad_token_id = special_ids(tokenizer)[1]
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
+
+
+def _load(auto_class, name_or_path: str, seed: int, **kwargs):
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(name_or_path)
@@ -103,7 +143,7 @@ def load_classifier(name_or_path: str, num_labels: int, seed: int):
     try:
         torch.manual_seed(seed)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        model = auto_class.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot load model {name_or_path!r}: {first}") from e

@@ -7,12 +7,17 @@ from pathlib import Path
 from hlora.data.examples import DataError, Encoded, Examples, TaskData, encode
 from hlora.data.files import read_rows
 from hlora.data.glue import GLUE
+from hlora.data.instruct import EncodedLM, Fields, InstructExamples, encode_instruct, read_instruct
 from hlora.data.partition import partition
 
 __all__ = [
     "DataError",
     "Encoded",
     "Examples",
+    "EncodedLM",
+    "Fields",
+    "InstructExamples",
+    "encode_instruct",
     "TaskData",
     "encode",
     "load_task",
@@ -22,6 +27,7 @@ __all__ = [
 ]
 
 TASKS = sorted(GLUE)
+INSTRUCT = "instruct"
 
 
 def load_task(
@@ -30,13 +36,21 @@ def load_task(
     dev: str | Path | None = None,
     text_columns: list[str] | None = None,
     label_column: str | None = None,
+    fields: Fields | None = None,
 ) -> TaskData:
     """A GLUE task by name (``mrpc``, ``rte``), or local files given by ``train`` and ``dev``.
 
     Files need ``text_columns`` (one, or two for a sentence pair) and ``label_column``; labels may be
     strings or integers. The label set is taken from the training file, sorted. ``hf:NAME[:CONFIG]``
     loads a Hugging Face dataset (train and validation splits), with the same column options.
+    ``instruct``: instruction JSONL files (``train``, ``dev``) for a decoder LM, fields per ``fields``.
     """
+    if task == INSTRUCT:
+        if train is None or dev is None:
+            raise DataError("--task instruct needs --train and --dev JSONL files")
+        train_ex, categories = read_instruct(train, fields or Fields())
+        dev_ex, _ = read_instruct(dev, fields or Fields())  # its categories do not matter
+        return TaskData(INSTRUCT, train_ex, dev_ex, categories, kind=INSTRUCT)
     if train is not None or dev is not None:
         if train is None or dev is None:
             raise DataError("--train and --dev go together: give both files")
@@ -51,7 +65,8 @@ def load_task(
         return load_hub_task(task[3:], text_columns, label_column)
     if task is None or task.lower() not in GLUE:
         raise DataError(
-            f"unknown task {task!r}; choose one of: {', '.join(TASKS)}, hf:NAME[:CONFIG], or give --train/--dev files"
+            f"unknown task {task!r}; choose one of: {', '.join(TASKS)}, instruct, hf:NAME[:CONFIG], "
+            "or give --train/--dev files"
         )
     g = GLUE[task.lower()]
     return _from_files(

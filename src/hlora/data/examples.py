@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,17 +35,22 @@ class Examples:
 
 @dataclass
 class TaskData:
-    """A task's train and dev splits and what its labels mean."""
+    """A task's train and dev splits and what its labels mean.
+
+    ``kind`` is ``classify`` (sentence or pair -> label, an encoder with a classification head) or
+    ``instruct`` (prompt -> response, a decoder LM; ``label_names`` are then the categories).
+    """
 
     name: str
-    train: Examples
-    dev: Examples
+    train: Any
+    dev: Any
     label_names: list[str]
     #: the label whose F1 is reported (the positive class), or None
     f1_label: int | None = None
     #: the file columns the examples were read from
     text_columns: list[str] | None = None
     label_column: str | None = None
+    kind: str = "classify"
 
     @property
     def num_labels(self) -> int:
@@ -69,21 +75,22 @@ class Encoded:
 
     def batch(self, indices: list[int] | Tensor) -> dict[str, Tensor]:
         idx = [int(i) for i in indices]
-        ids = [self.input_ids[i] for i in idx]
-        n, width = len(ids), max(len(t) for t in ids)
-        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for row, t in enumerate(ids):
-            input_ids[row, : len(t)] = t
-            mask[row, : len(t)] = 1
+        input_ids, mask = pad_rows([self.input_ids[i] for i in idx], self.pad_id)
         out = {"input_ids": input_ids, "attention_mask": mask, "labels": self.labels[idx]}
         if self.token_type_ids is not None:
-            types = torch.zeros((n, width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                t = self.token_type_ids[i]
-                types[row, : len(t)] = t
-            out["token_type_ids"] = types
+            out["token_type_ids"] = pad_rows([self.token_type_ids[i] for i in idx], 0)[0]
         return out
+
+
+def pad_rows(rows: list[Tensor], value: int) -> tuple[Tensor, Tensor]:
+    """Right-pad 1-d integer tensors with ``value`` into a matrix; also the 0/1 mask of real positions."""
+    width = max(len(t) for t in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, t in enumerate(rows):
+        out[row, : len(t)] = t
+        mask[row, : len(t)] = 1
+    return out, mask
 
 
 def encode(tokenizer, examples: Examples, max_length: int) -> Encoded:

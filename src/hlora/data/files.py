@@ -55,7 +55,8 @@ def read_rows(path: str | Path, text_columns: list[str], label_column: str) -> l
     return rows
 
 
-def _read_jsonl(path: Path, text_columns: list[str], label_column: str) -> list[tuple[int, Row]]:
+def read_json_objects(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; a bad line is named."""
     rows = []
     with path.open(encoding="utf-8-sig") as fh:
         for line, raw in enumerate(fh, start=1):
@@ -67,10 +68,17 @@ def _read_jsonl(path: Path, text_columns: list[str], label_column: str) -> list[
                 raise DataError(f"{path} line {line}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path} line {line}: expected a JSON object")
-            missing = [c for c in text_columns + [label_column] if c not in obj]
-            if missing:
-                raise DataError(f"{path} line {line}: no field {', '.join(map(repr, missing))}")
-            rows.append((line, ([str(obj[c]) for c in text_columns], str(obj[label_column]).strip())))
+            rows.append((line, obj))
     if not rows:
         raise DataError(f"{path}: no examples")
+    return rows
+
+
+def _read_jsonl(path: Path, text_columns: list[str], label_column: str) -> list[tuple[int, Row]]:
+    rows = []
+    for line, obj in read_json_objects(path):
+        missing = [c for c in text_columns + [label_column] if c not in obj]
+        if missing:
+            raise DataError(f"{path} line {line}: no field {', '.join(map(repr, missing))}")
+        rows.append((line, ([str(obj[c]) for c in text_columns], str(obj[label_column]).strip())))
     return rows

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +33,20 @@ def round_row(
     clients: list[int],
     ranks: list[int],
     started: float,
+    evaluate_fn: Callable[[Any, dict[str, Any]], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate the round's global model on ``dev`` and build its ``metrics.jsonl`` row.
 
     ``clients`` and ``ranks`` are the round's sampled client ids and their ranks; ``started`` is the
     ``time.perf_counter()`` at the start of the round. Without a dev set, accuracy and loss are NaN.
+    ``evaluate_fn(adapter, head)``, when given, scores the global model instead (e.g. an LM's loss).
     """
     state = outcome.state
     t_eval = time.perf_counter()
     adapter = strategy.global_adapter(state)
-    if dev is not None:
+    if evaluate_fn is not None:
+        scores = evaluate_fn(adapter, state.head)
+    elif dev is not None:
         scores = evaluate(fm, adapter, state.head, dev, eval_batch_size, f1_label)
     else:
         scores = {"accuracy": math.nan, "eval_loss": math.nan}
@@ -76,10 +81,12 @@ def finish_run(
     task: str,
     strategy_name: str,
     wall_seconds: float,
+    task_type: str = "SEQ_CLS",
 ) -> dict[str, Any]:
-    """Write the final global model as a PEFT adapter (``out/adapter``) and ``summary.json``."""
+    """Write the final global model as a PEFT adapter (``out/adapter``; PEFT ``task_type`` SEQ_CLS or
+    CAUSAL_LM) and ``summary.json``."""
     adapter, _ = truncated(adapter_svd(strategy.global_adapter(state)), None)
-    save_peft_adapter(out / "adapter", adapter, state.head, resolve_model_path(model))
+    save_peft_adapter(out / "adapter", adapter, state.head, resolve_model_path(model), task_type)
     return log.summary(
         task=task, strategy=strategy_name, wall_seconds=wall_seconds,
         adapter_rank=max(f.rank for f in adapter.values()),

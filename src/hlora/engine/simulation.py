@@ -19,12 +19,12 @@ import torch
 from hlora.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from hlora.client import train_client
 from hlora.config import ConfigError, RunConfig, draw_ranks, load_config
-from hlora.data import Encoded, TaskData, encode, load_task, partition
-from hlora.factors import init_factors
+from hlora.data import Encoded, EncodedLM, Fields, TaskData, encode, encode_instruct, load_task, partition
 from hlora.engine.outputs import finish_run, round_row
-from hlora.metrics import MetricsLog
+from hlora.factors import init_factors
+from hlora.metrics import MetricsLog, evaluate, evaluate_lm
+from hlora.model import DEFAULT_MODEL, FederatedModel, ModelError, load_causal_lm, load_classifier
 from hlora.server import client_seed, server_round
-from hlora.model import FederatedModel, load_classifier
 from hlora.strategies import ClientSpec, GlobalState, Strategy, Update, get_strategy
 
 
@@ -52,11 +52,12 @@ class Experiment:
     cfg: RunConfig
     task: TaskData
     fm: FederatedModel
-    train: Encoded
-    dev: Encoded
+    train: Encoded | EncodedLM
+    dev: Encoded | EncodedLM
     parts: list[list[int]]
     clients: list[ClientSpec]
     strategy: Strategy
+    tokenizer: Any = None
 
     @property
     def max_rank(self) -> int:
@@ -65,6 +66,17 @@ class Experiment:
     def initial_state(self) -> GlobalState:
         init = init_factors(self.fm.shapes, self.max_rank, torch.Generator().manual_seed(self.cfg.seed))
         return self.strategy.init_state(init, self.fm.head_state())
+
+    def evaluate(self, adapter, head: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The global model W0 + adapter on the dev set: accuracy (and F1), or for an LM the eval loss,
+        perplexity and ROUGE-L."""
+        cfg = self.cfg
+        if self.task.kind == "instruct":
+            return evaluate_lm(
+                self.fm, adapter, self.dev, cfg.eval_batch_size, self.tokenizer, self.task.dev.responses,
+                cfg.gen_samples, cfg.max_new_tokens,
+            )
+        return evaluate(self.fm, adapter, head, self.dev, cfg.eval_batch_size, self.task.f1_label)
 
 
 def default_out(cfg: RunConfig) -> Path:
@@ -80,10 +92,16 @@ def setup(cfg: RunConfig) -> Experiment:
     else:  # record it: float reductions, hence exact resumes, depend on the thread count
         cfg.threads = torch.get_num_threads()
     strategy = get_strategy(cfg.strategy, **cfg.strategy_options)
-    task = load_task(cfg.task, cfg.train, cfg.dev, cfg.text_columns, cfg.label_column)
+    fields = Fields(cfg.prompt_field, cfg.input_field, cfg.response_field, cfg.category_field)
+    task = load_task(cfg.task, cfg.train, cfg.dev, cfg.text_columns, cfg.label_column, fields)
     if cfg.clients > len(task.train):
         raise ConfigError(f"--clients {cfg.clients} exceeds the {len(task.train)} training examples")
-    model, tokenizer = load_classifier(cfg.model, task.num_labels, cfg.seed)
+    if task.kind == "instruct":
+        if cfg.model == DEFAULT_MODEL:
+            raise ModelError("--task instruct needs a decoder language model: give --model PATH_OR_ID")
+        model, tokenizer = load_causal_lm(cfg.model, cfg.seed, cfg.dtype, cfg.gradient_checkpointing)
+    else:
+        model, tokenizer = load_classifier(cfg.model, task.num_labels, cfg.seed)
     fm = FederatedModel(model, cfg.target_modules)
     parts = partition(task.train.labels, cfg.clients, cfg.partition, cfg.alpha, cfg.seed)
     ranks = draw_ranks(cfg.ranks, cfg.clients, cfg.seed)
@@ -97,9 +115,10 @@ def setup(cfg: RunConfig) -> Experiment:
         ClientSpec(i, dict.fromkeys(fm.shapes, r), cfg.lora_alpha, len(parts[i])) for i, r in enumerate(ranks)
     ]
     strategy.check(clients)
-    train = encode(tokenizer, task.train, cfg.max_length)
-    dev = encode(tokenizer, task.dev, cfg.max_length)
-    return Experiment(cfg, task, fm, train, dev, parts, clients, strategy)
+    tokenize = encode_instruct if task.kind == "instruct" else encode
+    train = tokenize(tokenizer, task.train, cfg.max_length)
+    dev = tokenize(tokenizer, task.dev, cfg.max_length)
+    return Experiment(cfg, task, fm, train, dev, parts, clients, strategy, tokenizer)
 
 
 def prepare_out(out: Path) -> Path:
@@ -196,6 +215,7 @@ def _rounds(
             rnd, outcome, strategy=strategy, fm=fm, dev=exp.dev, f1_label=exp.task.f1_label,
             eval_batch_size=cfg.eval_batch_size, client_ranks=cfg.client_ranks, clients=sampled,
             ranks=[spec.ranks[next(iter(spec.ranks))] for spec, _ in jobs], started=t0,
+            evaluate_fn=exp.evaluate,
         )
         log.append(row)
         save_checkpoint(
@@ -207,6 +227,7 @@ def _rounds(
     summary = finish_run(
         out, strategy, state, log, model=cfg.model, task=exp.task.name, strategy_name=cfg.strategy,
         wall_seconds=wall_before + time.perf_counter() - t_run,
+        task_type="CAUSAL_LM" if exp.task.kind == "instruct" else "SEQ_CLS",
     )
     reporter.finish(summary)
     return RunResult(out, summary, log.rows)
