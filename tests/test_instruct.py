@@ -163,3 +163,14 @@ def test_instruct_errors_are_one_line(tiny_decoder, tmp_path, capsys):
     assert code == 2 and "needs a decoder language model" in err
     code, err = run_cli(["run", "--task", "instruct", "--model", model, "--out", str(tmp_path / "b")], capsys)
     assert code == 2 and "--task instruct needs --train and --dev" in err
+
+
+def test_eval_predict_export_of_an_lm_run(learned, tmp_path, capsys):
+    from tests.test_cli import run_cli
+
+    code, text = run_cli(["eval", str(learned.out)], capsys)
+    assert code in (None, 0) and f"eval_loss {learned.rows[-1]['eval_loss']:.4f}" in text
+    code, text = run_cli(["predict", str(learned.out), "Give the opposite of the word.", "hot"], capsys)
+    assert code in (None, 0) and text.count("\n") == 1  # one greedy response (may be empty this early)
+    code, _ = run_cli(["export", str(learned.out), "--rank", "1", "--out", str(tmp_path / "r1")], capsys)
+    assert json.loads((tmp_path / "r1" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"

@@ -298,12 +298,11 @@ def eval_(
     dev: Optional[list[Path]] = typer.Option(None, help="More evaluation files with the run's columns (its dev set is always evaluated)."),
 ) -> None:
     """Evaluate a run's global model on its dev set or other files."""
-    from hlora.data import read_split
     from hlora.inference import Predictor, load_run
 
     p = Predictor(load_run(run_dir), rank)
     console.print(f"rank {rank or 'full'}: keeps {100 * p.energy:.2f}% of the update's energy")
-    targets = [(f"{p.task.name} dev", None)] + [(str(f), read_split(f, p.task)) for f in dev or []]
+    targets = [(f"{p.task.name} dev", None)] + [(str(f), p.read(f)) for f in dev or []]
     for name, examples in targets:
         scores = p.evaluate(examples)
         console.print(f"{name}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()), highlight=False)
@@ -312,14 +311,17 @@ def eval_(
 @app.command()
 def predict(
     run_dir: Path = typer.Argument(..., metavar="RUN", help="A run directory."),
-    text: str = typer.Argument(..., help="The sentence (or the first of a pair)."),
-    second: Optional[str] = typer.Argument(None, help="The second sentence of a pair."),
+    text: str = typer.Argument(..., help="The sentence (or the first of a pair); an instruction for an LM run."),
+    second: Optional[str] = typer.Argument(None, help="The second sentence of a pair; an LM run: the input."),
     rank: Optional[int] = typer.Option(None, help="Use the best rank-r truncation (default: full)."),
 ) -> None:
-    """Classify one sentence or sentence pair with a run's global model."""
+    """Classify one sentence or sentence pair with a run's global model (an LM run: respond to an instruction)."""
     from hlora.inference import Predictor, load_run
 
     p = Predictor(load_run(run_dir), rank)
+    if p.run.is_lm:
+        print(p.respond(text, second))
+        return
     label, probs = p.predict(text, second)
     detail = ", ".join(f"{n} {q:.3f}" for n, q in zip(p.task.label_names, probs))
     print(f"{label}\t({detail})")

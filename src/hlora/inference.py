@@ -9,12 +9,13 @@ import torch
 
 from hlora.checkpoint import CHECKPOINT, load_checkpoint
 from hlora.config import ConfigError, RunConfig, load_config
-from hlora.data import encode, load_task
+from hlora.data import Fields, encode, encode_instruct, load_task
 from hlora.data.examples import Examples
+from hlora.data.instruct import format_prompt, read_instruct
 from hlora.export import adapter_svd, save_peft_adapter, truncated
 from hlora.factors import Adapter
-from hlora.metrics import evaluate, predict_logits
-from hlora.model import FederatedModel, load_classifier, resolve_model_path
+from hlora.metrics import evaluate, evaluate_lm, generate, predict_logits
+from hlora.model import FederatedModel, load_causal_lm, load_classifier, resolve_model_path
 from hlora.strategies import get_strategy
 
 
@@ -26,6 +27,10 @@ class TrainedRun:
     adapter: Adapter
     head: dict[str, torch.Tensor]
     round: int
+
+    @property
+    def is_lm(self) -> bool:
+        return self.cfg.task == "instruct"
 
     def truncated(self, rank: int | None) -> tuple[Adapter, float]:
         """The best rank-``rank`` truncation of every module's update (None: all of it), energy kept."""
@@ -47,7 +52,8 @@ def load_run(run_dir: str | Path) -> TrainedRun:
 def export_run(run: TrainedRun, rank: int | None, out: Path) -> float:
     """Write the (rank-truncated) global model as a PEFT adapter; return the energy fraction kept."""
     adapter, kept = run.truncated(rank)
-    save_peft_adapter(out, adapter, run.head, resolve_model_path(run.cfg.model))
+    task_type = "CAUSAL_LM" if run.is_lm else "SEQ_CLS"
+    save_peft_adapter(out, adapter, run.head, resolve_model_path(run.cfg.model), task_type)
     return kept
 
 
@@ -56,14 +62,32 @@ class Predictor:
 
     def __init__(self, run: TrainedRun, rank: int | None = None) -> None:
         self.run = run
-        self.task = load_task(run.cfg.task, run.cfg.train, run.cfg.dev, run.cfg.text_columns, run.cfg.label_column)
-        model, self.tokenizer = load_classifier(run.cfg.model, self.task.num_labels, run.cfg.seed)
-        self.fm = FederatedModel(model, run.cfg.target_modules)
+        cfg = run.cfg
+        self.task = load_task(cfg.task, cfg.train, cfg.dev, cfg.text_columns, cfg.label_column, Fields.of(cfg))
+        if run.is_lm:
+            model, self.tokenizer = load_causal_lm(cfg.model, cfg.seed, cfg.dtype)
+        else:
+            model, self.tokenizer = load_classifier(cfg.model, self.task.num_labels, cfg.seed)
+        self.fm = FederatedModel(model, cfg.target_modules)
         self.adapter, self.energy = run.truncated(rank)
 
-    def evaluate(self, examples: Examples | None = None) -> dict[str, float]:
-        data = encode(self.tokenizer, examples or self.task.dev, self.run.cfg.max_length)
-        return evaluate(self.fm, self.adapter, self.run.head, data, self.run.cfg.eval_batch_size, self.task.f1_label)
+    def read(self, path: str | Path):
+        """Another evaluation file with the run's columns (or instruction fields)."""
+        if self.run.is_lm:
+            return read_instruct(path, Fields.of(self.run.cfg))[0]
+        from hlora.data import read_split
+
+        return read_split(path, self.task)
+
+    def evaluate(self, examples=None) -> dict[str, float]:
+        cfg = self.run.cfg
+        examples = examples or self.task.dev
+        if self.run.is_lm:
+            data = encode_instruct(self.tokenizer, examples, cfg.max_length)
+            return evaluate_lm(self.fm, self.adapter, data, cfg.eval_batch_size, self.tokenizer, examples.responses,
+                               cfg.gen_samples, cfg.max_new_tokens)
+        data = encode(self.tokenizer, examples, cfg.max_length)
+        return evaluate(self.fm, self.adapter, self.run.head, data, cfg.eval_batch_size, self.task.f1_label)
 
     def predict(self, text_a: str, text_b: str | None = None) -> tuple[str, list[float]]:
         pair = self.task.train.text_b is not None
@@ -74,3 +98,18 @@ class Predictor:
         data = encode(self.tokenizer, Examples([text_a], [text_b] if pair else None, [0]), self.run.cfg.max_length)
         probs = predict_logits(self.fm, self.adapter, self.run.head, data, 1).softmax(-1)[0]
         return self.task.label_names[int(probs.argmax())], probs.tolist()
+
+    def respond(self, instruction: str, input: str | None = None) -> str:
+        """The global LM's greedy response to an instruction (and optional input), in the run's template."""
+        prompt = format_prompt(instruction, input or "")
+        ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        bos = self.tokenizer.bos_token_id
+        if bos is not None:
+            ids = torch.cat([torch.tensor([bos]), ids])
+        self.fm.install(self.adapter, {})
+        self.fm.model.eval()
+        try:
+            with torch.inference_mode():
+                return generate(self.fm.model, self.tokenizer, ids, self.run.cfg.max_new_tokens)
+        finally:
+            self.fm.clear()

@@ -68,6 +68,11 @@ class Fields:
     response: str | None = None
     category: str | None = None
 
+    @classmethod
+    def of(cls, cfg) -> Fields:
+        """The field options of a run config (``prompt_field``, ``input_field``, ...)."""
+        return cls(cfg.prompt_field, cfg.input_field, cfg.response_field, cfg.category_field)
+
 
 def read_instruct(path: str | Path, fields: Fields, category_names: list[str] | None = None
                   ) -> tuple[InstructExamples, list[str]]:

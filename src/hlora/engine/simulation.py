@@ -92,8 +92,7 @@ def setup(cfg: RunConfig) -> Experiment:
     else:  # record it: float reductions, hence exact resumes, depend on the thread count
         cfg.threads = torch.get_num_threads()
     strategy = get_strategy(cfg.strategy, **cfg.strategy_options)
-    fields = Fields(cfg.prompt_field, cfg.input_field, cfg.response_field, cfg.category_field)
-    task = load_task(cfg.task, cfg.train, cfg.dev, cfg.text_columns, cfg.label_column, fields)
+    task = load_task(cfg.task, cfg.train, cfg.dev, cfg.text_columns, cfg.label_column, Fields.of(cfg))
     if cfg.clients > len(task.train):
         raise ConfigError(f"--clients {cfg.clients} exceeds the {len(task.train)} training examples")
     if task.kind == "instruct":
