@@ -4,6 +4,8 @@
 # partition of MRPC train with ranks 2, 4, 8. The same run in the embedded simulation:
 #   hlora run --clients 3 --per-round 3 --rounds 5 --ranks 2,4,8 --partition iid --out OUT
 # Usage: benchmarks/flower_mrpc.sh OUT_DIR   (needs pip install "hlora[flower]")
+# ROUNDS=1 LOCAL_EPOCHS=1 benchmarks/flower_mrpc.sh OUT_DIR: a shorter run (the simulation's
+# --rounds/--local-epochs to compare with).
 set -euo pipefail
 OUT=$(realpath -m "${1:?usage: $0 OUT_DIR}")
 APP=$(cd "$(dirname "$0")/../flower-app" && pwd)
@@ -12,6 +14,8 @@ export FLWR_HOME="$WORK/flwr-home" FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_
        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 mkdir -p "$FLWR_HOME"
 PORT=${PORT:-19193}
+ROUNDS=${ROUNDS:-5}
+LOCAL_EPOCHS=${LOCAL_EPOCHS:-2}
 printf '[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:%s"\ninsecure = true\n' \
   "$PORT" > "$FLWR_HOME/config.toml"
 
@@ -37,13 +41,13 @@ done
 
 start=$(date +%s.%N)
 RUN_ID=$(flwr run "$APP" bench --format json \
-  --run-config "task=\"mrpc\" clients=3 per-round=3 rounds=5 partition=\"iid\" out=\"$OUT\"" |
+  --run-config "task=\"mrpc\" clients=3 per-round=3 rounds=$ROUNDS local-epochs=$LOCAL_EPOCHS partition=\"iid\" round-timeout=36000.0 out=\"$OUT\"" |
   python -c 'import json, sys; print(json.load(sys.stdin)["run-id"])')
 while :; do
   STATUS=$(flwr list bench --run-id "$RUN_ID" --format json |
     python -c 'import json, sys; print(json.load(sys.stdin)["runs"][0]["status"])')
   [[ $STATUS == finished* ]] && break
-  sleep 5
+  sleep 20  # each `flwr list` costs about a second of CPU
 done
 end=$(date +%s.%N)
 echo "status $STATUS; wall $(python -c "print(round($end - $start, 1))") s from flwr run to finished"
