@@ -1,17 +1,28 @@
 """Server aggregation at LLM scale: one round of 20 clients, ranks 2..8, every strategy.
 
-    python benchmarks/aggregate.py [--model llama7b|roberta-large] [--dense-layers 1] [--out FILE.json]
+    python benchmarks/aggregate.py [--model llama7b|roberta-large] [--threads N] [--dense-layers 1]
+                                   [--strategies hlora,flexlora,...] [--repeats 3] [--out FILE.json]
 
-Each strategy runs in a fresh subprocess so that its peak resident memory is its own. For the SVD-based
-methods the same round is also computed the way FlexLoRA's public code does it (form the dense d x k
-sum, full SVD) on ``--dense-layers`` layers, with the largest difference between the two results; the
-dense time for the whole model is that measurement scaled by the number of layers (said so in the output).
+Each strategy runs in a fresh subprocess so that its peak resident memory is its own: ``inputs RSS`` is
+the peak after building the 20 clients' factors (what the server must hold anyway), ``peak RSS`` the peak
+after aggregating. Seconds are wall time and CPU time (user + system of the process; on a shared machine
+the CPU time is the steadier of the two).
+
+``--repeats``: the HLoRA round is also timed the way it was computed before the Gram route (QR of the
+stacked factors, hlora 0.x at commit becb146: ``v0`` below), alternating the two per module so that the
+load of a shared machine hits both alike; reported are the totals of each and the largest difference.
+
+For the SVD-based methods the same round is also computed the way FlexLoRA's public code does it (form
+the dense d x k sum, full SVD) on ``--dense-layers`` layers, with the largest difference between the two
+results; the dense time for the whole model is that measurement scaled by the number of layers (said
+so in the output).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -32,23 +43,31 @@ SHAPES = {
 STRATEGIES = ["hlora", "flexlora", "hetlora", "fedit", "flora", "ffa", "fedplora"]
 
 
-def round_inputs(model: str, layers: int | None = None, seed: int = 0):
-    """The shapes, 20 clients' ranks (2..8; all 8 for fedit) and their trained factors."""
-    from hlora.factors import Factor
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+
+def cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def round_inputs(model: str, layers: int | None = None, seed: int = 0):
+    """The module shapes, 20 clients' ranks (2..8) and a generator."""
     n_layers, per_layer = SHAPES[model]
     n_layers = layers or n_layers
     shapes = {f"layers.{i}.{name}": s for i in range(n_layers) for name, s in per_layer.items()}
     g = torch.Generator().manual_seed(seed)
     ranks = torch.randint(2, 9, (20,), generator=g).tolist()
-    return shapes, ranks, g, Factor
+    return shapes, ranks, g
 
 
-def run_one(model: str, name: str) -> dict:
+def client_updates(model: str, name: str):
+    """One round of trained updates: each client starts from its dispatched payload, factors + noise."""
     from hlora.factors import Factor, init_factors
     from hlora.strategies import ClientSpec, Update, get_strategy
 
-    shapes, ranks, g, _ = round_inputs(model)
+    shapes, ranks, g = round_inputs(model)
     if name == "fedit":
         ranks = [8] * 20
     strategy = get_strategy(name)
@@ -58,14 +77,66 @@ def run_one(model: str, name: str) -> dict:
     updates = []
     for c in clients:
         pl = strategy.dispatch(state, c, torch.Generator().manual_seed(c.id))
-        lora = {m: Factor(f.B + 0.01 * torch.randn(f.B.shape, generator=g), f.A + 0.01 * torch.randn(f.A.shape, generator=g),
-                          f.scale) for m, f in pl.lora.items()}
+        lora = {m: Factor(f.B + 0.01 * torch.randn(f.B.shape, generator=g),
+                          f.A + 0.01 * torch.randn(f.A.shape, generator=g), f.scale) for m, f in pl.lora.items()}
         updates.append(Update(c.id, lora, {"head": torch.ones(2, 16)}, c.num_examples, dict(pl.info)))
-    t0 = time.perf_counter()
+    return strategy, state, updates, shapes
+
+
+def run_one(model: str, name: str) -> dict:
+    strategy, state, updates, shapes = client_updates(model, name)
+    inputs_mb = peak_mb()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     strategy.aggregate(state, updates)
-    seconds = time.perf_counter() - t0
-    return {"strategy": name, "seconds": seconds, "modules": len(shapes),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"strategy": name, "seconds": time.perf_counter() - t0, "cpu_seconds": cpu_seconds() - c0,
+            "modules": len(shapes), "inputs_rss_mb": inputs_mb, "peak_rss_mb": peak_mb()}
+
+
+def factored_svd_v0(Bs, As, weights):
+    """The factored SVD as hlora computed it before the Gram route (commit becb146): QR of both sides."""
+    from hlora.linalg import SVD
+
+    dtype = Bs[0].dtype
+    P = torch.cat([w * B.double() for B, w in zip(Bs, weights)], dim=1)
+    Q = torch.cat([A.double() for A in As], dim=0)
+    Qp, Rp = torch.linalg.qr(P, mode="reduced")
+    Qq, Rq = torch.linalg.qr(Q.T, mode="reduced")
+    Uc, S, Vct = torch.linalg.svd(Rp @ Rq.T, full_matrices=False)
+    U, Vt = Qp @ Uc, Vct @ Qq.T
+    keep_n = int((S > 0).sum())
+    return SVD(U[:, :keep_n].to(dtype), S[:keep_n].to(dtype), Vt[:keep_n].to(dtype))
+
+
+def before_after(model: str, repeats: int) -> dict:
+    """HLoRA's whole round, per module v0 (QR) and now (Gram) alternated; ``repeats`` passes."""
+    from hlora.linalg import factored_svd
+    from hlora.strategies.base import round_weights
+
+    _, _, updates, shapes = client_updates(model, "hlora")
+    p = round_weights(updates)
+    arms = {"v0 (QR, becb146)": factored_svd_v0, "now (Gram)": factored_svd}
+    totals = {a: [] for a in arms}
+    worst = 0.0
+    for rep in range(repeats):
+        secs = dict.fromkeys(arms, 0.0)
+        for i, m in enumerate(shapes):
+            fs = [u.lora[m] for u in updates]
+            args = ([f.B for f in fs], [f.A for f in fs], [w * f.scale for f, w in zip(fs, p)])
+            order = list(arms) if (i + rep) % 2 == 0 else list(arms)[::-1]
+            out = {}
+            for a in order:
+                t0 = time.perf_counter()
+                out[a] = arms[a](*args)
+                secs[a] += time.perf_counter() - t0
+            if rep == 0:
+                x, y = out.values()
+                worst = max(worst, float((x.S - y.S).abs().max() / x.S[0]),
+                            float((x.truncate(8).dense() - y.truncate(8).dense()).abs().max()
+                                  / x.truncate(8).dense().abs().max()))
+        for a in arms:
+            totals[a].append(secs[a])
+        print("  pass", rep + 1, ", ".join(f"{a}: {s:.2f} s" for a, s in secs.items()), flush=True)
+    return {"seconds": totals, "max_relative_difference": worst}
 
 
 def dense_check(model: str, layers: int) -> dict:
@@ -73,12 +144,14 @@ def dense_check(model: str, layers: int) -> dict:
     from hlora.factors import Factor
     from hlora.strategies.hlora import aggregate_products
 
-    shapes, ranks, g, _ = round_inputs(model, layers)
+    shapes, ranks, g = round_inputs(model, layers)
     p = [1 / 20] * 20
     dense_s = factored_s = 0.0
     worst = 0.0
+    base = peak_mb()
     for m, (d, k) in shapes.items():
-        facs = [Factor(torch.randn(d, r, generator=g) * 0.01, torch.randn(r, k, generator=g) * 0.01, 16.0 / r) for r in ranks]
+        facs = [Factor(torch.randn(d, r, generator=g) * 0.01, torch.randn(r, k, generator=g) * 0.01, 16.0 / r)
+                for r in ranks]
         t0 = time.perf_counter()
         svd = aggregate_products(facs, p)
         factored_s += time.perf_counter() - t0
@@ -89,36 +162,66 @@ def dense_check(model: str, layers: int) -> dict:
         n = svd.rank
         worst = max(worst, float((S[:n] - svd.S).abs().max() / S[0]),
                     float(((U[:, :n] * S[:n]) @ Vt[:n] - svd.dense()).abs().max() / dense.abs().max()))
+        print(f"  {m} {d}x{k}: dense so far {dense_s:.1f} s", flush=True)
     return {"layers": layers, "modules": len(shapes), "dense_seconds": dense_s, "factored_seconds": factored_s,
-            "max_relative_difference": worst}
+            "max_relative_difference": worst, "dense_extra_rss_mb": peak_mb() - base}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama7b", choices=sorted(SHAPES))
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = cores)")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--dense-layers", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3, help="passes of the HLoRA before/after (0: skip)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--part", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.one:
         print(json.dumps(run_one(args.model, args.one)))
         return
+    if args.part == "before_after":
+        print(json.dumps(before_after(args.model, args.repeats)))
+        return
+    if args.part == "dense":
+        print(json.dumps(dense_check(args.model, args.dense_layers)))
+        return
+
+    def sub(*extra: str) -> dict:
+        cmd = [sys.executable, __file__, "--model", args.model, *extra]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+        lines = out.stdout.strip().splitlines()
+        for line in lines[:-1]:
+            print(line)
+        return json.loads(lines[-1])
+
+    print(f"{args.model}, torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads", flush=True)
     rows = []
-    for name in STRATEGIES:
-        out = subprocess.run([sys.executable, __file__, "--model", args.model, "--one", name],
-                             capture_output=True, text=True, check=True)
-        row = json.loads(out.stdout.strip().splitlines()[-1])
+    for name in args.strategies.split(","):
+        row = sub("--one", name)
         rows.append(row)
-        print(f"{name:10s} {row['seconds']:8.2f} s  peak RSS {row['peak_rss_mb']:8.0f} MB  ({row['modules']} modules)",
+        print(f"{name:10s} {row['seconds']:8.2f} s (cpu {row['cpu_seconds']:7.2f} s)  inputs RSS "
+              f"{row['inputs_rss_mb']:7.0f} MB  peak RSS {row['peak_rss_mb']:7.0f} MB  ({row['modules']} modules)",
               flush=True)
-    check = dense_check(args.model, args.dense_layers) if args.dense_layers else None
+    ba = sub("--part", "before_after", "--repeats", str(args.repeats)) if args.repeats else None
+    if ba:
+        print("HLoRA round before/after (median of passes): "
+              + ", ".join(f"{a} {sorted(v)[len(v) // 2]:.2f} s [{min(v):.2f}-{max(v):.2f}]" for a, v in ba["seconds"].items())
+              + f"; max relative difference {ba['max_relative_difference']:.1e}", flush=True)
+    check = sub("--part", "dense", "--dense-layers", str(args.dense_layers)) if args.dense_layers else None
     if check:
         n_layers = SHAPES[args.model][0]
         print(f"dense route (FlexLoRA's code) on {check['layers']} layer(s): {check['dense_seconds']:.2f} s "
-              f"(x{n_layers // check['layers']} layers = {check['dense_seconds'] * n_layers / check['layers']:.0f} s estimated "
-              f"for the model); factored: {check['factored_seconds']:.3f} s; max relative difference "
-              f"{check['max_relative_difference']:.2e}")
-    result = {"model": args.model, "threads": torch.get_num_threads(), "strategies": rows, "dense_check": check}
+              f"(x{n_layers // check['layers']} layers = {check['dense_seconds'] * n_layers / check['layers']:.0f} s "
+              f"estimated for the model; +{check['dense_extra_rss_mb']:.0f} MB RSS); factored: "
+              f"{check['factored_seconds']:.3f} s; max relative difference {check['max_relative_difference']:.2e}")
+    result = {"model": args.model, "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
+              "strategies": rows, "before_after": ba, "dense_check": check}
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=2)
