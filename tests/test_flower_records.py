@@ -127,6 +127,21 @@ def test_the_flower_app_config_is_a_valid_hlora_run_config():
     assert options.labels == ["no", "yes"] and options.save_updates and cfg.target_modules == ["query", "key"]
 
 
+def test_the_flower_app_defaults_are_hlora_run_defaults():
+    from dataclasses import asdict
+
+    from hlora.config import RunConfig
+
+    config = tomli.loads(APP.read_text())["tool"]["flwr"]["app"]["config"]
+    defaults = asdict(RunConfig())
+    own_choice = {"clients", "per_round", "rounds", "partition", "out"}  # a 3-site demo, not hlora run's 100
+    for key, value in config.items():
+        name = key.replace("-", "_")
+        if name in defaults and name not in own_choice:
+            expected = "" if defaults[name] in (None, {}, []) else defaults[name]
+            assert value == expected or (name == "threads" and value == 0), key
+
+
 def test_run_config_mistakes_are_named():
     with pytest.raises(ConfigError, match="unknown run-config key 'roundz'"):
         run_settings({"roundz": 3})
@@ -221,7 +236,8 @@ def test_a_round_whose_nodes_are_all_unreachable_is_skipped_not_fatal():
     cfg, _ = run_settings({})
     execute = GridExecutor(None, cfg, {0: 11, 1: 12}, 2, 30.0)
     execute.pairs = [(s, strategy.dispatch(state, s, torch.Generator().manual_seed(0))) for s in clients[:2]]
-    execute.results = [NodeUnavailable("node 11 is offline"), NodeUnavailable("node 12: no reply within 30 s")]
+    execute.results = [NodeUnavailable("node 11 is offline"),
+                       NodeUnavailable("node 12: no reply within 30 s")]
     outcome = unreachable_round(strategy, state, execute)
     assert outcome.skipped and not outcome.accepted and outcome.state.round == state.round + 1
     assert outcome.state.lora is state.lora
