@@ -38,3 +38,10 @@ def test_float32_inputs_stay_float32():
     Bs, As = random_factors(10, 8, [2, 3])
     svd = factored_svd([B.float() for B in Bs], [A.float() for A in As], [1.0, 1.0])
     assert svd.U.dtype == svd.S.dtype == svd.Vt.dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", ["qr", "gram"])
+def test_an_empty_or_zero_sum_has_rank_zero(method):
+    for B, A in ((torch.zeros(5, 0), torch.zeros(0, 4)), (torch.zeros(5, 2), torch.randn(2, 4))):
+        svd = factored_svd([B], [A], [1.0], method=method)
+        assert svd.rank == 0 and svd.U.shape == (5, 0) and svd.Vt.shape == (0, 4)

@@ -58,7 +58,8 @@ def _gram_factor(X: Tensor) -> tuple[Tensor, Tensor]:
     """X (n x m) = X @ W @ R with X W orthonormal: returns (W, R) = (V_x S_x^-1, S_x V_x^T), from the
     eigendecomposition of X^T X; directions with singular value <= GRAM_TOL * the largest are dropped."""
     lam, V = torch.linalg.eigh(X.T @ X)  # ascending
-    keep = (lam > 0) & (lam > GRAM_TOL**2 * lam[-1])
+    top = lam[-1] if lam.numel() else 0.0  # no columns at all (a rank-0 update)
+    keep = (lam > 0) & (lam > GRAM_TOL**2 * top)
     s, V = lam[keep].sqrt(), V[:, keep]
     return V / s, s[:, None] * V.T
 
