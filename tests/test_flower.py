@@ -122,8 +122,8 @@ def check_run(out: Path, tiny_model, tiny_mrpc, sites, rounds: int = 2) -> None:
                 payload = strategy.dispatch(before, spec, draws)
                 assert all(f.rank == nodes[spec.id]["rank"] for f in u.lora.values())
                 mine = train_client(fm, payload, data[spec.ranks[next(iter(spec.ranks))]],
-                                    list(range(u.num_examples)), client_id=spec.id, epochs=1, lr=3e-4,
-                                    batch_size=8, seed=client_seed(0, rnd, spec.id))
+                                    list(range(u.num_examples)), client_id=spec.id, epochs=cfg["local_epochs"],
+                                    lr=cfg["lr"], batch_size=cfg["batch_size"], seed=client_seed(0, rnd, spec.id))
                 assert_same_adapter(u.lora, mine.lora, 1e-5, 1e-6)
             expected = strategy.aggregate(before, updates)
             assert_same_adapter(strategy.global_adapter(after), strategy.global_adapter(expected), 1e-6, 1e-7)
