@@ -57,14 +57,10 @@ class TaskData:
         return len(self.label_names)
 
 
-@dataclass
-class Encoded:
-    """Token ids per example (unpadded) and labels; ``batch`` pads a selection."""
+class TokenSequences:
+    """A tokenized split: ``input_ids`` (one unpadded tensor per example) and their lengths."""
 
     input_ids: list[Tensor]
-    token_type_ids: list[Tensor] | None
-    labels: Tensor
-    pad_id: int
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -72,6 +68,16 @@ class Encoded:
     @cached_property
     def lengths(self) -> list[int]:
         return [len(t) for t in self.input_ids]
+
+
+@dataclass
+class Encoded(TokenSequences):
+    """Token ids per example (unpadded) and labels; ``batch`` pads a selection."""
+
+    input_ids: list[Tensor]
+    token_type_ids: list[Tensor] | None
+    labels: Tensor
+    pad_id: int
 
     def batch(self, indices: list[int] | Tensor) -> dict[str, Tensor]:
         idx = [int(i) for i in indices]

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from hlora.data.examples import DataError, pad_rows
+from hlora.data.examples import DataError, TokenSequences, pad_rows
 from hlora.data.files import read_json_objects
 
 #: the Alpaca prompt, with and without an input
@@ -119,20 +118,13 @@ def _first(obj: dict, names: tuple[str, ...]) -> str | None:
 
 
 @dataclass
-class EncodedLM:
+class EncodedLM(TokenSequences):
     """Token ids per example and per-token labels (-100 on the prompt); ``batch`` right-pads a selection."""
 
     input_ids: list[Tensor]
     labels: list[Tensor]
     prompt_lengths: list[int]
     pad_id: int
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    @cached_property
-    def lengths(self) -> list[int]:
-        return [len(t) for t in self.input_ids]
 
     def batch(self, indices: list[int] | Tensor) -> dict[str, Tensor]:
         idx = [int(i) for i in indices]
