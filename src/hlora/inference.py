@@ -9,14 +9,15 @@ import torch
 
 from hlora.checkpoint import CHECKPOINT, load_checkpoint
 from hlora.config import ConfigError, RunConfig, load_config
-from hlora.data import Fields, encode, encode_instruct, load_task
+from hlora.data import Fields, encode, load_task, read_split
 from hlora.data.examples import Examples
 from hlora.data.instruct import format_prompt, read_instruct
 from hlora.export import adapter_svd, save_peft_adapter, truncated
 from hlora.factors import Adapter
-from hlora.metrics import evaluate, evaluate_lm, generate, predict_logits
-from hlora.model import FederatedModel, load_causal_lm, load_classifier, resolve_model_path
+from hlora.metrics import generate, predict_logits
+from hlora.model import FederatedModel, resolve_model_path
 from hlora.strategies import get_strategy
+from hlora.tasks import is_lm, load_model, peft_task_type, score, tokenize
 
 
 @dataclass
@@ -30,7 +31,7 @@ class TrainedRun:
 
     @property
     def is_lm(self) -> bool:
-        return self.cfg.task == "instruct"
+        return is_lm(self.cfg)
 
     def truncated(self, rank: int | None) -> tuple[Adapter, float]:
         """The best rank-``rank`` truncation of every module's update (None: all of it), energy kept."""
@@ -52,8 +53,7 @@ def load_run(run_dir: str | Path) -> TrainedRun:
 def export_run(run: TrainedRun, rank: int | None, out: Path) -> float:
     """Write the (rank-truncated) global model as a PEFT adapter; return the energy fraction kept."""
     adapter, kept = run.truncated(rank)
-    task_type = "CAUSAL_LM" if run.is_lm else "SEQ_CLS"
-    save_peft_adapter(out, adapter, run.head, resolve_model_path(run.cfg.model), task_type)
+    save_peft_adapter(out, adapter, run.head, resolve_model_path(run.cfg.model), peft_task_type(run.cfg))
     return kept
 
 
@@ -64,10 +64,7 @@ class Predictor:
         self.run = run
         cfg = run.cfg
         self.task = load_task(cfg.task, cfg.train, cfg.dev, cfg.text_columns, cfg.label_column, Fields.of(cfg))
-        if run.is_lm:
-            model, self.tokenizer = load_causal_lm(cfg.model, cfg.seed, cfg.dtype)
-        else:
-            model, self.tokenizer = load_classifier(cfg.model, self.task.num_labels, cfg.seed)
+        model, self.tokenizer = load_model(cfg, self.task)
         self.fm = FederatedModel(model, cfg.target_modules)
         self.adapter, self.energy = run.truncated(rank)
 
@@ -75,19 +72,13 @@ class Predictor:
         """Another evaluation file with the run's columns (or instruction fields)."""
         if self.run.is_lm:
             return read_instruct(path, Fields.of(self.run.cfg))[0]
-        from hlora.data import read_split
-
         return read_split(path, self.task)
 
     def evaluate(self, examples=None) -> dict[str, float]:
         cfg = self.run.cfg
         examples = examples or self.task.dev
-        if self.run.is_lm:
-            data = encode_instruct(self.tokenizer, examples, cfg.max_length)
-            return evaluate_lm(self.fm, self.adapter, data, cfg.eval_batch_size, self.tokenizer, examples.responses,
-                               cfg.gen_samples, cfg.max_new_tokens)
-        data = encode(self.tokenizer, examples, cfg.max_length)
-        return evaluate(self.fm, self.adapter, self.run.head, data, cfg.eval_batch_size, self.task.f1_label)
+        data = tokenize(self.task, self.tokenizer, examples, cfg.max_length)
+        return score(cfg, self.task, self.fm, self.tokenizer, self.adapter, self.run.head, examples, data)
 
     def predict(self, text_a: str, text_b: str | None = None) -> tuple[str, list[float]]:
         pair = self.task.train.text_b is not None

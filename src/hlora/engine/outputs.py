@@ -12,10 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hlora.data import Encoded
+from torch import Tensor
+
 from hlora.export import adapter_svd, energy_kept, save_peft_adapter, truncated
-from hlora.metrics import MetricsLog, evaluate
-from hlora.model import FederatedModel, resolve_model_path
+from hlora.factors import Adapter
+from hlora.metrics import MetricsLog
+from hlora.model import resolve_model_path
 from hlora.server import RoundOutcome
 from hlora.strategies import GlobalState, Strategy
 
@@ -25,29 +27,23 @@ def round_row(
     outcome: RoundOutcome,
     *,
     strategy: Strategy,
-    fm: FederatedModel,
-    dev: Encoded | None,
-    f1_label: int | None,
-    eval_batch_size: int,
+    evaluate: Callable[[Adapter, dict[str, Tensor]], dict[str, float]] | None,
     client_ranks: list[int],
     clients: list[int],
     ranks: list[int],
     started: float,
-    evaluate_fn: Callable[[Any, dict[str, Any]], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the round's global model on ``dev`` and build its ``metrics.jsonl`` row.
+    """Score the round's global model with ``evaluate(adapter, head)`` and build its ``metrics.jsonl`` row.
 
     ``clients`` and ``ranks`` are the round's sampled client ids and their ranks; ``started`` is the
-    ``time.perf_counter()`` at the start of the round. Without a dev set, accuracy and loss are NaN.
-    ``evaluate_fn(adapter, head)``, when given, scores the global model instead (e.g. an LM's loss).
+    ``time.perf_counter()`` at the start of the round. Without an evaluation (no dev set), accuracy and
+    loss are NaN.
     """
     state = outcome.state
     t_eval = time.perf_counter()
     adapter = strategy.global_adapter(state)
-    if evaluate_fn is not None:
-        scores = evaluate_fn(adapter, state.head)
-    elif dev is not None:
-        scores = evaluate(fm, adapter, state.head, dev, eval_batch_size, f1_label)
+    if evaluate is not None:
+        scores = evaluate(adapter, state.head)
     else:
         scores = {"accuracy": math.nan, "eval_loss": math.nan}
     t_eval = time.perf_counter() - t_eval

@@ -19,13 +19,14 @@ import torch
 from hlora.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from hlora.client import train_client
 from hlora.config import ConfigError, RunConfig, draw_ranks, load_config
-from hlora.data import Encoded, EncodedLM, Fields, TaskData, encode, encode_instruct, load_task, partition
+from hlora.data import Encoded, EncodedLM, Fields, TaskData, load_task, partition
 from hlora.engine.outputs import finish_run, round_row
 from hlora.factors import init_factors
-from hlora.metrics import MetricsLog, evaluate, evaluate_lm
-from hlora.model import DEFAULT_MODEL, FederatedModel, ModelError, load_causal_lm, load_classifier
+from hlora.metrics import MetricsLog
+from hlora.model import FederatedModel
 from hlora.server import client_seed, server_round
 from hlora.strategies import ClientSpec, GlobalState, Strategy, Update, get_strategy
+from hlora.tasks import load_model, peft_task_type, score, tokenize
 
 
 class Reporter:
@@ -70,13 +71,7 @@ class Experiment:
     def evaluate(self, adapter, head: dict[str, torch.Tensor]) -> dict[str, float]:
         """The global model W0 + adapter on the dev set: accuracy (and F1), or for an LM the eval loss,
         perplexity and ROUGE-L."""
-        cfg = self.cfg
-        if self.task.kind == "instruct":
-            return evaluate_lm(
-                self.fm, adapter, self.dev, cfg.eval_batch_size, self.tokenizer, self.task.dev.responses,
-                cfg.gen_samples, cfg.max_new_tokens,
-            )
-        return evaluate(self.fm, adapter, head, self.dev, cfg.eval_batch_size, self.task.f1_label)
+        return score(self.cfg, self.task, self.fm, self.tokenizer, adapter, head, self.task.dev, self.dev)
 
 
 def default_out(cfg: RunConfig) -> Path:
@@ -95,12 +90,7 @@ def setup(cfg: RunConfig) -> Experiment:
     task = load_task(cfg.task, cfg.train, cfg.dev, cfg.text_columns, cfg.label_column, Fields.of(cfg))
     if cfg.clients > len(task.train):
         raise ConfigError(f"--clients {cfg.clients} exceeds the {len(task.train)} training examples")
-    if task.kind == "instruct":
-        if cfg.model == DEFAULT_MODEL:
-            raise ModelError("--task instruct needs a decoder language model: give --model PATH_OR_ID")
-        model, tokenizer = load_causal_lm(cfg.model, cfg.seed, cfg.dtype, cfg.gradient_checkpointing)
-    else:
-        model, tokenizer = load_classifier(cfg.model, task.num_labels, cfg.seed)
+    model, tokenizer = load_model(cfg, task)
     fm = FederatedModel(model, cfg.target_modules)
     parts = partition(task.train.labels, cfg.clients, cfg.partition, cfg.alpha, cfg.seed)
     ranks = draw_ranks(cfg.ranks, cfg.clients, cfg.seed)
@@ -114,9 +104,8 @@ def setup(cfg: RunConfig) -> Experiment:
         ClientSpec(i, dict.fromkeys(fm.shapes, r), cfg.lora_alpha, len(parts[i])) for i, r in enumerate(ranks)
     ]
     strategy.check(clients)
-    tokenize = encode_instruct if task.kind == "instruct" else encode
-    train = tokenize(tokenizer, task.train, cfg.max_length)
-    dev = tokenize(tokenizer, task.dev, cfg.max_length)
+    train = tokenize(task, tokenizer, task.train, cfg.max_length)
+    dev = tokenize(task, tokenizer, task.dev, cfg.max_length)
     return Experiment(cfg, task, fm, train, dev, parts, clients, strategy, tokenizer)
 
 
@@ -211,10 +200,8 @@ def _rounds(
         )
         state = outcome.state
         row = round_row(
-            rnd, outcome, strategy=strategy, fm=fm, dev=exp.dev, f1_label=exp.task.f1_label,
-            eval_batch_size=cfg.eval_batch_size, client_ranks=cfg.client_ranks, clients=sampled,
-            ranks=[spec.ranks[next(iter(spec.ranks))] for spec, _ in jobs], started=t0,
-            evaluate_fn=exp.evaluate,
+            rnd, outcome, strategy=strategy, evaluate=exp.evaluate, client_ranks=cfg.client_ranks,
+            clients=sampled, ranks=[spec.ranks[next(iter(spec.ranks))] for spec, _ in jobs], started=t0,
         )
         log.append(row)
         save_checkpoint(
@@ -226,7 +213,7 @@ def _rounds(
     summary = finish_run(
         out, strategy, state, log, model=cfg.model, task=exp.task.name, strategy_name=cfg.strategy,
         wall_seconds=wall_before + time.perf_counter() - t_run,
-        task_type="CAUSAL_LM" if exp.task.kind == "instruct" else "SEQ_CLS",
+        task_type=peft_task_type(cfg),
     )
     reporter.finish(summary)
     return RunResult(out, summary, log.rows)

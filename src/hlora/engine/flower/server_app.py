@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from torch import Tensor
 
 from hlora.checkpoint import save_checkpoint
 from hlora.config import ConfigError, RunConfig
@@ -39,8 +40,8 @@ from hlora.engine.flower.settings import FlowerOptions, run_settings, shared_tas
 from hlora.engine.flower.transport import NodeFailure, NodeUnavailable, exchange
 from hlora.engine.outputs import finish_run, round_row
 from hlora.engine.simulation import default_out, prepare_out
-from hlora.factors import init_factors
-from hlora.metrics import MetricsLog
+from hlora.factors import Adapter, init_factors
+from hlora.metrics import MetricsLog, evaluate
 from hlora.model import FederatedModel, load_classifier
 from hlora.server import RoundOutcome, client_seed, server_round
 from hlora.strategies import ClientSpec, GlobalState, Payload, Strategy, Update, get_strategy
@@ -154,6 +155,9 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     model, tokenizer = load_classifier(cfg.model, task.num_labels, cfg.seed)
     fm = FederatedModel(model, cfg.target_modules)
     dev = encode(tokenizer, task.dev, cfg.max_length) if len(task.dev) else None
+
+    def scorer(adapter: Adapter, head: dict[str, Tensor]) -> dict[str, float]:
+        return evaluate(fm, adapter, head, dev, cfg.eval_batch_size, task.f1_label)
     log.info("hlora: waiting for %d nodes; writing to %s", cfg.clients, out)
 
     nodes, failed = discover(grid, cfg.clients, list(task.label_names), options)
@@ -201,9 +205,8 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         state = outcome.state
         for r in outcome.rejected:
             r["node_id"] = node_ids.get(r["client"])
-        row = round_row(rnd, outcome, strategy=strategy, fm=fm, dev=dev, f1_label=task.f1_label,
-                        eval_batch_size=cfg.eval_batch_size, client_ranks=cfg.client_ranks, clients=sampled,
-                        ranks=[cfg.client_ranks[c] for c in sampled], started=t0)
+        row = round_row(rnd, outcome, strategy=strategy, evaluate=scorer if dev is not None else None, client_ranks=cfg.client_ranks,
+                        clients=sampled, ranks=[cfg.client_ranks[c] for c in sampled], started=t0)
         row["nodes"] = [node_ids[c] for c in sampled]
         metrics.append(row)
         save_checkpoint(out, state, sampler=sampler.bit_generator.state, rows=metrics.rows,
