@@ -11,7 +11,7 @@ from hlora.checkpoint import CHECKPOINT, load_checkpoint
 from hlora.config import ConfigError, RunConfig, load_config
 from hlora.data import Fields, encode, load_task, read_split
 from hlora.data.examples import Examples
-from hlora.data.instruct import format_prompt, read_instruct
+from hlora.data.instruct import InstructExamples, format_prompt, read_instruct
 from hlora.export import adapter_svd, save_peft_adapter, truncated
 from hlora.factors import Adapter
 from hlora.metrics import generate, predict_logits
@@ -92,11 +92,8 @@ class Predictor:
 
     def respond(self, instruction: str, input: str | None = None) -> str:
         """The global LM's greedy response to an instruction (and optional input), in the run's template."""
-        prompt = format_prompt(instruction, input or "")
-        ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-        bos = self.tokenizer.bos_token_id
-        if bos is not None:
-            ids = torch.cat([torch.tensor([bos]), ids])
+        example = InstructExamples([format_prompt(instruction, input or "")], [""], [0])
+        ids = tokenize(self.task, self.tokenizer, example, self.run.cfg.max_length).prompt(0)  # as in training
         self.fm.install(self.adapter, {})
         self.fm.model.eval()
         try:
