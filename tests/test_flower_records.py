@@ -244,3 +244,27 @@ def test_a_round_whose_nodes_are_all_unreachable_is_skipped_not_fatal():
     assert [r["client"] for r in outcome.rejected] == [0, 1]
     assert "NodeUnavailable: node 12: no reply within 30 s" in outcome.rejected[1]["reason"]
     assert outcome.downlink_bytes == sum(strategy.downlink_bytes(state, p) for _, p in execute.pairs) > 0
+
+
+def test_flower_app_training_defaults_are_hlora_runs():
+    """flower-app/pyproject.toml repeats hlora run's defaults for training; a changed default must change both.
+
+    The federation's shape (clients, per-round, rounds, partition) is the app's own: 3 nodes, IID.
+    """
+    from hlora.config import RunConfig
+
+    app = tomli.loads((Path(__file__).parents[1] / "flower-app" / "pyproject.toml").read_text())
+    config = app["tool"]["flwr"]["app"]["config"]
+    defaults = RunConfig()
+    own = {"clients", "per-round", "rounds", "partition", "out", "threads"}
+    compared = 0
+    for key, value in config.items():
+        name = key.replace("-", "_")
+        if key in own or not hasattr(defaults, name):
+            continue
+        expected = getattr(defaults, name)
+        if value == "" and expected in (None, {}, []):
+            continue
+        assert value == expected, f"flower-app {key} = {value!r}, hlora run's default is {expected!r}"
+        compared += 1
+    assert compared >= 10
