@@ -5,7 +5,8 @@
 #   hlora run --clients 3 --per-round 3 --rounds 5 --ranks 2,4,8 --partition iid --out OUT
 # Usage: benchmarks/flower_mrpc.sh OUT_DIR   (needs pip install "hlora[flower]")
 # ROUNDS=1 LOCAL_EPOCHS=1 benchmarks/flower_mrpc.sh OUT_DIR: a shorter run (the simulation's
-# --rounds/--local-epochs to compare with).
+# --rounds/--local-epochs to compare with). Each node trains with THREADS torch threads (default 1: three
+# nodes share this machine's cores; on a site of its own a node would use its machine's).
 set -euo pipefail
 OUT=$(realpath -m "${1:?usage: $0 OUT_DIR}")
 APP=$(cd "$(dirname "$0")/../flower-app" && pwd)
@@ -35,7 +36,7 @@ PIDS+=($!)
 RANKS=(2 4 8)
 for i in 0 1 2; do
   setsid flower-supernode --insecure --superlink "127.0.0.1:$PORT" --port $((PORT + 10 + i)) \
-    --node-config "rank=${RANKS[$i]} partition-id=$i num-partitions=3" > "$WORK/node$i.log" 2>&1 &
+    --node-config "rank=${RANKS[$i]} partition-id=$i num-partitions=3 threads=${THREADS:-1}" > "$WORK/node$i.log" 2>&1 &
   PIDS+=($!)
 done
 

@@ -56,10 +56,14 @@ class RichReporter:
     def start(self, cfg: RunConfig, out: Path, first_round: int) -> None:
         self.rounds = cfg.rounds
         ranks = sorted(set(cfg.client_ranks))
+        if len(ranks) > 2 and ranks == list(range(ranks[0], ranks[-1] + 1)):
+            shown = f"{ranks[0]}..{ranks[-1]}"
+        else:
+            shown = ",".join(map(str, ranks))
         again = f", resuming at round {first_round}" if first_round > 1 else ""
         console.print(
             f"{self.prefix}[bold]hlora[/] {cfg.strategy} on {cfg.task}: {cfg.clients} clients, "
-            f"{cfg.per_round} per round, {cfg.rounds} rounds, ranks {ranks[0]}..{ranks[-1]}, "
+            f"{cfg.per_round} per round, {cfg.rounds} rounds, ranks {shown}, "
             f"model {cfg.model}{again} -> {out}",
             highlight=False,
         )
