@@ -192,7 +192,7 @@ def test_client_app_answers_a_query_or_says_what_is_wrong(tiny_run_config, tiny_
     labels = load_task("mrpc", *tiny_mrpc, ["#1 String", "#2 String"], "Quality").train.labels
     n = len(partition(labels, 3, "dirichlet", 0.5, 0)[1])  # hlora run's default split
     assert dict(reply.content.config_records["site"]) == {"rank": 4, "lora-alpha": 16.0, "num-examples": n,
-                                                          "labels": ["0", "1"]}
+                                                          "labels": ["0", "1"], "partition-id": 1}
     bad = [
         ({"partition-id": 1, "num-partitions": 3}, "node-config: 'rank' is missing"),
         ({"rank": 4, "data-file": str(tmp_path / "nope.tsv")}, "does not exist"),
@@ -268,3 +268,14 @@ def test_flower_app_training_defaults_are_hlora_runs():
         assert value == expected, f"flower-app {key} = {value!r}, hlora run's default is {expected!r}"
         compared += 1
     assert compared >= 10
+
+
+def test_clients_are_numbered_by_partition_id_when_every_node_holds_one():
+    from hlora.engine.flower.server_app import Node, in_client_order
+
+    nodes = [Node(30, 8, 16.0, 10, 2), Node(10, 2, 16.0, 10, 0), Node(20, 4, 16.0, 10, 1)]
+    assert [n.partition_id for n in in_client_order(nodes)] == [0, 1, 2]  # the simulation's clients 0, 1, 2
+    own_file = [*nodes[:2], Node(20, 4, 16.0, 10, -1)]
+    assert [n.node_id for n in in_client_order(own_file)] == [10, 20, 30]
+    clash = [*nodes[:2], Node(20, 4, 16.0, 10, 0)]  # two nodes claim partition 0: no partition order
+    assert [n.node_id for n in in_client_order(clash)] == [10, 20, 30]

@@ -25,6 +25,7 @@ def test_two_round_four_client_run_writes_every_output(tiny_args, tmp_path, caps
     out = tmp_path / "run"
     code = None
     import sys
+
     from hlora import cli
 
     sys.argv = ["hlora", "run", *tiny_args, "--out", str(out)]

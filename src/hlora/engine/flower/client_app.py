@@ -48,6 +48,8 @@ class Site:
     task: TaskData
     rank: int
     lora_alpha: float
+    #: the node's share of a split of the run's task (``partition-id``), or -1 for its own data file
+    partition_id: int = -1
 
 
 #: sites loaded by this process, by (run-config, node-config): a process that serves several
@@ -72,14 +74,15 @@ def load_site(context: Context) -> Site:
     width = min(min(shape) for shape in fm.shapes.values())
     if node.rank > width:
         raise ConfigError(f"node-config: rank {node.rank} is above the width {width} of the adapted layers")
-    site = Site(fm, encode(tokenizer, examples, cfg.max_length), task, node.rank, node.lora_alpha)
+    part = -1 if node.partition_id is None else node.partition_id
+    site = Site(fm, encode(tokenizer, examples, cfg.max_length), task, node.rank, node.lora_alpha, part)
     _SITES[key] = site
     return site
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server this site's rank, LoRA alpha, number of examples and label names."""
+    """Tell the server this site's rank, LoRA alpha, number of examples, label names and partition id."""
 
     def answer() -> RecordDict:
         site = load_site(context)
@@ -88,6 +91,7 @@ def query(msg: Message, context: Context) -> Message:
             "lora-alpha": float(site.lora_alpha),
             "num-examples": len(site.data),
             "labels": list(site.task.label_names),
+            "partition-id": site.partition_id,
         })})
 
     return _reply(msg, answer)

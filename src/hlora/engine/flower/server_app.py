@@ -1,7 +1,9 @@
 """The hlora ServerApp: the federated rounds of ``hlora run``, with Flower carrying the messages.
 
 1. Wait for ``clients`` nodes, ask each (a query message) for its rank, LoRA alpha, number of examples
-   and label names. Client ids are the answering nodes in the order of their node ids.
+   and label names. Client ids are the answering nodes in the order of their ``partition-id`` when every
+   one holds a share of the run's task (so client i is the simulation's client i, with its data and its
+   seeds), otherwise in the order of their node ids.
 2. Each round: sample ``per-round`` clients (seeded, as the simulation does) and call
    :func:`hlora.server.server_round` with an executor that sends each client its payload (a train
    message of its own rank), and turns each reply into an :class:`~hlora.strategies.Update`, or an
@@ -65,12 +67,14 @@ class Node:
     rank: int
     lora_alpha: float
     num_examples: int
+    #: its share of the run's task, -1 when it reads its own data file
+    partition_id: int = -1
 
 
 def discover(
     grid: Grid, expected: int, labels: list[str], options: FlowerOptions
 ) -> tuple[list[Node], dict[int, str]]:
-    """Wait for ``expected`` nodes, query them; return the usable ones (by node id) and why others are not."""
+    """Wait for ``expected`` nodes, query them; return the usable ones in client order and why others are not."""
     deadline = time.monotonic() + options.node_timeout
     while len(ids := sorted(grid.get_node_ids())) < expected:
         if time.monotonic() > deadline:
@@ -86,14 +90,24 @@ def discover(
             continue
         try:
             site = reply.content.config_records["site"]
-            node = Node(node_id, int(site["rank"]), float(site["lora-alpha"]), int(site["num-examples"]))
+            node = Node(node_id, int(site["rank"]), float(site["lora-alpha"]), int(site["num-examples"]),
+                        int(site.get("partition-id", -1)))
             if list(site["labels"]) != labels:
                 raise ValueError(f"its labels {list(site['labels'])} differ from the server's {labels}")
         except (KeyError, TypeError, ValueError) as e:
             failed[node_id] = f"node {node_id}: unusable answer to the query: {e}"
             continue
         nodes.append(node)
-    return nodes, failed
+    return in_client_order(nodes), failed
+
+
+def in_client_order(nodes: list[Node]) -> list[Node]:
+    """Client i is the node with partition id i when every node holds a distinct share of the run's task
+    (the simulation's client i: the same data and seeds); otherwise the nodes in the order of their ids."""
+    parts = [n.partition_id for n in nodes]
+    if min(parts, default=-1) >= 0 and len(set(parts)) == len(parts):
+        return sorted(nodes, key=lambda n: n.partition_id)
+    return sorted(nodes, key=lambda n: n.node_id)
 
 
 class GridExecutor:
@@ -177,7 +191,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     cfg.save(out / "config.yaml")
     (out / "flower.json").write_text(json.dumps({
         "clients": [{"client": i, "node_id": n.node_id, "rank": n.rank, "lora_alpha": n.lora_alpha,
-                     "num_examples": n.num_examples} for i, n in enumerate(nodes)],
+                     "num_examples": n.num_examples, "partition_id": n.partition_id} for i, n in enumerate(nodes)],
         "left_out": [{"node_id": k, "reason": v} for k, v in failed.items()],
         "round_timeout": options.round_timeout,
     }, indent=2) + "\n")
