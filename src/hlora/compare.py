@@ -149,12 +149,6 @@ def write_tables(table: list[dict[str, Any]], out: Path, target: float) -> None:
     (out / "table.md").write_text("\n".join(lines) + "\n")
 
 
-def rounds_written(path: Path) -> int:
-    """Rounds a cell has in its metrics.jsonl (a half-finished cell resumes after them)."""
-    metrics = path / "metrics.jsonl"
-    return sum(1 for line in metrics.read_text().splitlines() if line.strip()) if metrics.exists() else 0
-
-
 def reset_cell(path: Path) -> None:
     """Remove a half-finished cell that cannot be resumed."""
     shutil.rmtree(path)
@@ -181,7 +175,7 @@ def run_grid(
             say(f"cell {i}/{len(cells)} {method.label} seed {seed}: done, skipped")
             continue
         resumable = state == "partial" and (path / "config.yaml").exists()
-        done_before = rounds_written(path) if resumable else 0
+        done_before = len(read_rows(path)) if resumable and (path / "metrics.jsonl").exists() else 0
         left = sum(c.rounds for _, _, c in cells[i - 1 :]) - done_before
         eta = statistics.fmean(seconds_per_round) * left if seconds_per_round else None
         reporter = reporter_for(i, len(cells), method, seed, eta)
