@@ -3,9 +3,11 @@
 import csv
 import json
 
+import pytest
 from PIL import Image
 
-from hlora.compare import parse_methods
+from hlora.compare import cell_labels, parse_methods
+from hlora.plots import spread_labels
 from tests.test_cli import run_cli
 
 
@@ -45,6 +47,8 @@ def test_tiny_compare_writes_every_output_and_skips_finished_cells(tiny_args, tm
     for fig in ("accuracy.png", "communication.png"):
         with Image.open(out / fig) as im:
             assert im.size[0] > 400 and im.size[1] > 300
+    # `hlora plot` on the compare directory names each cell by its method, as the compare figures do
+    assert cell_labels(out) == {"hlora": "hlora", "fedit__ranks-4": "fedit:ranks=4"}
     # a second call finds every cell done and only rewrites the tables
     before = (out / "hlora" / "seed0" / "metrics.jsonl").read_text()
     code, text = run_cli(argv, capsys)
@@ -69,3 +73,15 @@ def test_plot_any_runs(tiny_args, tmp_path, capsys):
     assert (tmp_path / "fig" / "accuracy.png").exists() and (tmp_path / "fig" / "communication.png").exists()
     code, text = run_cli(["plot", str(tmp_path / "nothing"), "--out", str(tmp_path / "fig")], capsys)
     assert code == 2 and "neither a run directory" in text
+
+
+def test_spread_labels_keeps_labels_apart_with_least_movement():
+    assert spread_labels([1.0, 5.0, 9.0], gap=1.0) == [1.0, 5.0, 9.0]  # already apart: unmoved
+    # three labels wanted at one height: spaced by the gap, centred on it, order of input kept
+    assert spread_labels([68.4, 68.4, 68.4], gap=1.0) == pytest.approx([67.4, 68.4, 69.4])
+    ys = [70.1, 68.4, 71.6, 68.4, 71.1, 30.0]
+    out = spread_labels(ys, gap=0.8)
+    assert out[5] == 30.0
+    ordered = sorted(out)
+    assert all(b - a >= 0.8 - 1e-9 for a, b in zip(ordered, ordered[1:]))
+    assert sum(out) == pytest.approx(sum(ys))  # a block sits at the mean of its wanted heights

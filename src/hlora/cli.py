@@ -261,7 +261,7 @@ def plot(
     title: str = typer.Option("", help="Title of the figures."),
 ) -> None:
     """Curves of accuracy against round and against MB sent, for any set of finished runs."""
-    from hlora.compare import read_rows
+    from hlora.compare import cell_labels, read_rows
     from hlora.plots import plot_groups
 
     groups: dict[str, list] = {}
@@ -272,8 +272,10 @@ def plot(
         cells = sorted(path.glob("*/seed*/metrics.jsonl"))
         if not cells:
             raise ConfigError(f"{path}: neither a run directory nor a compare directory (no metrics.jsonl)")
+        labels = cell_labels(path)
         for m in cells:
-            groups.setdefault(m.parent.parent.name, []).append(read_rows(m.parent))
+            name = m.parent.parent.name
+            groups.setdefault(labels.get(name, name), []).append(read_rows(m.parent))
     out.mkdir(parents=True, exist_ok=True)
     for p in plot_groups(groups, out, title):
         console.print(f"wrote {p}")

@@ -89,6 +89,16 @@ def read_rows(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def cell_labels(out: Path) -> dict[str, str]:
+    """Cell folder name -> method label (``hlora__ranks-8`` -> ``hlora:ranks=8``) of a compare directory, read
+    from its ``table.csv``; empty when there is none."""
+    table = Path(out) / "table.csv"
+    if not table.is_file():
+        return {}
+    with table.open(newline="") as fh:
+        return {Method(row["method"], "").slug: row["method"] for row in csv.DictReader(fh)}
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     values = [v for v in values if not math.isnan(v)]
     if not values:

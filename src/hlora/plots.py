@@ -17,6 +17,48 @@ def _curves(runs: list[list[dict[str, Any]]], key: str) -> tuple[np.ndarray, np.
     return acc.mean(0), acc.min(0), acc.max(0), mb.mean(0)
 
 
+def spread_labels(ys: list[float], gap: float) -> list[float]:
+    """Positions for labels wanted at heights ``ys`` such that any two are at least ``gap`` apart and the
+    total squared displacement is least: sorted, overlapping labels merge into a block of spacing ``gap``
+    centred on their wanted heights (the block's mean)."""
+    blocks: list[tuple[list[int], float]] = []  # (indices bottom to top, height of the bottom one)
+    for i in sorted(range(len(ys)), key=ys.__getitem__):
+        blocks.append(([i], ys[i]))
+        while len(blocks) > 1 and blocks[-2][1] + len(blocks[-2][0]) * gap > blocks[-1][1]:
+            idx = blocks[-2][0] + blocks[-1][0]
+            blocks[-2:] = [(idx, sum(ys[j] - k * gap for k, j in enumerate(idx)) / len(idx))]
+    out = [0.0] * len(ys)
+    for idx, bottom in blocks:
+        for k, j in enumerate(idx):
+            out[j] = bottom + k * gap
+    return out
+
+
+def _label_ends(ax: Any, ends: list[tuple[str, float, float, Any]], log_x: bool) -> None:
+    """Write each line's label right of its end, moving labels of ends that are close in x apart vertically
+    (a thin leader line joins a moved label to its end)."""
+    lo, hi = ax.get_ylim()
+    gap = 0.04 * (hi - lo)
+    xs = [np.log10(x) if log_x else x for _, x, _, _ in ends]
+    left, right = (np.log10(v) if log_x else v for v in ax.get_xlim())
+    near = 0.15 * (right - left)  # ends closer than this in x can collide
+    order = sorted(range(len(ends)), key=xs.__getitem__)
+    clusters: list[list[int]] = []
+    for i in order:
+        if clusters and xs[i] - xs[clusters[-1][-1]] < near:
+            clusters[-1].append(i)
+        else:
+            clusters.append([i])
+    for members in clusters:
+        for i, y in zip(members, spread_labels([ends[i][2] for i in members], gap)):
+            label, x, y0, color = ends[i]
+            dx = 0.03 * (right - left) if abs(y - y0) > 1e-9 else 0.01 * (right - left)
+            tx = 10 ** (xs[i] + dx) if log_x else x + dx
+            leader = {"arrowstyle": "-", "color": color, "lw": 0.5, "relpos": (0, 0.5), "shrinkA": 1, "shrinkB": 0}
+            ax.annotate(label, (x, y0), xytext=(tx, y), color=color, fontsize=8, va="center",
+                        arrowprops=leader if abs(y - y0) > 1e-9 else None)
+
+
 def plot_groups(groups: dict[str, list[list[dict[str, Any]]]], out: Path, title: str = "") -> list[Path]:
     """``accuracy.png`` (``eval_loss.png`` for language models) and ``communication.png`` in ``out``: one line
     per group (a band over seeds), each line labelled at its end so that no legend hunt is needed."""
@@ -33,6 +75,7 @@ def plot_groups(groups: dict[str, list[list[dict[str, Any]]]], out: Path, title:
     paths = []
     for kind in (key, "communication"):
         fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+        ends: list[tuple[str, float, float, Any]] = []
         for i, (label, runs) in enumerate(groups.items()):
             mean, lo, hi, mb = _curves(runs, key)
             x = np.arange(1, len(mean) + 1) if kind == key else mb
@@ -45,7 +88,7 @@ def plot_groups(groups: dict[str, list[list[dict[str, Any]]]], out: Path, title:
             ax.plot(x, mean, color=c, lw=1.8)
             if len(runs) > 1:
                 ax.fill_between(x, lo, hi, color=c, alpha=0.15, lw=0)
-            ax.annotate(f" {label}", (x[-1], mean[-1]), color=c, fontsize=8, va="center")
+            ends.append((label, float(x[-1]), float(mean[-1]), c))
         ax.set_ylabel(ylabel)
         if kind == key:
             ax.set_xlabel("round")
@@ -59,6 +102,7 @@ def plot_groups(groups: dict[str, list[list[dict[str, Any]]]], out: Path, title:
         ax.margins(x=0.02)
         left, right = ax.get_xlim()  # room for the end labels
         ax.set_xlim(left, right * 4 if kind == "communication" else right + (right - left) * 0.22)
+        _label_ends(ax, ends, log_x=kind == "communication")
         fig.tight_layout()
         path = out / f"{kind}.png"
         fig.savefig(path)
