@@ -19,6 +19,35 @@ def test_parse_methods_routes_run_and_strategy_options():
     assert len({m.slug for m in ms}) == 3 and all("/" not in m.slug for m in ms)
 
 
+def test_a_rank_list_stays_whole_in_a_method():
+    ms = parse_methods("hlora:ranks=2,4,8,fedit:ranks=8,flexlora")
+    assert [m.label for m in ms] == ["hlora:ranks=2,4,8", "fedit:ranks=8", "flexlora"]
+    assert ms[0].overrides == {"ranks": "2,4,8"} or ms[0].overrides == {"ranks": [2, 4, 8]}
+
+
+@pytest.mark.parametrize("methods, msg", [
+    ("hlora,fedavg", "method fedavg: unknown strategy 'fedavg'"),
+    ("hlora,hlora:rank=8", "method hlora:rank=8: strategy 'hlora' does not take the option(s) rank"),
+    ("hlora,fedit", "method fedit: fedit averages A and B separately"),
+])
+def test_a_bad_method_fails_before_any_cell_runs(tiny_args, tmp_path, capsys, methods, msg):
+    out = tmp_path / "cmp"
+    code, text = run_cli(["compare", *tiny_args, "--strategies", methods, "--out", str(out)], capsys)
+    assert code == 2 and msg in " ".join(text.split())
+    assert not (out / "hlora").exists()
+
+
+def test_compare_refuses_what_it_cannot_tabulate(tiny_args, tmp_path, capsys):
+    code, text = run_cli(["compare", *tiny_args, "--strategies", "hlora", "--out", str(tmp_path / "g"),
+                          "--report-only"], capsys)
+    assert code == 2 and "no cell of this grid has finished yet" in " ".join(text.split())
+    assert not (tmp_path / "g").exists()
+    i = tiny_args.index("--task")
+    lm = [*tiny_args[:i], "--task", "instruct", *tiny_args[i + 2:]]
+    code, text = run_cli(["compare", *lm, "--strategies", "hlora", "--out", str(tmp_path / "lm")], capsys)
+    assert code == 2 and "--task instruct runs measure eval loss" in " ".join(text.split())
+
+
 def test_tiny_compare_writes_every_output_and_skips_finished_cells(tiny_args, tmp_path, capsys):
     out = tmp_path / "cmp"
     argv = ["compare", *tiny_args, "--strategies", "hlora,fedit:ranks=4", "--seeds", "0,1", "--out", str(out),
@@ -60,6 +89,12 @@ def test_tiny_compare_writes_every_output_and_skips_finished_cells(tiny_args, tm
     assert code in (0, None) and "cell" not in text
     assert not (out / "flexlora").exists()
     assert [r["method"] for r in csv.DictReader((out / "table.csv").open())] == ["hlora", "fedit:ranks=4"]
+    # the same --out with other settings is another experiment: refused at once, nothing touched
+    table_before = (out / "table.csv").read_text()
+    code, text = run_cli([*argv, "--lr", "0.02"], capsys)
+    assert code == 2 and "was run with other settings: lr" in text and "(now 0.02)" in text
+    assert (out / "table.csv").read_text() == table_before
+    assert (out / "hlora" / "seed0" / "metrics.jsonl").read_text() == before
 
 
 def test_plot_any_runs(tiny_args, tmp_path, capsys):

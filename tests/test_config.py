@@ -42,6 +42,24 @@ def test_config_file_then_overrides(tmp_path):
     assert cfg.target_modules == ["query", "key"] and cfg.lr == RunConfig().lr
 
 
+def test_strategy_options_in_a_config_file(tmp_path):
+    p = tmp_path / "exp.yaml"
+    for text in ("strategy: hetlora\nstrategy_options: {norm_weights: true, prune: true}\n",
+                 "strategy: hetlora\nstrategy-options: norm_weights=true, prune=true\n",
+                 "strategy: hetlora\nstrategy_options: [norm_weights=true, prune=true]\n"):
+        p.write_text(text)
+        assert load_config(p, {}).strategy_options == {"norm_weights": True, "prune": True}
+    p.write_text("strategy_options: 3\n")
+    with pytest.raises(ConfigError, match="strategy_options takes a mapping"):
+        load_config(p, {})
+
+
+def test_a_run_on_local_files_is_named_after_them():
+    assert load_config(None, {"train": "data/claims_train.tsv", "dev": "d.tsv"}).task == "claims_train"
+    assert load_config(None, {"train": "x.tsv", "dev": "d.tsv", "task": "mine"}).task == "mine"
+    assert load_config(None, {}).task == "mrpc"
+
+
 def test_config_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "none.yaml", {})

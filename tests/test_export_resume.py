@@ -72,6 +72,10 @@ def test_export_at_rank_r_keeps_the_best_truncation(finished_run, tmp_path, caps
     for m in full:
         U, S, Vh = torch.linalg.svd(full[m].delta())
         torch.testing.assert_close(one[m].delta(), S[0] * torch.outer(U[:, 0], Vh[0]), rtol=1e-4, atol=1e-6)
+    before = (tmp_path / "r1" / "adapter_config.json").read_text()
+    code, text = run_cli(["export", str(finished_run.out), "--out", str(tmp_path / "r1")], capsys)
+    assert code == 2 and "not empty" in text  # nothing is overwritten
+    assert (tmp_path / "r1" / "adapter_config.json").read_text() == before
     kept_full = export_run(trained, None, tmp_path / "full")
     assert kept_full == pytest.approx(1.0)
 

@@ -139,10 +139,13 @@ def run(
     target_modules: Optional[str] = _opt("target_modules", "Adapted linear layers, comma-separated names."),
     ranks: Optional[str] = _opt("ranks", "Client LoRA ranks: LOW-HIGH (uniform draw), N, or N,M,... (cyclic)."),
     lora_alpha: Optional[float] = _opt("lora_alpha", "LoRA alpha; a client's scaling is alpha / rank."),
-    dtype: Optional[str] = _opt("dtype", "Base model weights: float32 or bfloat16 (adapters stay float32)."),
+    dtype: Optional[str] = _opt(
+        "dtype", "Base model weights, --task instruct only: float32 or bfloat16 (adapters stay float32)."
+    ),
     gradient_checkpointing: Optional[bool] = typer.Option(
         None, "--gradient-checkpointing",
-        help="Recompute activations in the backward pass (less memory, more compute).", show_default="off",
+        help="Recompute activations in the backward pass (less memory, more compute); --task instruct only.",
+        show_default="off",
     ),
     strategy: Optional[str] = _opt("strategy", f"Aggregation method: {', '.join(names())}."),
     strategy_option: Optional[list[str]] = typer.Option(
@@ -172,7 +175,10 @@ def run(
         show_default="none",
     ),
 ) -> None:
-    """Run a federated fine-tuning experiment (defaults: HLoRA on GLUE MRPC, ranks 2..8)."""
+    """Run a federated fine-tuning experiment (defaults: HLoRA on GLUE MRPC, ranks 2..8).
+
+    CONFIG (optional): a YAML or JSON file of options (same names); options given here override it.
+    """
     from hlora.engine import resume as resume_run
     from hlora.engine import run as run_experiment
 
@@ -210,14 +216,16 @@ def compare(
     ),
     **run_options: Any,
 ) -> None:
-    """Run a grid of methods x seeds on the same split and client sample; write table.md/.csv and figures."""
+    """Run a grid of methods x seeds on the same split and client sample; write table.md/.csv and figures.
+
+    CONFIG (optional): a YAML or JSON file of the settings all cells share; options given here override it.
+    Classification tasks only (the table is accuracy).
+    """
     from hlora.compare import compare as run_compare
     from hlora.compare import parse_methods
 
     config = run_options.pop("config", None)
-    out = run_options.pop("out", None)
-    if out is None:
-        raise ConfigError("hlora compare needs --out DIR (the grid's directory)")
+    out = run_options.pop("out")
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
@@ -249,6 +257,8 @@ def _compare_signature() -> None:
         p for name, p in inspect.signature(run).parameters.items()
         if name not in ("strategy", "seed", "resume", "strategy_option")
     ]
+    grid_out = typer.Option(..., help="The grid's directory (one run per method and seed); a grid there resumes.")
+    shared = [p.replace(default=grid_out) if p.name == "out" else p for p in shared]
     params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints[p.name]) for p in own + shared]
     compare.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     app.command(name="compare")(compare)
@@ -257,10 +267,13 @@ def _compare_signature() -> None:
 @app.command()
 def plot(
     runs: list[Path] = typer.Argument(..., help="Run directories, or compare directories (every cell)."),
-    out: Path = typer.Option(Path("."), help="Folder for accuracy.png and communication.png."),
+    out: Path = typer.Option(Path("."), help="Folder for accuracy.png (or eval_loss.png) and communication.png."),
     title: str = typer.Option("", help="Title of the figures."),
 ) -> None:
-    """Curves of accuracy against round and against MB sent, for any set of finished runs."""
+    """Curves of accuracy (eval loss for --task instruct) against round and against MB sent, for any runs.
+
+    RUNS: run directories, or compare directories (every cell, named by its method).
+    """
     from hlora.compare import cell_labels, read_rows
     from hlora.plots import plot_groups
 
@@ -276,6 +289,8 @@ def plot(
         for m in cells:
             name = m.parent.parent.name
             groups.setdefault(labels.get(name, name), []).append(read_rows(m.parent))
+    if not any(rows for runs in groups.values() for rows in runs):
+        raise ConfigError("no round has finished in these runs yet: nothing to plot")
     out.mkdir(parents=True, exist_ok=True)
     for p in plot_groups(groups, out, title):
         console.print(f"wrote {p}")
@@ -290,9 +305,14 @@ def export(
     out: Path = typer.Option(..., help="Folder for the PEFT adapter."),
     rank: Optional[int] = typer.Option(None, help="Rank of the export (default: all of the update)."),
 ) -> None:
-    """Export the run's global model at rank r (the best rank-r truncation) as a PEFT adapter."""
+    """Export the run's global model at rank r (the best rank-r truncation) as a PEFT adapter.
+
+    RUN: a finished run directory. --out must be new or empty (nothing is overwritten).
+    """
     from hlora.inference import export_run, load_run
 
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} already exists and is not empty; choose a new folder")
     kept = export_run(load_run(run_dir), rank, out)
     console.print(f"wrote {out} (rank {rank or 'full'}): keeps {100 * kept:.2f}% of the update's energy")
 
@@ -303,7 +323,10 @@ def eval_(
     rank: Optional[int] = typer.Option(None, help="Evaluate the best rank-r truncation (default: full)."),
     dev: Optional[list[Path]] = typer.Option(None, help="More evaluation files with the run's columns (its dev set is always evaluated)."),
 ) -> None:
-    """Evaluate a run's global model on its dev set or other files."""
+    """Evaluate a run's global model on its dev set or other files.
+
+    RUN: a run directory. The run's task data (GLUE, its --train/--dev files, or the hub) must be readable.
+    """
     from hlora.inference import Predictor, load_run
 
     p = Predictor(load_run(run_dir), rank)
@@ -321,7 +344,11 @@ def predict(
     second: Optional[str] = typer.Argument(None, help="The second sentence of a pair; an LM run: the input."),
     rank: Optional[int] = typer.Option(None, help="Use the best rank-r truncation (default: full)."),
 ) -> None:
-    """Classify one sentence or sentence pair with a run's global model (an LM run: respond to an instruction)."""
+    """Classify one sentence or sentence pair with a run's global model (an LM run: respond to an instruction).
+
+    RUN: a run directory (its task data must be readable: the labels come from it). TEXT: the sentence, or the
+    first of a pair (an LM run: the instruction). SECOND: the pair's second sentence (an LM run: the input).
+    """
     from hlora.inference import Predictor, load_run
 
     p = Predictor(load_run(run_dir), rank)

@@ -35,12 +35,22 @@ class Method:
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.label.replace(":", "__").replace("=", "-"))
 
 
+def _method_items(spec: str) -> list[str]:
+    """Split the methods at commas, but keep a rank list whole: ``hlora:ranks=2,4,8,fedit`` -> ``hlora:ranks=2,4,8``
+    and ``fedit`` (no strategy is named by a number)."""
+    items: list[str] = []
+    for part in (x.strip() for x in spec.split(",")):
+        if part.isdigit() and items and "=" in items[-1]:
+            items[-1] += "," + part
+        elif part:
+            items.append(part)
+    return items
+
+
 def parse_methods(spec: str) -> list[Method]:
     """``"hlora,hlora:ranks=8,hetlora:norm_weights=true"`` -> methods (run options or strategy options)."""
     methods = []
-    for item in (s.strip() for s in spec.split(",")):
-        if not item:
-            continue
+    for item in _method_items(spec):
         name, *pairs = item.split(":")
         run_opts: dict[str, Any] = {}
         strat_opts = {}
@@ -67,14 +77,51 @@ def cell_configs(
     seeds: list[int],
     out: Path,
 ) -> list[tuple[Method, int, RunConfig]]:
-    """Every cell's full config, validated before anything runs (a typo fails at once, not hours in)."""
+    """Every cell's full config, validated before anything runs (a typo, an unknown strategy or option, a
+    strategy that refuses the clients' ranks, a cell run before with other settings: each fails at once, not
+    hours in)."""
+    from hlora.engine.simulation import check_strategy
+    from hlora.tasks import is_lm
+
     cells = []
     for seed in seeds:
         for m in methods:
             overrides = {**shared, **m.overrides, "strategy": m.strategy, "seed": seed,
                          "out": str(out / m.slug / f"seed{seed}")}
-            cells.append((m, seed, load_config(config_file, overrides)))
+            cfg = load_config(config_file, overrides)
+            if is_lm(cfg):
+                raise ConfigError(
+                    "hlora compare tabulates accuracy, and --task instruct runs measure eval loss: run each "
+                    "method with hlora run, then draw them together with hlora plot RUN RUN ..."
+                )
+            try:
+                check_strategy(cfg)
+            except ValueError as e:
+                raise type(e)(f"method {m.label}: {e}") from None
+            _check_same_settings(m, cfg)
+            cells.append((m, seed, cfg))
     return cells
+
+
+# Fields a cell may differ in from the grid's settings without being another experiment.
+_IGNORED = ("out", "client_ranks", "threads")
+
+
+def _check_same_settings(method: Method, cfg: RunConfig) -> None:
+    """Refuse a cell directory that holds a run made with other settings (it would be skipped or resumed, and
+    the table would mix two experiments)."""
+    saved_path = Path(cfg.out) / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = load_config(saved_path, {"out": cfg.out}).to_dict()
+    wanted = cfg.to_dict()
+    diff = [k for k in wanted if k not in _IGNORED and saved.get(k) != wanted[k]]
+    if diff:
+        what = ", ".join(f"{k} {saved.get(k)!r} (now {wanted[k]!r})" for k in diff)
+        raise ConfigError(
+            f"{cfg.out} was run with other settings: {what}. Give the same settings to continue this grid, "
+            "or another --out for a new one"
+        )
 
 
 def cell_state(path: Path) -> str:
@@ -219,10 +266,12 @@ def compare(
     from hlora.plots import plot_groups
 
     cells = cell_configs(config_file, shared, methods, seeds, out)
-    out.mkdir(parents=True, exist_ok=True)
     if run_cells:
+        out.mkdir(parents=True, exist_ok=True)
         run_grid(cells, reporter_for, say)
     table = summarize(out, methods, seeds, target)
+    if not table:
+        raise ConfigError(f"{out}: no cell of this grid has finished yet, so there is nothing to report")
     write_tables(table, out, target)
     done = lambda m, s: cell_state(out / m.slug / f"seed{s}") == "done"  # noqa: E731
     groups = {m.label: [read_rows(out / m.slug / f"seed{s}") for s in seeds if done(m, s)] for m in methods}

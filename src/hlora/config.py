@@ -138,8 +138,15 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> RunConfig
     for key in ("text_columns", "target_modules"):
         if isinstance(values.get(key), str):
             values[key] = [s.strip() for s in values[key].split(",") if s.strip()]
-    if isinstance(values.get("strategy_options"), (list, tuple)):
-        values["strategy_options"] = parse_options(values["strategy_options"])
+    opts = values.get("strategy_options")
+    if isinstance(opts, str):  # "norm_weights=true, prune=true"
+        opts = [x for x in opts.split(",") if x.strip()]
+    if isinstance(opts, (list, tuple)):
+        values["strategy_options"] = parse_options(opts)
+    elif opts is not None and not isinstance(opts, dict):
+        raise ConfigError(f"strategy_options takes a mapping (name: value) or KEY=VALUE pairs, got {opts!r}")
+    if values.get("train") is not None and "task" not in values:  # name the run after the user's data
+        values["task"] = Path(str(values["train"])).stem
     if "ranks" in values:
         values["ranks"] = str(values["ranks"])
     values = {k: _coerce(k, v) for k, v in values.items()}

@@ -67,7 +67,10 @@ def plot_groups(groups: dict[str, list[list[dict[str, Any]]]], out: Path, title:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    groups = {k: [rows for rows in v if rows] for k, v in groups.items()}
     groups = {k: v for k, v in groups.items() if v}
+    if not groups:
+        return []
     first = next(iter(groups.values()))[0][0]
     key = "accuracy" if "accuracy" in first else "eval_loss"
     ylabel, what = ("dev accuracy (%)", "accuracy") if key == "accuracy" else ("dev loss (response tokens)", "eval loss")

@@ -1,7 +1,7 @@
 """Hugging Face ``datasets``: a task by its dataset name (``--task hf:NAME[:CONFIG]``), where a hub is
 reachable, or a local dataset folder (``--task hf:/path/to/folder``).
 
-Needs the optional extra: ``pip install hlora[hub]``.
+Needs the optional extra: ``pip install -e ".[hub]"`` from the checkout.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ def load_hub_task(spec: str, text_columns: list[str] | None, label_column: str |
     try:
         import datasets
     except ImportError:
-        raise DataError("--task hf:... needs the datasets package: pip install 'hlora[hub]'") from None
+        raise DataError("--task hf:... needs the datasets package: pip install -e '.[hub]' (in the hlora checkout)") from None
     if not text_columns or not label_column:
         raise DataError("--task hf:... needs --text-columns and --label-column")
     name, _, config = spec.partition(":")

@@ -79,14 +79,22 @@ def default_out(cfg: RunConfig) -> Path:
     return Path("runs") / f"{stamp}-{cfg.task}-{cfg.strategy}"
 
 
+def check_strategy(cfg: RunConfig) -> Strategy:
+    """The configured strategy, checked against the clients' ranks before any data or model is loaded."""
+    strategy = get_strategy(cfg.strategy, **cfg.strategy_options)
+    ranks = draw_ranks(cfg.ranks, cfg.clients, cfg.seed)
+    strategy.check([ClientSpec(i, {"*": r}, cfg.lora_alpha, 1) for i, r in enumerate(ranks)])
+    return strategy
+
+
 def setup(cfg: RunConfig) -> Experiment:
     """Load and tokenize the data once, partition it, load the base model, give each client a rank."""
     cfg.validate()
+    strategy = check_strategy(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     else:  # record it: float reductions, hence exact resumes, depend on the thread count
         cfg.threads = torch.get_num_threads()
-    strategy = get_strategy(cfg.strategy, **cfg.strategy_options)
     task = load_task(cfg.task, cfg.train, cfg.dev, cfg.text_columns, cfg.label_column, Fields.of(cfg))
     if cfg.clients > len(task.train):
         raise ConfigError(f"--clients {cfg.clients} exceeds the {len(task.train)} training examples")
@@ -109,7 +117,7 @@ def setup(cfg: RunConfig) -> Experiment:
     return Experiment(cfg, task, fm, train, dev, parts, clients, strategy, tokenizer)
 
 
-def prepare_out(out: Path) -> Path:
+def prepare_out(out: Path, create: bool = True) -> Path:
     """Create the run directory; refuse one that already holds a run (nothing is overwritten)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
@@ -117,14 +125,16 @@ def prepare_out(out: Path) -> Path:
         raise ConfigError(
             f"--out {out} already holds a run; choose another directory, or continue it with --resume {out}"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 
 def run(cfg: RunConfig, reporter: Reporter | None = None) -> RunResult:
     """Run a federated fine-tuning experiment as configured; write its outputs under ``cfg.out``."""
+    out = prepare_out(Path(cfg.out) if cfg.out else default_out(cfg), create=False)  # refuse before loading
     exp = setup(cfg)
-    out = prepare_out(Path(cfg.out) if cfg.out else default_out(cfg))
+    out = prepare_out(out)
     cfg.out = str(out)
     cfg.save(out / "config.yaml")
     sampler = np.random.default_rng([cfg.seed, 2])
