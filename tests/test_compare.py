@@ -97,6 +97,26 @@ def test_tiny_compare_writes_every_output_and_skips_finished_cells(tiny_args, tm
     assert (out / "hlora" / "seed0" / "metrics.jsonl").read_text() == before
 
 
+def test_grid_digest_reads_every_finished_cell(tiny_args, tmp_path, capsys):
+    from benchmarks.grid_digest import copy_cells, digest
+
+    out = tmp_path / "cmp"
+    code, text = run_cli(["compare", *tiny_args, "--strategies", "hlora,flexlora", "--out", str(out)], capsys)
+    assert code in (0, None), text
+    text = digest(out)
+    acc = [json.loads(x)["accuracy"] for x in (out / "flexlora" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert "- `flexlora seed0` (2 rounds" in text
+    assert "  accuracy: " + " ".join(f"{100 * a:.1f}" for a in acc) in text
+    assert f"| hlora seed0 | {100 * json.loads((out / 'hlora' / 'seed0' / 'summary.json').read_text())['final_accuracy']:.1f} |" in text
+    # the label mix of the sampled clients: one share per round, from the run's own split
+    shares = text.strip().splitlines()[-1].split()
+    assert len(shares) == 2 and all(0.0 <= float(s) <= 1.0 for s in shares)
+    copy_cells(out, tmp_path / "cells")
+    for slug in ("hlora", "flexlora"):
+        for name in ("metrics.jsonl", "summary.json", "config.yaml"):
+            assert (tmp_path / "cells" / slug / "seed0" / name).read_bytes() == (out / slug / "seed0" / name).read_bytes()
+
+
 def test_plot_any_runs(tiny_args, tmp_path, capsys):
     from hlora import run
     from tests.test_run import tiny_config
