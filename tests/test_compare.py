@@ -97,6 +97,18 @@ def test_tiny_compare_writes_every_output_and_skips_finished_cells(tiny_args, tm
     assert (out / "hlora" / "seed0" / "metrics.jsonl").read_text() == before
 
 
+def test_majority_share_is_the_dev_sets_most_common_label(tiny_mrpc):
+    from hlora.compare import majority_share
+    from hlora.config import load_config
+
+    assert majority_share(load_config(None, {"task": "mrpc"})) == pytest.approx(279 / 408)  # MRPC dev: 279 x 1
+    assert majority_share(load_config(None, {"task": "rte"})) == pytest.approx(146 / 277)  # RTE dev: 146 entailment
+    dev = [line.split("\t")[0] for line in open(tiny_mrpc[1], encoding="utf-8").read().splitlines()[1:]]
+    cfg = load_config(None, {"task": "mrpc", "train": tiny_mrpc[0], "dev": tiny_mrpc[1],
+                             "text_columns": "#1 String,#2 String", "label_column": "Quality"})
+    assert majority_share(cfg) == pytest.approx(max(dev.count("0"), dev.count("1")) / len(dev))
+
+
 def test_grid_digest_reads_every_finished_cell(tiny_args, tmp_path, capsys):
     from benchmarks.grid_digest import copy_cells, digest
 

@@ -275,5 +275,13 @@ def compare(
     write_tables(table, out, target)
     done = lambda m, s: cell_state(out / m.slug / f"seed{s}") == "done"  # noqa: E731
     groups = {m.label: [read_rows(out / m.slug / f"seed{s}") for s in seeds if done(m, s)] for m in methods}
-    plot_groups(groups, out, title=cells[0][2].task)
+    plot_groups(groups, out, title=cells[0][2].task, reference=("majority class", majority_share(cells[0][2])))
     return table
+
+
+def majority_share(cfg: RunConfig) -> float:
+    """Dev accuracy of always predicting the dev set's most common label: the line a classifier must clear."""
+    from hlora.data import load_task
+
+    labels = load_task(cfg.task, cfg.train, cfg.dev, cfg.text_columns, cfg.label_column).dev.labels
+    return max(labels.count(c) for c in set(labels)) / len(labels)

@@ -59,9 +59,17 @@ def _label_ends(ax: Any, ends: list[tuple[str, float, float, Any]], log_x: bool)
                         arrowprops=leader if abs(y - y0) > 1e-9 else None)
 
 
-def plot_groups(groups: dict[str, list[list[dict[str, Any]]]], out: Path, title: str = "") -> list[Path]:
+def plot_groups(
+    groups: dict[str, list[list[dict[str, Any]]]],
+    out: Path,
+    title: str = "",
+    reference: tuple[str, float] | None = None,
+) -> list[Path]:
     """``accuracy.png`` (``eval_loss.png`` for language models) and ``communication.png`` in ``out``: one line
-    per group (a band over seeds), each line labelled at its end so that no legend hunt is needed."""
+    per group (a band over seeds), each line labelled at its end so that no legend hunt is needed.
+
+    ``reference`` = (name, accuracy in [0, 1]) draws a labelled dotted line on the accuracy figures, e.g. the
+    majority class of the dev set."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,6 +100,12 @@ def plot_groups(groups: dict[str, list[list[dict[str, Any]]]], out: Path, title:
             if len(runs) > 1:
                 ax.fill_between(x, lo, hi, color=c, alpha=0.15, lw=0)
             ends.append((label, float(x[-1]), float(mean[-1]), c))
+        if reference is not None and key == "accuracy":
+            name, value = reference
+            ax.axhline(100 * value, color="0.45", ls=":", lw=1)
+            ax.annotate(f"{name} ({100 * value:.1f}%)", (0.0, 100 * value), xycoords=("axes fraction", "data"),
+                        xytext=(4, 2), textcoords="offset points", va="bottom", color="0.35", fontsize=8,
+                        bbox={"fc": "white", "ec": "none", "alpha": 0.85, "pad": 1}, zorder=5)
         ax.set_ylabel(ylabel)
         if kind == key:
             ax.set_xlabel("round")
