@@ -56,7 +56,7 @@ def label_mix(cell: Path) -> tuple[list[str], list[float], list[list[float]]]:
 
 def digest(grid: Path) -> str:
     found = cells(grid)
-    lines = [f"Digest of `{grid.name}` (`python benchmarks/grid_digest.py {grid.name}`).", ""]
+    lines = [f"Digest of the grid `{grid}` (`python benchmarks/grid_digest.py {grid}`).", ""]
     lines += ["Accuracy (%) and eval loss per round, from each cell's `metrics.jsonl`:", ""]
     for name, cell in found:
         rows = read_rows(cell)
