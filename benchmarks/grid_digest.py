@@ -5,8 +5,9 @@
 - every cell's accuracy and eval loss per round;
 - a second cut of the table: final accuracy, mean accuracy and eval loss over the second half of the run,
   the lowest eval loss and its round;
-- the label mix of each round's sampled clients (share of each label among their examples, from the run's
-  own split), against the training set's: a label-skewed split moves federated runs with it.
+- for each seed, the label mix of each round's sampled clients (a label's share among their examples, from
+  the split the run's checkpoint recorded), against the training set's: a label-skewed split moves
+  federated runs with it.
 
 ``--cells DEST`` also copies each cell's ``metrics.jsonl``, ``summary.json`` and ``config.yaml`` (a few
 KB each) to ``DEST/<method>/seed<k>/``, so that the numbers in the digest can be checked later without the
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from hlora.compare import cell_labels, cell_state, read_rows
 from hlora.config import load_config
-from hlora.data import load_task, partition
+from hlora.data import load_task
 
 
 def cells(grid: Path) -> list[tuple[str, Path]]:
@@ -40,11 +41,13 @@ def cells(grid: Path) -> list[tuple[str, Path]]:
 
 def label_mix(cell: Path) -> tuple[list[str], list[float], list[list[float]]]:
     """Label names, each label's share of the training set, and its share among each round's sampled
-    clients' examples."""
+    clients' examples (the clients' shares of the data as the run's checkpoint recorded them)."""
+    from hlora.checkpoint import load_checkpoint
+
     cfg = load_config(cell / "config.yaml", {"out": str(cell)})
     task = load_task(cfg.task, cfg.train, cfg.dev, cfg.text_columns, cfg.label_column)
     labels = task.train.labels
-    parts = partition(labels, cfg.clients, cfg.partition, cfg.alpha, cfg.seed)
+    parts = load_checkpoint(cell)[1]["partition"]
     names = list(task.label_names)
     overall = [labels.count(c) / len(labels) for c in range(len(names))]
     per_round = []
@@ -75,11 +78,11 @@ def digest(grid: Path) -> str:
             f" | {rows[-1]['eval_loss']:.3f} | {statistics.fmean(r['eval_loss'] for r in half):.3f}"
             f" | {low['eval_loss']:.3f} ({low['round']}) |"
         )
-    if found:
-        names, overall, per_round = label_mix(found[0][1])  # every cell of a seed samples the same clients
-        shown = names[-1]
-        lines += ["", f"Share of label `{shown}` among the examples of each round's sampled clients "
-                  f"(`{found[0][0]}`; {overall[-1]:.2f} in the whole training set):",
+    first_of_seed = {cell.name: (name, cell) for name, cell in reversed(found)}  # every method of a seed
+    for seed, (name, cell) in sorted(first_of_seed.items()):                  # samples the same clients
+        names, overall, per_round = label_mix(cell)
+        lines += ["", f"Share of label `{names[-1]}` among the examples of each round's sampled clients, {seed} "
+                  f"(from `{name}`; {overall[-1]:.2f} in the whole training set):",
                   " ".join(f"{mix[-1]:.2f}" for mix in per_round)]
     return "\n".join(lines) + "\n"
 

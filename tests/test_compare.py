@@ -121,6 +121,7 @@ def test_grid_digest_reads_every_finished_cell(tiny_args, tmp_path, capsys):
     assert "  accuracy: " + " ".join(f"{100 * a:.1f}" for a in acc) in text
     assert f"| hlora seed0 | {100 * json.loads((out / 'hlora' / 'seed0' / 'summary.json').read_text())['final_accuracy']:.1f} |" in text
     # the label mix of the sampled clients: one share per round, from the run's own split
+    assert "sampled clients, seed0 (from `hlora seed0`" in text
     shares = text.strip().splitlines()[-1].split()
     assert len(shares) == 2 and all(0.0 <= float(s) <= 1.0 for s in shares)
     copy_cells(out, tmp_path / "cells")
