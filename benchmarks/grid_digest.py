@@ -61,8 +61,9 @@ def digest(grid: Path) -> str:
     found = cells(grid)
     lines = [f"Digest of the grid `{grid}` (`python benchmarks/grid_digest.py {grid}`).", ""]
     lines += ["Accuracy (%) and eval loss per round, from each cell's `metrics.jsonl`:", ""]
+    rows_of = {cell: read_rows(cell) for _, cell in found}
     for name, cell in found:
-        rows = read_rows(cell)
+        rows = rows_of[cell]
         per_round = statistics.fmean(r["seconds"] for r in rows)
         lines.append(f"- `{name}` ({len(rows)} rounds, {per_round:.0f} s/round):")
         lines.append("  accuracy: " + " ".join(f"{100 * r['accuracy']:.1f}" for r in rows))
@@ -70,7 +71,7 @@ def digest(grid: Path) -> str:
     lines += ["", "| cell | final acc | mean acc, 2nd half | final eval loss | mean eval loss, 2nd half "
               "| min eval loss (round) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, cell in found:
-        rows = read_rows(cell)
+        rows = rows_of[cell]
         half = rows[len(rows) // 2:]
         low = min(rows, key=lambda r: r["eval_loss"])
         lines.append(
