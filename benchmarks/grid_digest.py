@@ -79,8 +79,10 @@ def digest(grid: Path) -> str:
             f" | {rows[-1]['eval_loss']:.3f} | {statistics.fmean(r['eval_loss'] for r in half):.3f}"
             f" | {low['eval_loss']:.3f} ({low['round']}) |"
         )
-    first_of_seed = {cell.name: (name, cell) for name, cell in reversed(found)}  # every method of a seed
-    for seed, (name, cell) in sorted(first_of_seed.items()):                  # samples the same clients
+    first_of_seed: dict[str, tuple[str, Path]] = {}  # every method of a seed samples the same clients
+    for name, cell in found:
+        first_of_seed.setdefault(cell.name, (name, cell))
+    for seed, (name, cell) in sorted(first_of_seed.items()):
         names, overall, per_round = label_mix(cell)
         lines += ["", f"Share of label `{names[-1]}` among the examples of each round's sampled clients, {seed} "
                   f"(from `{name}`; {overall[-1]:.2f} in the whole training set):",
