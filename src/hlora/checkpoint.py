@@ -56,7 +56,7 @@ def save_checkpoint(out: Path, state: GlobalState, **extra: Any) -> None:
             "head": state.head,
             "init": _pack(state.init),
             "round": state.round,
-            "extra": state.extra,
+            "extra": _pack(state.extra),
         },
         **extra,
     }
@@ -66,5 +66,5 @@ def save_checkpoint(out: Path, state: GlobalState, **extra: Any) -> None:
 def load_checkpoint(out: Path) -> tuple[GlobalState, dict[str, Any]]:
     payload = torch.load(out / CHECKPOINT, weights_only=True)
     s = payload.pop("state")
-    state = GlobalState(_unpack(s["lora"]), s["head"], _unpack(s["init"]), s["round"], s["extra"])
+    state = GlobalState(_unpack(s["lora"]), s["head"], _unpack(s["init"]), s["round"], _unpack(s["extra"]))
     return state, payload

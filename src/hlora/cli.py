@@ -37,7 +37,7 @@ def _default(name: str) -> str:
         return {"target_modules": "attention query,value", "out": "runs/<time>-<task>-<strategy>"}.get(
             name, "none"
         )
-    return ",".join(value) if isinstance(value, list) else str(value)
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _opt(name: str, help: str, *flags: str) -> Any:
@@ -64,7 +64,7 @@ class RichReporter:
         console.print(
             f"{self.prefix}[bold]hlora[/] {cfg.strategy} on {cfg.task}: {cfg.clients} clients, "
             f"{cfg.per_round} per round, {cfg.rounds} rounds, ranks {shown}, "
-            f"model {cfg.model}{again} -> {out}",
+            f"model {cfg.model}, precision {cfg.precision}{again} -> {out}",
             highlight=False,
         )
 
@@ -163,9 +163,42 @@ def run(
     max_norm_ratio: Optional[float] = _opt(
         "max_norm_ratio", "Reject an update whose norm exceeds this many times the round's median (0: off)."
     ),
-    local_epochs: Optional[int] = _opt("local_epochs", "Local epochs per round."),
-    lr: Optional[float] = _opt("lr", "Learning rate (AdamW)."),
+    preset: Optional[str] = _opt(
+        "preset", "A named set of training defaults under the file and options: paper (the papers' training: "
+        "2 local epochs of plain cross-entropy, the strategy's own server rule)."
+    ),
+    local_epochs: Optional[int] = _opt("local_epochs", "Local epochs per round (when --local-steps is not set)."),
+    local_steps: Optional[int] = _opt(
+        "local_steps", "Optimizer steps per client per round, cycling its data (overrides --local-epochs)."
+    ),
+    lr: Optional[float] = _opt("lr", "Client learning rate (AdamW)."),
+    lr_schedule: Optional[str] = _opt(
+        "lr_schedule", "Client lr across rounds: constant, or cosine (from --lr down to lr/50 at the last round)."
+    ),
     batch_size: Optional[int] = _opt("batch_size", "Local training batch size."),
+    logit_adjust: Optional[float] = _opt(
+        "logit_adjust", "Label-skew correction tau: clients train on CE(logits + tau log(pi_client / pi_all)); "
+        "evaluation and exports use the raw logits (0: off; classification only)."
+    ),
+    prox_mu: Optional[float] = _opt(
+        "prox_mu", "FedProx: mu/2 ||s B A - s B0 A0||^2 (+ the head's change) added to the client loss (0: off)."
+    ),
+    server_opt: Optional[str] = _opt(
+        "server_opt", "Server optimizer: avg (the strategy's rule), avgm (momentum; factored for hlora/flexlora), "
+        "adam, yogi (factor-space strategies)."
+    ),
+    server_lr: Optional[float] = _opt("server_lr", "Server learning rate eta (avgm, adam, yogi)."),
+    server_momentum: Optional[float] = _opt("server_momentum", "Server momentum beta of avgm, in [0, 1)."),
+    server_betas: Optional[str] = _opt("server_betas", "Adam/Yogi betas b1,b2."),
+    server_tau: Optional[float] = _opt("server_tau", "Adam/Yogi epsilon tau."),
+    server_rank: Optional[int] = _opt(
+        "server_rank", "Rank cap of the factored global update and momentum (avgm on hlora/flexlora)."
+    ),
+    precision: Optional[str] = _opt(
+        "precision", "Base model compute: fp32, bf16 (autocast; adapters, optimizer and loss stay float32), "
+        "or auto (bf16 where supported and faster)."
+    ),
+    eval_every: Optional[int] = _opt("eval_every", "Evaluate every K rounds (and always after the last)."),
     eval_batch_size: Optional[int] = _opt("eval_batch_size", "Evaluation batch size."),
     seed: Optional[int] = _opt("seed", "Seed of the split, ranks, client sampling and training."),
     threads: Optional[int] = _opt("threads", "Torch threads (default: torch's choice)."),

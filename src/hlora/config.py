@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from hlora.precision import PRECISIONS
+
 
 class ConfigError(ValueError):
     """An invalid option or config file (a user mistake, not a bug)."""
@@ -55,9 +57,27 @@ class RunConfig:
     max_norm_ratio: float = 10.0
     # local training
     local_epochs: int = 2
+    #: a fixed number of optimizer steps per client per round, cycling its data (overrides local_epochs)
+    local_steps: int | None = None
     lr: float = 1e-3
+    lr_schedule: str = "constant"
     batch_size: int = 16
     eval_batch_size: int = 128
+    # client objective (hlora.objectives): logit adjustment tau, FedProx mu
+    logit_adjust: float = 0.0
+    prox_mu: float = 0.0
+    # server optimizer (hlora.server_opt)
+    server_opt: str = "avg"
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    server_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    server_tau: float = 1e-3
+    server_rank: int = 64
+    # speed: bf16 autocast of the frozen base (auto: where supported and faster), evaluation interval
+    precision: str = "fp32"
+    eval_every: int = 1
+    #: a named set of defaults (PRESETS) applied before the config file and the options
+    preset: str | None = None
     seed: int = 0
     threads: int | None = None
     # outputs
@@ -78,6 +98,24 @@ class RunConfig:
             raise ConfigError(f"--min-clients must be at least 1, got {self.min_clients}")
         if self.max_norm_ratio < 0:
             raise ConfigError(f"--max-norm-ratio must be >= 0 (0 turns the check off), got {self.max_norm_ratio}")
+        if self.local_steps is not None and self.local_steps < 1:
+            raise ConfigError(f"--local-steps must be at least 1, got {self.local_steps}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.logit_adjust < 0:
+            raise ConfigError(f"--logit-adjust must be >= 0 (0: off), got {self.logit_adjust}")
+        if self.prox_mu < 0:
+            raise ConfigError(f"--prox-mu must be >= 0 (0: off), got {self.prox_mu}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.eval_every < 1:
+            raise ConfigError(f"--eval-every must be at least 1, got {self.eval_every}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        try:
+            self.server_optimizer().check(self.strategy)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.local_epochs < 1:
             raise ConfigError(f"--local-epochs must be at least 1, got {self.local_epochs}")
         if self.alpha <= 0:
@@ -103,12 +141,28 @@ class RunConfig:
         parse_ranks(self.ranks)
         return self
 
+    def server_optimizer(self):
+        from hlora.server_opt import ServerOpt
+
+        betas = tuple(float(b) for b in self.server_betas)
+        return ServerOpt(self.server_opt, self.server_lr, self.server_momentum, betas, self.server_tau,
+                         self.server_rank)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
+
+#: named sets of defaults. ``paper``: the papers' client training (2 local epochs of plain cross-entropy,
+#: the strategy's own server rule, a constant lr), with no correction of the label skew.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "local_epochs": 2, "local_steps": None, "lr": 1e-3, "lr_schedule": "constant", "batch_size": 16,
+        "logit_adjust": 0.0, "prox_mu": 0.0, "server_opt": "avg", "server_lr": 1.0, "server_momentum": 0.0,
+    },
+}
 
 FIELDS = {f.name for f in fields(RunConfig)}
 _HINTS = typing.get_type_hints(RunConfig)
@@ -135,9 +189,21 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> RunConfig
                 raise ConfigError(f"{p}: unknown option {key!r}")
             values[name] = value
     values.update({k: v for k, v in overrides.items() if v is not None})
-    for key in ("text_columns", "target_modules"):
+    preset = values.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        # the preset sits under the file and the options: what they set explicitly wins
+        given = {k for k in values}
+        values.update({k: v for k, v in PRESETS[preset].items() if k not in given})
+    for key in ("text_columns", "target_modules", "server_betas"):
         if isinstance(values.get(key), str):
             values[key] = [s.strip() for s in values[key].split(",") if s.strip()]
+    if "server_betas" in values:
+        try:
+            values["server_betas"] = [float(b) for b in values["server_betas"]]
+        except (TypeError, ValueError):
+            raise ConfigError(f"--server-betas takes two numbers b1,b2; got {values['server_betas']!r}") from None
     opts = values.get("strategy_options")
     if isinstance(opts, str):  # "norm_weights=true, prune=true"
         opts = [x for x in opts.split(",") if x.strip()]

@@ -50,7 +50,9 @@ def predict_logits(
                 idx = order[start : start + batch_size]
                 batch = data.batch(idx)
                 batch.pop("labels")
-                for i, row in zip(idx, fm.model(**batch).logits.float()):
+                with fm.autocast():
+                    logits_batch = fm.model(**batch).logits.float()
+                for i, row in zip(idx, logits_batch):
                     logits[i] = row
     finally:
         fm.clear()
@@ -79,17 +81,19 @@ def evaluate_lm(
             for start in range(0, len(order), batch_size):
                 batch = dev.batch(order[start : start + batch_size])
                 labels = batch.pop("labels")
-                logits = fm.model(**batch).logits.float()
+                with fm.autocast():
+                    logits = fm.model(**batch).logits.float()
                 target = labels[:, 1:]
                 total += float(F.cross_entropy(
                     logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
                     ignore_index=IGNORE, reduction="sum",
                 ))
                 count += int((target != IGNORE).sum())
-            scores = [
-                rouge_l(generate(fm.model, tokenizer, dev.prompt(i), max_new_tokens), references[i])
-                for i in range(min(gen_samples, len(dev)))
-            ]
+            with fm.autocast():
+                scores = [
+                    rouge_l(generate(fm.model, tokenizer, dev.prompt(i), max_new_tokens), references[i])
+                    for i in range(min(gen_samples, len(dev)))
+                ]
     finally:
         fm.clear()
     loss = total / max(count, 1)

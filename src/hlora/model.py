@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hlora.factors import Adapter, Factor
+from hlora.precision import precision_context
 
 #: default adapted layers, by architecture family (PEFT's names): the attention query and value.
 DEFAULT_TARGETS = (("query", "value"), ("q_lin", "v_lin"), ("q_proj", "v_proj"))
@@ -165,8 +166,9 @@ class FederatedModel:
     values out; nothing else changes between clients.
     """
 
-    def __init__(self, model: nn.Module, target_modules: list[str] | None = None) -> None:
+    def __init__(self, model: nn.Module, target_modules: list[str] | None = None, precision: str = "fp32") -> None:
         self.model = model
+        self.precision = precision
         for p in model.parameters():
             p.requires_grad_(False)
         linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -219,6 +221,20 @@ class FederatedModel:
         for p in self.head_params.values():
             p.requires_grad_(True)
         return trainable + list(self.head_params.values())
+
+    def autocast(self):
+        """The frozen base's matmuls in bf16 (``precision == "bf16"``), else a no-op context. The adapters,
+        the head's parameters, the optimizer and the loss stay float32 (autocast casts compute, not
+        storage; cross-entropy runs in float32 under autocast)."""
+        return precision_context(self.precision)
+
+    def live_factors(self) -> dict[str, Factor]:
+        """The installed trainable factors themselves (not copies: gradients flow through them)."""
+        return {
+            n: Factor(layer.lora_B, layer.lora_A, layer.scale)
+            for n, layer in self.layers.items()
+            if layer.lora_A is not None
+        }
 
     def tail_norm(self) -> Tensor:
         """sum_m ||s b_r a_r^T||_F = sum_m s ||b_r|| ||a_r|| over the installed trainable adapters."""

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hlora.server_opt import ServerOpt
 from hlora.strategies import ClientSpec, GlobalState, Payload, Strategy, Update
 from hlora.validate import norm_outliers, update_problem
 
@@ -56,12 +57,14 @@ def server_round(
     seed: int,
     min_clients: int = 1,
     max_norm_ratio: float = 10.0,
+    server_opt: ServerOpt | None = None,
 ) -> RoundOutcome:
     """Dispatch to ``clients``, let ``execute`` train them, reject bad updates, aggregate the rest.
 
     A client that raises, or whose update fails :func:`~hlora.validate.update_problem` or the norm
     check, is recorded in ``rejected`` and left out. Below ``min_clients`` valid updates the round is
-    skipped and the global model stays as it was. When every client raises, the first error is raised:
+    skipped and the global model stays as it was. ``server_opt`` steps the global state with the round's
+    aggregate (default: the strategy's own rule). When every client raises, the first error is raised:
     that is a bug or a setup error, not a client's fault.
     """
     payloads = []
@@ -92,13 +95,14 @@ def server_round(
     outliers = norm_outliers(out.accepted, sent, max_norm_ratio)
     out.rejected += [{"client": out.accepted[i].client, "reason": why} for i, why in outliers.items()]
     out.accepted = [u for i, u in enumerate(out.accepted) if i not in outliers]
+    sent = [p for i, p in enumerate(sent) if i not in outliers]
 
     out.skipped = len(out.accepted) < min_clients
     t0 = time.perf_counter()
     if out.skipped:
         out.state = dataclasses.replace(state, round=state.round + 1)
     else:
-        out.state = strategy.aggregate(state, out.accepted)
+        out.state = (server_opt or ServerOpt()).step(strategy, state, out.accepted, sent)
     out.seconds_aggregate = time.perf_counter() - t0
     return out
 

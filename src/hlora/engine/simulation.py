@@ -24,6 +24,8 @@ from hlora.engine.outputs import finish_run, round_row
 from hlora.factors import init_factors
 from hlora.metrics import MetricsLog
 from hlora.model import FederatedModel
+from hlora.objectives import Objective, cosine_lr, logit_offset
+from hlora.precision import resolve_precision
 from hlora.server import client_seed, server_round
 from hlora.strategies import ClientSpec, GlobalState, Strategy, Update, get_strategy
 from hlora.tasks import load_model, peft_task_type, score, tokenize
@@ -59,6 +61,19 @@ class Experiment:
     clients: list[ClientSpec]
     strategy: Strategy
     tokenizer: Any = None
+    #: each client's logit adjustment tau * (log pi_k - log pi) (classification with --logit-adjust)
+    offsets: list[torch.Tensor] | None = None
+
+    def objective(self, client: int) -> Objective:
+        """Client ``client``'s training loss (``-1``: the pooled, centralized site: the plain loss)."""
+        offset = self.offsets[client] if self.offsets is not None and client >= 0 else None
+        return Objective(offset=offset, prox_mu=self.cfg.prox_mu)
+
+    def round_lr(self, rnd: int) -> float:
+        """The clients' learning rate in round ``rnd`` (``--lr-schedule``)."""
+        if self.cfg.lr_schedule == "cosine":
+            return cosine_lr(self.cfg.lr, rnd, self.cfg.rounds)
+        return self.cfg.lr
 
     @property
     def max_rank(self) -> int:
@@ -72,6 +87,12 @@ class Experiment:
         """The global model W0 + adapter on the dev set: accuracy (and F1), or for an LM the eval loss,
         perplexity and ROUGE-L."""
         return score(self.cfg, self.task, self.fm, self.tokenizer, adapter, head, self.task.dev, self.dev)
+
+
+def local_examples(n: int, cfg: RunConfig) -> int:
+    """Examples a client of ``n`` examples trains on in a round (about, with --local-steps: a pass's last
+    batch may be short)."""
+    return cfg.local_steps * min(cfg.batch_size, n) if cfg.local_steps else cfg.local_epochs * n
 
 
 def default_out(cfg: RunConfig) -> Path:
@@ -114,7 +135,25 @@ def setup(cfg: RunConfig) -> Experiment:
     strategy.check(clients)
     train = tokenize(task, tokenizer, task.train, cfg.max_length)
     dev = tokenize(task, tokenizer, task.dev, cfg.max_length)
-    return Experiment(cfg, task, fm, train, dev, parts, clients, strategy, tokenizer)
+    offsets = None
+    if cfg.logit_adjust and task.kind != "instruct":
+        labels = task.train.labels
+        offsets = [
+            logit_offset([labels[i] for i in part], labels, task.num_labels, cfg.logit_adjust) for part in parts
+        ]
+    exp = Experiment(cfg, task, fm, train, dev, parts, clients, strategy, tokenizer, offsets)
+    cfg.precision = fm.precision = resolve_precision(cfg.precision, lambda mode: _probe_step(exp, mode))
+    return exp
+
+
+def _probe_step(exp: Experiment, precision: str, batches: int = 2) -> None:
+    """A few training batches of the first client at ``precision`` (for ``--precision auto``); the model
+    is left as it was."""
+    exp.fm.precision = precision
+    spec = exp.clients[0]
+    payload = exp.strategy.dispatch(exp.initial_state(), spec, torch.Generator().manual_seed(0))
+    train_client(exp.fm, payload, exp.train, exp.parts[0], client_id=0, epochs=1, lr=exp.cfg.lr,
+                 batch_size=exp.cfg.batch_size, seed=0, local_steps=batches)
 
 
 def prepare_out(out: Path, create: bool = True) -> Path:
@@ -189,7 +228,7 @@ def _rounds(
         else:
             jobs = [(exp.clients[c], exp.parts[c]) for c in sampled]
         indices = {spec.id: ix for spec, ix in jobs}
-        reporter.round_start(rnd, cfg.local_epochs * sum(len(ix) for _, ix in jobs))
+        reporter.round_start(rnd, sum(local_examples(len(ix), cfg) for _, ix in jobs))
 
         def execute(pairs: list[tuple[ClientSpec, Any]]) -> list[Update | Exception]:
             results: list[Update | Exception] = []
@@ -197,8 +236,8 @@ def _rounds(
                 try:
                     results.append(train_client(
                         fm, payload, exp.train, indices[spec.id], client_id=spec.id, epochs=cfg.local_epochs,
-                        lr=cfg.lr, batch_size=cfg.batch_size, seed=client_seed(cfg.seed, rnd, spec.id),
-                        on_batch=reporter.advance,
+                        lr=exp.round_lr(rnd), batch_size=cfg.batch_size, seed=client_seed(cfg.seed, rnd, spec.id),
+                        on_batch=reporter.advance, local_steps=cfg.local_steps, objective=exp.objective(spec.id),
                     ))
                 except Exception as e:  # a failing client is dropped from the round; the run goes on
                     results.append(e)
@@ -206,11 +245,12 @@ def _rounds(
 
         outcome = server_round(
             strategy, state, [spec for spec, _ in jobs], execute, round=rnd, seed=cfg.seed,
-            min_clients=cfg.min_clients, max_norm_ratio=cfg.max_norm_ratio,
+            min_clients=cfg.min_clients, max_norm_ratio=cfg.max_norm_ratio, server_opt=cfg.server_optimizer(),
         )
         state = outcome.state
+        scored = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
         row = round_row(
-            rnd, outcome, strategy=strategy, evaluate=exp.evaluate, client_ranks=cfg.client_ranks,
+            rnd, outcome, strategy=strategy, evaluate=exp.evaluate if scored else None, client_ranks=cfg.client_ranks,
             clients=sampled, ranks=[spec.ranks[next(iter(spec.ranks))] for spec, _ in jobs], started=t0,
         )
         log.append(row)
