@@ -97,12 +97,15 @@ class RichReporter:
         if row.get("skipped"):
             console.print(f"{self.prefix}  round skipped: too few valid updates (--min-clients)")
         if "accuracy" in row:
-            score = f"acc {row['accuracy']:.4f}{f1}"
-        else:  # a language model
+            score = f"acc {row['accuracy']:.4f}{f1}  eval_loss {row['eval_loss']:.4f}"
+        elif "perplexity" in row:  # a language model
             score = f"ppl {row['perplexity']:.2f}" + (f" rouge_l {row['rouge_l']:.3f}" if "rouge_l" in row else "")
+            score += f"  eval_loss {row['eval_loss']:.4f}"
+        else:  # not evaluated this round (--eval-every)
+            score = "(not evaluated)"
         console.print(
             f"{self.prefix}round {row['round']:>3}/{self.rounds}  {score}  "
-            f"eval_loss {row['eval_loss']:.4f}  train_loss {float('nan') if row['train_loss'] is None else row['train_loss']:.4f}  "
+            f"train_loss {float('nan') if row['train_loss'] is None else row['train_loss']:.4f}  "
             f"up {row['uplink_bytes'] / 1e6:.2f} MB  down {row['downlink_bytes'] / 1e6:.2f} MB  "
             f"{row['seconds']:.1f}s"
         )

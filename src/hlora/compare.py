@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hlora.config import ConfigError, RunConfig, load_config, parse_options
+from hlora.metrics import scored_rows
 
 RUN_FIELDS = {f.name for f in fields(RunConfig)}
 
@@ -158,11 +159,12 @@ def summarize(out: Path, methods: list[Method], seeds: list[int], target: float)
     accuracy (mean over the seeds that reach it), total MB up and down (mean over seeds)."""
     table = []
     for m in methods:
-        runs = [read_rows(out / m.slug / f"seed{s}") for s in seeds
+        logs = [read_rows(out / m.slug / f"seed{s}") for s in seeds
                 if cell_state(out / m.slug / f"seed{s}") == "done"]
-        if not runs:
+        if not logs:
             continue
-        row: dict[str, Any] = {"method": m.label, "seeds": len(runs), "rounds": len(runs[0])}
+        runs = [scored_rows(r, "accuracy") for r in logs]  # the evaluated rounds
+        row: dict[str, Any] = {"method": m.label, "seeds": len(runs), "rounds": len(logs[0])}
         for key, values in [
             ("final_acc", [r[-1]["accuracy"] for r in runs]),
             ("best_acc", [max(x["accuracy"] for x in r) for r in runs]),
@@ -173,8 +175,8 @@ def summarize(out: Path, methods: list[Method], seeds: list[int], target: float)
         hit = [x for x in reached if x is not None]
         row["rounds_to_target"] = statistics.fmean(hit) if hit else math.nan
         row["reached_target"] = f"{len(hit)}/{len(runs)}"
-        row["mb_up"] = statistics.fmean(sum(x["uplink_bytes"] for x in r) / 1e6 for r in runs)
-        row["mb_down"] = statistics.fmean(sum(x["downlink_bytes"] for x in r) / 1e6 for r in runs)
+        row["mb_up"] = statistics.fmean(sum(x["uplink_bytes"] for x in r) / 1e6 for r in logs)
+        row["mb_down"] = statistics.fmean(sum(x["downlink_bytes"] for x in r) / 1e6 for r in logs)
         table.append(row)
     return table
 

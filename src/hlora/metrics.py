@@ -120,6 +120,18 @@ def f1_score(pred: torch.Tensor, labels: torch.Tensor, positive: int) -> float:
     return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
 
 
+def score_key(rows: list[dict[str, Any]]) -> str:
+    """The main metric of a run's rows: accuracy (classification), else eval_loss (a language model)."""
+    return "accuracy" if any("accuracy" in r for r in rows) or not any("eval_loss" in r for r in rows) \
+        else "eval_loss"
+
+
+def scored_rows(rows: list[dict[str, Any]], key: str | None = None) -> list[dict[str, Any]]:
+    """The rows of evaluated rounds (``--eval-every`` leaves the others without scores)."""
+    key = key or score_key(rows)
+    return [r for r in rows if key in r]
+
+
 class MetricsLog:
     """Appends one JSON object per round to ``metrics.jsonl``; writes ``summary.json``."""
 
@@ -137,15 +149,16 @@ class MetricsLog:
 
     def summary(self, **extra: Any) -> dict[str, Any]:
         """Final and best value of the main metric (accuracy; eval_loss, lower is better, for an LM)."""
-        key = "eval_loss" if self.rows and "accuracy" not in self.rows[0] else "accuracy"
-        values = [r[key] for r in self.rows]
+        key = score_key(self.rows)
+        scored = scored_rows(self.rows, key)
+        values = [r[key] for r in scored]
         pick = min if key == "eval_loss" else max
         best = pick(range(len(values)), key=values.__getitem__) if values else None
         out = {
             "rounds": len(self.rows),
             f"final_{key}": values[-1] if values else math.nan,
             f"best_{key}": values[best] if values else math.nan,
-            "best_round": self.rows[best]["round"] if values else None,
+            "best_round": scored[best]["round"] if values else None,
             "uplink_bytes": sum(r["uplink_bytes"] for r in self.rows),
             "downlink_bytes": sum(r["downlink_bytes"] for r in self.rows),
         }
@@ -154,7 +167,7 @@ class MetricsLog:
             out["final_perplexity"] = self.rows[-1]["perplexity"]
         if self.rows and "f1" in self.rows[-1]:
             out["final_f1"] = self.rows[-1]["f1"]
-            out["best_f1"] = max(r["f1"] for r in self.rows)
+            out["best_f1"] = max(r["f1"] for r in scored)
         out.update(extra)
         self.summary_path.write_text(json.dumps(out, indent=2) + "\n")
         return out

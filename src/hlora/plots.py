@@ -8,13 +8,20 @@ from typing import Any
 
 import numpy as np
 
+from hlora.metrics import score_key
 
-def _curves(runs: list[list[dict[str, Any]]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Mean, min and max of ``key`` per round over seeds (cut to the shortest run), and mean cumulative MB."""
+
+def _curves(
+    runs: list[list[dict[str, Any]]], key: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, min and max of ``key`` over seeds at each evaluated round (cut to the shortest run), the mean
+    cumulative MB at those rounds, and the rounds."""
     n = min(len(r) for r in runs)
-    acc = np.array([[row[key] for row in r[:n]] for r in runs]) * (100 if key == "accuracy" else 1)
     mb = np.array([np.cumsum([(row["uplink_bytes"] + row["downlink_bytes"]) / 1e6 for row in r[:n]]) for r in runs])
-    return acc.mean(0), acc.min(0), acc.max(0), mb.mean(0)
+    at = [i for i, row in enumerate(runs[0][:n]) if all(key in r[i] for r in runs)]  # evaluated in every run
+    acc = np.array([[r[i][key] for i in at] for r in runs]) * (100 if key == "accuracy" else 1)
+    rounds = np.array([runs[0][i]["round"] for i in at])
+    return acc.mean(0), acc.min(0), acc.max(0), mb[:, at].mean(0), rounds
 
 
 def spread_labels(ys: list[float], gap: float) -> list[float]:
@@ -79,8 +86,7 @@ def plot_groups(
     groups = {k: v for k, v in groups.items() if v}
     if not groups:
         return []
-    first = next(iter(groups.values()))[0][0]
-    key = "accuracy" if "accuracy" in first else "eval_loss"
+    key = score_key(next(iter(groups.values()))[0])
     ylabel, what = ("dev accuracy (%)", "accuracy") if key == "accuracy" else ("dev loss (response tokens)", "eval loss")
     colors = plt.get_cmap("tab10")
     paths = []
@@ -88,8 +94,8 @@ def plot_groups(
         fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
         ends: list[tuple[str, float, float, Any]] = []
         for i, (label, runs) in enumerate(groups.items()):
-            mean, lo, hi, mb = _curves(runs, key)
-            x = np.arange(1, len(mean) + 1) if kind == key else mb
+            mean, lo, hi, mb, rounds = _curves(runs, key)
+            x = rounds if kind == key else mb
             c = colors(i % 10)
             if kind == "communication" and mb[-1] == 0:  # centralized: no communication, a reference line
                 ax.axhline(mean[-1], color=c, ls="--", lw=1)

@@ -36,16 +36,14 @@ def round_row(
     """Score the round's global model with ``evaluate(adapter, head)`` and build its ``metrics.jsonl`` row.
 
     ``clients`` and ``ranks`` are the round's sampled client ids and their ranks; ``started`` is the
-    ``time.perf_counter()`` at the start of the round. Without an evaluation (no dev set), accuracy and
-    loss are NaN.
+    ``time.perf_counter()`` at the start of the round. Without an evaluation (no dev set, or a round that
+    ``--eval-every`` skips) the row has no score keys (accuracy, eval_loss, ...): its communication,
+    losses and times are still recorded.
     """
     state = outcome.state
     t_eval = time.perf_counter()
     adapter = strategy.global_adapter(state)
-    if evaluate is not None:
-        scores = evaluate(adapter, state.head)
-    else:
-        scores = {"accuracy": math.nan, "eval_loss": math.nan}
+    scores = evaluate(adapter, state.head) if evaluate is not None else {}
     t_eval = time.perf_counter() - t_eval
     svds = adapter_svd(adapter)
     energy = {str(r): round(energy_kept(svds, r), 6) for r in sorted(set(client_ranks))}
