@@ -19,8 +19,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from hlora.checkpoint import load_checkpoint
 from hlora.client import train_client
+from hlora.config import load_config
 from hlora.data import encode, load_task, partition
+from hlora.engine import simulation
 from hlora.model import FederatedModel, load_classifier
 from hlora.server import client_seed
 from hlora.strategies import get_strategy
@@ -212,3 +215,58 @@ def test_a_node_killed_mid_round_is_recorded_and_the_round_completes(cluster, ti
     saved = torch.load(out / "updates" / "round-1.pt", weights_only=False)
     assert sorted(u.client for u in saved["updates"]) == sorted({0, 1, 2} - {dead["client"]})
     assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "summary.json").exists()
+
+
+def test_logit_adjustment_local_steps_and_server_momentum_equal_the_simulation(tmp_path, tiny_model,
+                                                                                 tiny_mrpc):
+    """Every node holds a partition-id, so client i is the simulation's client i (its data, rank and
+    seeds): a Flower run with logit adjustment (the federation's prior from the nodes' label counts),
+    local steps, a cosine lr, FedProx and server momentum computes what ``hlora run`` computes."""
+    # a node holds 16 examples: 2 steps of 8 are 1 of the 2 epochs. Each option moves the final adapter
+    # beyond the tolerances below (checked in-process, dropping one at a time).
+    options = {"logit-adjust": 1.0, "local-steps": 2, "local-epochs": 2, "server-opt": "avgm",
+               "server-momentum": 0.9, "lr-schedule": "cosine", "prox-mu": 0.5}
+    sites = {r: f"rank={r} partition-id={i} num-partitions=3 threads=1" for i, r in enumerate(RANKS)}
+    cluster = Cluster(tmp_path / "flower")
+    out = tmp_path / "flower-run"
+    try:
+        start(cluster, sites)
+        run = cluster.wait(cluster.run(run_config(tiny_model, tiny_mrpc, out, **options)), timeout=300)
+        assert run["status"] == "finished:completed", run
+    finally:
+        left = cluster.close()
+    assert not left, f"processes left running: {left}"
+
+    train, dev = tiny_mrpc
+    cfg = load_config(None, {
+        "task": "mrpc", "train": train, "dev": dev, "text_columns": TEXT, "label_column": "Quality",
+        "model": tiny_model, "max_length": 48, "clients": 3, "per_round": 3, "rounds": 2, "local_epochs": 1,
+        "batch_size": 8, "partition": "iid", "ranks": ",".join(map(str, RANKS)), "threads": 1,
+        "out": str(tmp_path / "simulation"), **{k.replace("-", "_"): v for k, v in options.items()},
+    })
+    threads = torch.get_num_threads()
+    try:
+        sim = simulation.run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+    flower = json.loads((out / "flower.json").read_text())
+    assert [(c["partition_id"], c["rank"]) for c in flower["clients"]] == list(enumerate(RANKS))
+    labels = load_task("mrpc", *tiny_mrpc, TEXT, "Quality").train.labels
+    counts = [sum(c["label_counts"][k] for c in flower["clients"]) for k in range(2)]
+    assert counts == [labels.count(0), labels.count(1)]  # the federation's prior: every training label
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == len(sim.rows) == 2
+    for got, expected in zip(rows, sim.rows):
+        for key in ("round", "clients", "ranks", "accuracy", "f1", "uplink_bytes", "downlink_bytes",
+                    "rejected"):
+            assert got[key] == expected[key], key
+        for key in ("eval_loss", "train_loss"):
+            assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
+    strategy = get_strategy("hlora")
+    mine, _ = load_checkpoint(out)
+    theirs, _ = load_checkpoint(sim.out)
+    assert "server_opt" in mine.extra and "server_opt" in theirs.extra  # the momentum was kept
+    assert_same_adapter(strategy.global_adapter(mine), strategy.global_adapter(theirs), 1e-5, 1e-6)
+    for name, t in theirs.head.items():
+        torch.testing.assert_close(mine.head[name], t, rtol=1e-5, atol=1e-6)

@@ -28,6 +28,7 @@ from hlora.engine.flower.records import (
 from hlora.engine.flower.settings import NodeConfigError, node_settings, run_settings
 from hlora.factors import Factor, init_factors
 from hlora.model import FederatedModel, load_classifier
+from hlora.objectives import Objective, logit_offset, offset_from_counts
 from hlora.server import client_seed
 from hlora.strategies import ClientSpec, Update, get_strategy
 
@@ -139,7 +140,11 @@ def test_the_flower_app_defaults_are_hlora_run_defaults():
         name = key.replace("-", "_")
         if name in defaults and name not in own_choice:
             expected = "" if defaults[name] in (None, {}, []) else defaults[name]
+            if isinstance(expected, list):  # run-config values are scalars: a list is "a,b"
+                expected = ",".join(map(str, expected))
             assert value == expected or (name == "threads" and value == 0), key
+    assert run_settings(config)[0] == RunConfig(clients=3, per_round=3, rounds=5, partition="iid",
+                                                out="runs/flower")
 
 
 def test_run_config_mistakes_are_named():
@@ -149,6 +154,9 @@ def test_run_config_mistakes_are_named():
         run_settings({"ranks": "2,4"})
     with pytest.raises(ConfigError, match="per-round"):
         run_settings({"clients": 2, "per-round": 3})
+    with pytest.raises(ConfigError, match="preset"):
+        run_settings({"preset": "paper"})
+    assert run_settings({"local-steps": 0})[0].local_steps is None  # 0: not set, as ""
 
 
 def test_node_config_mistakes_are_one_line():
@@ -191,8 +199,11 @@ def test_client_app_answers_a_query_or_says_what_is_wrong(tiny_run_config, tiny_
     assert not reply.has_error()
     labels = load_task("mrpc", *tiny_mrpc, ["#1 String", "#2 String"], "Quality").train.labels
     n = len(partition(labels, 3, "dirichlet", 0.5, 0)[1])  # hlora run's default split
-    assert dict(reply.content.config_records["site"]) == {"rank": 4, "lora-alpha": 16.0, "num-examples": n,
-                                                          "labels": ["0", "1"], "partition-id": 1}
+    share = [labels[i] for i in partition(labels, 3, "dirichlet", 0.5, 0)[1]]
+    assert dict(reply.content.config_records["site"]) == {
+        "rank": 4, "lora-alpha": 16.0, "num-examples": n, "labels": ["0", "1"], "partition-id": 1,
+        "label-counts": [share.count(0), share.count(1)], "precision": "fp32",
+    }
     bad = [
         ({"partition-id": 1, "num-partitions": 3}, "node-config: 'rank' is missing"),
         ({"rank": 4, "data-file": str(tmp_path / "nope.tsv")}, "does not exist"),
@@ -226,6 +237,77 @@ def test_client_app_trains_exactly_as_the_simulation(tiny_run_config, tiny_model
         torch.testing.assert_close(got.lora[m].B, expected.lora[m].B, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got.lora[m].A, expected.lora[m].A, rtol=1e-5, atol=1e-6)
     assert abs(got.train_loss - expected.train_loss) < 1e-5
+
+
+def test_training_options_cross_the_wire_and_older_messages_read_as_defaults():
+    strategy, state, clients = state_after_one_round("hlora")
+    payload = strategy.dispatch(state, clients[0], torch.Generator().manual_seed(0))
+    settings = TrainSettings(0, 3, 17, 2, 2.5e-4, 8, local_steps=5, prox_mu=0.01, logit_adjust=1.0,
+                             label_counts=[30, 18])
+    assert record_to_payload(wire(payload_to_record(payload, settings)))[1] == settings
+    content = payload_to_record(payload, TrainSettings(0, 3, 17, 2, 2.5e-4, 8))
+    config = content.config_records["config"]
+    assert (config["local-steps"], config["label-counts"]) == (0, [])  # "none" on the wire
+    for key in ("local-steps", "prox-mu", "logit-adjust", "label-counts"):  # a message of an older server
+        del config[key]
+    assert record_to_payload(wire(content))[1] == TrainSettings(0, 3, 17, 2, 2.5e-4, 8)
+
+
+def test_client_app_trains_with_the_simulations_objective_and_steps(tiny_run_config, tiny_model, tiny_mrpc):
+    """Logit adjustment from the federation's label counts, FedProx and local-steps, as the simulation."""
+    task = load_task("mrpc", *tiny_mrpc, ["#1 String", "#2 String"], "Quality")
+    labels = task.train.labels
+    model, tok = load_classifier(tiny_model, 2, 0)
+    fm = FederatedModel(model)
+    strategy = get_strategy("hlora")
+    state = strategy.init_state(init_factors(fm.shapes, 8, torch.Generator().manual_seed(0)), fm.head_state())
+    spec = ClientSpec(1, dict.fromkeys(fm.shapes, 4), 16.0, 16)
+    payload = strategy.dispatch(state, spec, torch.Generator().manual_seed(client_seed(0, 2, 1, 1)))
+    part = partition(labels, 3, "dirichlet", 0.5, 0)[1]
+    counts = [labels.count(c) for c in range(2)]
+    settings = TrainSettings(1, 2, client_seed(0, 2, 1), 1, 3e-4, 8, local_steps=3, prox_mu=0.05,
+                             logit_adjust=1.0, label_counts=counts)
+    offset = logit_offset([labels[i] for i in part], labels, 2, 1.0)  # what the simulation computes
+    own = [[labels[i] for i in part].count(c) for c in range(2)]
+    assert torch.equal(offset_from_counts(own, counts, 1.0), offset)
+    node = {"rank": 4, "partition-id": 1, "num-partitions": 3}
+    reply = call_app(node, tiny_run_config, payload_to_record(payload, settings), "train")
+    assert not reply.has_error(), reply.error
+    got = record_to_update(wire(reply.content))
+    expected = train_client(fm, payload, encode(tok, task.train, 48), part, client_id=1, epochs=1, lr=3e-4,
+                            batch_size=8, seed=settings.seed, local_steps=3,
+                            objective=Objective(offset=offset, prox_mu=0.05))
+    plain = train_client(fm, payload, encode(tok, task.train, 48), part, client_id=1, epochs=1, lr=3e-4,
+                         batch_size=8, seed=settings.seed, local_steps=3)
+    for m in expected.lora:
+        torch.testing.assert_close(got.lora[m].B, expected.lora[m].B, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.lora[m].A, expected.lora[m].A, rtol=1e-5, atol=1e-6)
+    assert abs(got.train_loss - expected.train_loss) < 1e-5 and abs(got.train_loss - plain.train_loss) > 1e-4
+    settings.label_counts = None  # logit adjustment without the federation's counts: a one-line error
+    reply = call_app(node, tiny_run_config, payload_to_record(payload, settings), "train")
+    assert reply.has_error() and "logit-adjust needs the federation's 2 label counts" in reply.error.reason
+
+
+def test_auto_precision_is_the_nodes_choice_made_once_per_run(tiny_run_config, monkeypatch):
+    calls = []
+
+    def resolve(precision, step):  # a real probe at bf16, then the choice
+        step("bf16")
+        calls.append(precision)
+        return "bf16"
+
+    monkeypatch.setattr(client_app, "resolve_precision", resolve)
+    run_config = {**tiny_run_config, "precision": "auto"}
+    ctx = Context(run_id=1, node_id=7, node_config={"rank": 2, "partition-id": 0, "num-partitions": 3},
+                  state=RecordDict(), run_config=run_config)
+    query = RecordDict({"hlora": ConfigRecord({})})
+    for _ in range(2):  # Flower starts a new ClientApp process per message: only the run state remains
+        client_app._SITES.clear()
+        reply = client_app.app(incoming(query, "query"), ctx)
+        assert not reply.has_error(), reply.error
+        assert reply.content.config_records["site"]["precision"] == "bf16"
+    assert calls == ["auto"] and ctx.state[client_app.STATE_KEY]["precision"] == "bf16"
+    client_app._SITES.clear()
 
 
 def test_a_round_whose_nodes_are_all_unreachable_is_skipped_not_fatal():
@@ -265,9 +347,11 @@ def test_flower_app_training_defaults_are_hlora_runs():
         expected = getattr(defaults, name)
         if value == "" and expected in (None, {}, []):
             continue
+        if isinstance(expected, list):  # run-config values are scalars: a list is "a,b"
+            expected = ",".join(map(str, expected))
         assert value == expected, f"flower-app {key} = {value!r}, hlora run's default is {expected!r}"
         compared += 1
-    assert compared >= 10
+    assert compared >= 20
 
 
 def test_clients_are_numbered_by_partition_id_when_every_node_holds_one():

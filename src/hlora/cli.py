@@ -179,6 +179,11 @@ def run(
         "lr_schedule", "Client lr across rounds: constant, or cosine (from --lr down to lr/50 at the last round)."
     ),
     batch_size: Optional[int] = _opt("batch_size", "Local training batch size."),
+    head_opt: Optional[str] = _opt(
+        "head_opt", "Optimizer of the classification head: adamw; sgd (steps proportional to the gradient); "
+        "or frozen (kept at its seeded initialisation, FedBABU)."
+    ),
+    head_lr: Optional[float] = _opt("head_lr", "Learning rate of the head (default: --lr)."),
     logit_adjust: Optional[float] = _opt(
         "logit_adjust", "Label-skew correction tau: clients train on CE(logits + tau log(pi_client / pi_all)); "
         "evaluation and exports use the raw logits (0: off; classification only)."

@@ -31,6 +31,44 @@ def length_grouped_batches(
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
+def make_optimizer(
+    params: list[torch.nn.Parameter], head_ids: set[int], lr: float, head_opt: str = "adamw",
+    head_lr: float | None = None,
+) -> torch.optim.Optimizer:
+    """AdamW for the adapters; the head (parameters whose id is in ``head_ids``) with AdamW or plain SGD at
+    ``head_lr``, or ``frozen`` (not trained: FedBABU's head, kept at its seeded initialisation). Why SGD for the head: Adam normalises each step to about lr whatever the gradient's size,
+    so a client that holds one label pushes the shared head at full speed even when logit adjustment has
+    made its gradient tiny; SGD keeps the step proportional to the gradient."""
+    head = [p for p in params if id(p) in head_ids]
+    body = [p for p in params if id(p) not in head_ids]
+    hlr = lr if head_lr is None else head_lr
+    if head_opt == "frozen":
+        head_ids, head = set(), []
+        body = [p for p in body if p.requires_grad]
+        return torch.optim.AdamW(body, lr=lr, weight_decay=0.0)
+    if head_opt == "adamw" and hlr == lr:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if head_opt == "adamw":
+        return torch.optim.AdamW([{"params": body}, {"params": head, "lr": hlr}], lr=lr, weight_decay=0.0)
+    return _Both(torch.optim.AdamW(body, lr=lr, weight_decay=0.0) if body else None,
+                 torch.optim.SGD(head, lr=hlr) if head else None)
+
+
+class _Both:
+    """Two optimizers stepped together (AdamW for the adapters, SGD for the head)."""
+
+    def __init__(self, *opts: torch.optim.Optimizer | None) -> None:
+        self.opts = [o for o in opts if o is not None]
+
+    def step(self) -> None:
+        for o in self.opts:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+
 def train_client(
     fm: FederatedModel,
     payload: Payload,
@@ -46,11 +84,14 @@ def train_client(
     group_by_length: bool = True,
     local_steps: int | None = None,
     objective: Objective | None = None,
+    head_opt: str = "adamw",
+    head_lr: float | None = None,
 ) -> Update:
     """Put the payload into the model, run AdamW over the client's examples, read out.
 
     The client trains ``epochs`` passes over its examples, or, with ``local_steps``, exactly that many
-    optimizer steps, cycling its data (a new shuffle each pass). ``objective`` sets the loss (logit
+    optimizer steps, cycling its data (a new shuffle each pass). The adapters train with AdamW at ``lr``; the
+    head with ``head_opt`` (adamw, or plain sgd) at ``head_lr`` (default ``lr``). ``objective`` sets the loss (logit
     adjustment, proximal term; default plain cross-entropy). ``seed`` fixes the shuffling and dropout,
     so a client's round is the same whatever ran before it. ``on_batch(n)`` is called after each batch
     with the number of examples it held (progress). ``group_by_length`` batches examples of similar
@@ -58,7 +99,10 @@ def train_client(
     """
     objective = objective or Objective()
     params = fm.install(payload.lora, payload.head, payload.frozen, payload.train_A)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if head_opt == "frozen":  # no gradient for the head at all
+        for p in fm.head_params.values():
+            p.requires_grad_(False)
+    optimizer = make_optimizer(params, set(map(id, fm.head_params.values())), lr, head_opt, head_lr)
     shuffle = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
     fm.model.train()

@@ -61,6 +61,9 @@ class RunConfig:
     local_steps: int | None = None
     lr: float = 1e-3
     lr_schedule: str = "constant"
+    #: the classification head's optimizer (adamw, sgd, frozen) and lr (None: --lr)
+    head_opt: str = "adamw"
+    head_lr: float | None = None
     batch_size: int = 16
     eval_batch_size: int = 128
     # client objective (hlora.objectives): logit adjustment tau, FedProx mu
@@ -102,6 +105,10 @@ class RunConfig:
             raise ConfigError(f"--local-steps must be at least 1, got {self.local_steps}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.head_opt not in ("adamw", "sgd", "frozen"):
+            raise ConfigError(f"--head-opt must be adamw, sgd or frozen, got {self.head_opt!r}")
+        if self.head_lr is not None and self.head_lr <= 0:
+            raise ConfigError(f"--head-lr must be > 0, got {self.head_lr}")
         if self.logit_adjust < 0:
             raise ConfigError(f"--logit-adjust must be >= 0 (0: off), got {self.logit_adjust}")
         if self.prox_mu < 0:

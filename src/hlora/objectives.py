@@ -30,17 +30,36 @@ from torch import Tensor
 from hlora.factors import Adapter, Factor
 
 
+def label_counts(labels: list[int] | Tensor, num_labels: int) -> Tensor:
+    """How many examples of each label, in label order (int64)."""
+    return torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_labels)
+
+
+def prior_from_counts(counts: list[int] | Tensor, num_labels: int) -> Tensor:
+    """Label distribution from label counts with add-one smoothing: (n_c + 1) / (n + C), float64."""
+    counts = torch.as_tensor(counts).double()
+    return (counts + 1.0) / (counts.sum() + num_labels)
+
+
 def smoothed_prior(labels: list[int] | Tensor, num_labels: int) -> Tensor:
     """Label distribution with add-one smoothing: (n_c + 1) / (n + C), float64."""
-    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_labels).double()
-    return (counts + 1.0) / (counts.sum() + num_labels)
+    return prior_from_counts(label_counts(labels, num_labels), num_labels)
+
+
+def offset_from_counts(client_counts: list[int] | Tensor, all_counts: list[int] | Tensor,
+                       tau: float) -> Tensor:
+    """tau * (log pi_k - log pi) from the client's and the federation's label counts (float32): what a
+    site that knows only its own labels and the federation's counts (the Flower engine) adds."""
+    num_labels = len(all_counts)
+    return (tau * (prior_from_counts(client_counts, num_labels).log()
+                   - prior_from_counts(all_counts, num_labels).log())).float()
 
 
 def logit_offset(client_labels: list[int] | Tensor, all_labels: list[int] | Tensor, num_labels: int,
                  tau: float) -> Tensor:
     """tau * (log pi_k - log pi): what client k adds to its logits during training (float32)."""
-    return (tau * (smoothed_prior(client_labels, num_labels).log()
-                   - smoothed_prior(all_labels, num_labels).log())).float()
+    return offset_from_counts(label_counts(client_labels, num_labels), label_counts(all_labels, num_labels),
+                              tau)
 
 
 def adjusted_cross_entropy(logits: Tensor, labels: Tensor, offset: Tensor | None) -> Tensor:

@@ -4,9 +4,15 @@ The site's ``--node-config`` gives its data (``data-file``, or ``partition-id`` 
 of the run's task) and its LoRA ``rank`` (optionally ``lora-alpha``, a local ``model`` path, ``threads``).
 The run-config (shared by every node and the server) gives the task, model and training settings.
 
-* ``query``: answers the site's rank, LoRA alpha, number of training examples and label names.
+* ``query``: answers the site's rank, LoRA alpha, number of training examples, label names, label
+  counts (the server sums them into the federation's prior, for logit adjustment) and precision.
 * ``train``: trains the received factors with :func:`hlora.client.train_client`, exactly as the
-  embedded simulation does, and replies with the update.
+  embedded simulation does (the round's lr, ``local-steps``, the objective: logit adjustment against
+  the federation's label counts sent by the server, FedProx), and replies with the update.
+
+Precision: the run-config's ``precision`` (``fp32``, ``bf16``) sets the node's autocast; ``auto`` is
+the node's own choice, made once per run by :func:`hlora.precision.resolve_precision` timing a few
+training batches on its data, and kept in the node's run state (``context.state``).
 
 A bad node-config or unreadable data gives an error reply whose reason is one line.
 """
@@ -17,19 +23,22 @@ import json
 import logging
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from hlora.client import train_client
-from hlora.config import ConfigError
+from hlora.config import ConfigError, RunConfig
 from hlora.data import DataError, Encoded, TaskData, encode
-from hlora.engine.flower.records import RecordError, record_to_payload, update_to_record
+from hlora.engine.flower.records import RecordError, TrainSettings, record_to_payload, update_to_record
 from hlora.engine.flower.settings import node_examples, node_settings, run_settings, shared_task
+from hlora.factors import init_factors
 from hlora.model import FederatedModel, ModelError, load_classifier
-from hlora.strategies import StrategyError
+from hlora.objectives import Objective, label_counts, offset_from_counts
+from hlora.precision import resolve_precision
+from hlora.strategies import Payload, StrategyError
 
 #: Flower's error code for an exception raised by a ClientApp
 CLIENT_APP_RAISED_EXCEPTION = 2
@@ -50,6 +59,8 @@ class Site:
     lora_alpha: float
     #: the node's share of a split of the run's task (``partition-id``), or -1 for its own data file
     partition_id: int = -1
+    #: how many of its training examples have each label, in label order
+    label_counts: list[int] = field(default_factory=list)
 
 
 #: sites loaded by this process, by (run-config, node-config): a process that serves several
@@ -75,14 +86,57 @@ def load_site(context: Context) -> Site:
     if node.rank > width:
         raise ConfigError(f"node-config: rank {node.rank} is above the width {width} of the adapted layers")
     part = -1 if node.partition_id is None else node.partition_id
-    site = Site(fm, encode(tokenizer, examples, cfg.max_length), task, node.rank, node.lora_alpha, part)
+    counts = label_counts(examples.labels, task.num_labels).tolist()
+    site = Site(fm, encode(tokenizer, examples, cfg.max_length), task, node.rank, node.lora_alpha, part,
+                counts)
+    fm.precision = node_precision(site, cfg, context)
     _SITES[key] = site
     return site
 
 
+#: the key of the node's run state (``context.state``) that keeps what it resolved once per run
+STATE_KEY = "hlora-node"
+
+
+def node_precision(site: Site, cfg: RunConfig, context: Context) -> str:
+    """The run-config's precision; for ``auto``, the node's own choice (a few timed training batches),
+    made on the run's first message and kept in ``context.state`` (Flower starts a new ClientApp
+    process for every message)."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    kept = context.state.get(STATE_KEY)
+    if isinstance(kept, ConfigRecord) and "precision" in kept:
+        return str(kept["precision"])
+    chosen = resolve_precision("auto", lambda mode: _probe_step(site, cfg, mode))
+    context.state[STATE_KEY] = ConfigRecord({"precision": chosen})
+    return chosen
+
+
+def _probe_step(site: Site, cfg: RunConfig, precision: str, batches: int = 2) -> None:
+    """A few training batches on the site's data at ``precision``, from a fresh adapter of its rank."""
+    site.fm.precision = precision
+    lora = init_factors(site.fm.shapes, site.rank, torch.Generator().manual_seed(0))
+    train_client(site.fm, Payload(lora, site.fm.head_state()), site.data, list(range(len(site.data))),
+                 client_id=-1, epochs=1, lr=cfg.lr, batch_size=cfg.batch_size, seed=0, local_steps=batches)
+
+
+def objective(site: Site, settings: TrainSettings) -> Objective:
+    """The round's training loss: the logit adjustment of this site's label counts against the
+    federation's (``hlora.objectives.logit_offset``, as the simulation computes it) and FedProx."""
+    offset = None
+    if settings.logit_adjust:
+        counts = settings.label_counts
+        if not counts or len(counts) != site.task.num_labels:
+            raise RecordError(f"logit-adjust needs the federation's {site.task.num_labels} label counts; "
+                              f"the train message holds {counts!r}")
+        offset = offset_from_counts(site.label_counts, counts, settings.logit_adjust)
+    return Objective(offset=offset, prox_mu=settings.prox_mu)
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server this site's rank, LoRA alpha, number of examples, label names and partition id."""
+    """Tell the server this site's rank, LoRA alpha, number of examples, label names, partition id,
+    label counts and precision."""
 
     def answer() -> RecordDict:
         site = load_site(context)
@@ -92,6 +146,8 @@ def query(msg: Message, context: Context) -> Message:
             "num-examples": len(site.data),
             "labels": list(site.task.label_names),
             "partition-id": site.partition_id,
+            "label-counts": list(site.label_counts),
+            "precision": site.fm.precision,
         })})
 
     return _reply(msg, answer)
@@ -107,6 +163,7 @@ def train(msg: Message, context: Context) -> Message:
         update = train_client(
             site.fm, payload, site.data, list(range(len(site.data))), client_id=settings.client,
             epochs=settings.local_epochs, lr=settings.lr, batch_size=settings.batch_size, seed=settings.seed,
+            local_steps=settings.local_steps, objective=objective(site, settings),
         )
         return update_to_record(update)
 

@@ -17,6 +17,10 @@ key                record       holds
                                 tail_penalty, the client id, and training settings or results
 =================  ===========  ===========================================================
 
+A train message's settings (:class:`TrainSettings`): ``local-steps`` 0 means "not set" (train
+``local-epochs``), ``label-counts`` ``[]`` means "none" (no logit adjustment). A message without the
+keys added later (``local-steps``, ``prox-mu``, ``logit-adjust``, ``label-counts``) reads as their defaults.
+
 Module and head names are listed in order in ``config`` (records are maps, their order is not kept).
 Scalings travel as 64-bit floats, so they come back bit for bit. ArrayRecord rejects bfloat16: such
 tensors are sent as float32.
@@ -48,8 +52,16 @@ class TrainSettings:
     round: int
     seed: int
     local_epochs: int
+    #: the round's client learning rate (``lr``, or its cosine schedule)
     lr: float
     batch_size: int
+    #: fixed optimizer steps (overrides ``local_epochs``); None: epochs
+    local_steps: int | None = None
+    prox_mu: float = 0.0
+    #: logit adjustment tau (0: off)
+    logit_adjust: float = 0.0
+    #: the federation's training label counts in label order (for logit adjustment), or None
+    label_counts: list[int] | None = None
 
 
 def payload_to_record(payload: Payload, settings: TrainSettings) -> RecordDict:
@@ -69,6 +81,10 @@ def payload_to_record(payload: Payload, settings: TrainSettings) -> RecordDict:
         "local-epochs": int(settings.local_epochs),
         "lr": float(settings.lr),
         "batch-size": int(settings.batch_size),
+        "local-steps": int(settings.local_steps or 0),
+        "prox-mu": float(settings.prox_mu),
+        "logit-adjust": float(settings.logit_adjust),
+        "label-counts": [int(c) for c in settings.label_counts or []],
     })
     return RecordDict({
         "lora": _adapter_record(payload.lora),
@@ -96,6 +112,10 @@ def record_to_payload(content: RecordDict) -> tuple[Payload, TrainSettings]:
             client=int(config["client"]), round=int(config["round"]), seed=int(config["seed"]),
             local_epochs=int(config["local-epochs"]), lr=float(config["lr"]),
             batch_size=int(config["batch-size"]),
+            local_steps=int(config.get("local-steps", 0)) or None,
+            prox_mu=float(config.get("prox-mu", 0.0)),
+            logit_adjust=float(config.get("logit-adjust", 0.0)),
+            label_counts=[int(c) for c in config.get("label-counts", [])] or None,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise RecordError(f"not a valid hlora train message: {type(e).__name__}: {e}") from e

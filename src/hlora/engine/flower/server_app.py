@@ -1,21 +1,26 @@
 """The hlora ServerApp: the federated rounds of ``hlora run``, with Flower carrying the messages.
 
-1. Wait for ``clients`` nodes, ask each (a query message) for its rank, LoRA alpha, number of examples
-   and label names. Client ids are the answering nodes in the order of their ``partition-id`` when every
-   one holds a share of the run's task (so client i is the simulation's client i, with its data and its
-   seeds), otherwise in the order of their node ids.
+1. Wait for ``clients`` nodes, ask each (a query message) for its rank, LoRA alpha, number of examples,
+   label names and label counts (their sum is the federation's label prior, sent to every node for
+   ``logit-adjust``, as the simulation computes it from all training labels). Client ids are the
+   answering nodes in the order of their ``partition-id`` when every one holds a share of the run's task
+   (so client i is the simulation's client i, with its data and its seeds), otherwise in the order of
+   their node ids.
 2. Each round: sample ``per-round`` clients (seeded, as the simulation does) and call
-   :func:`hlora.server.server_round` with an executor that sends each client its payload (a train
-   message of its own rank), and turns each reply into an :class:`~hlora.strategies.Update`, or an
-   error reply, an offline node or a missing reply (after ``round-timeout``) into an exception that
-   ``server_round`` records as rejected. The round goes on with the replies that arrived, when at least
-   ``min-clients`` are valid.
-3. Evaluate the global model on the dev set, write ``metrics.jsonl`` and ``checkpoint.pt``; at the end,
-   ``summary.json`` and ``adapter/``, all in ``out`` (see :mod:`hlora.engine.outputs`).
+   :func:`hlora.server.server_round` (with the run's server optimizer) with an executor that sends each
+   client its payload (a train message of its own rank, with the round's lr, ``local-steps``,
+   ``prox-mu``, ``logit-adjust`` and the federation's label counts), and turns each reply into an
+   :class:`~hlora.strategies.Update`, or an error reply, an offline node or a missing reply (after
+   ``round-timeout``) into an exception that ``server_round`` records as rejected. The round goes on
+   with the replies that arrived, when at least ``min-clients`` are valid.
+3. Evaluate the global model on the dev set (every ``eval-every`` rounds and after the last), write
+   ``metrics.jsonl`` and ``checkpoint.pt``; at the end, ``summary.json`` and ``adapter/``, all in
+   ``out`` (see :mod:`hlora.engine.outputs`).
 
 Besides the outputs of ``hlora run``, ``out/flower.json`` maps client ids to node ids, and with
 ``save-updates = true`` ``out/updates/round-N.pt`` holds each round's previous state, accepted updates
-and new state (``torch.load(..., weights_only=False)``).
+and new state (``torch.load(..., weights_only=False)``). ``precision = "auto"`` is each machine's own
+choice: ``config.yaml`` records the server's (its evaluation), ``flower.json`` each node's.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from torch import Tensor
 
 from hlora.checkpoint import save_checkpoint
 from hlora.config import ConfigError, RunConfig
-from hlora.data import encode
+from hlora.data import Encoded, encode
 from hlora.engine.flower.records import TrainSettings, payload_to_record, record_to_update
 from hlora.engine.flower.settings import FlowerOptions, run_settings, shared_task
 from hlora.engine.flower.transport import NodeFailure, NodeUnavailable, exchange
@@ -45,6 +50,8 @@ from hlora.engine.simulation import default_out, prepare_out
 from hlora.factors import Adapter, init_factors
 from hlora.metrics import MetricsLog, evaluate
 from hlora.model import FederatedModel, load_classifier
+from hlora.objectives import cosine_lr
+from hlora.precision import resolve_precision
 from hlora.server import RoundOutcome, client_seed, server_round
 from hlora.strategies import ClientSpec, GlobalState, Payload, Strategy, Update, get_strategy
 
@@ -69,12 +76,19 @@ class Node:
     num_examples: int
     #: its share of the run's task, -1 when it reads its own data file
     partition_id: int = -1
+    #: how many of its training examples have each label (None: not reported, an older node)
+    label_counts: list[int] | None = None
+    #: the precision it trains at (``auto`` resolved on the node)
+    precision: str = "fp32"
 
 
 def discover(
-    grid: Grid, expected: int, labels: list[str], options: FlowerOptions
+    grid: Grid, expected: int, labels: list[str], options: FlowerOptions, need_counts: bool = False
 ) -> tuple[list[Node], dict[int, str]]:
-    """Wait for ``expected`` nodes, query them; return the usable ones in client order and why others are not."""
+    """Wait for ``expected`` nodes, query them; return the usable ones in client order and why others are not.
+
+    ``need_counts``: a node must report its label counts (for logit adjustment).
+    """
     deadline = time.monotonic() + options.node_timeout
     while len(ids := sorted(grid.get_node_ids())) < expected:
         if time.monotonic() > deadline:
@@ -90,10 +104,15 @@ def discover(
             continue
         try:
             site = reply.content.config_records["site"]
+            counts = [int(c) for c in site["label-counts"]] if "label-counts" in site else None
             node = Node(node_id, int(site["rank"]), float(site["lora-alpha"]), int(site["num-examples"]),
-                        int(site.get("partition-id", -1)))
+                        int(site.get("partition-id", -1)), counts, str(site.get("precision", "fp32")))
             if list(site["labels"]) != labels:
                 raise ValueError(f"its labels {list(site['labels'])} differ from the server's {labels}")
+            if counts is None and need_counts:
+                raise ValueError("it reports no label counts (logit-adjust needs them; an older hlora?)")
+            if counts is not None and (len(counts) != len(labels) or min(counts) < 0):
+                raise ValueError(f"its label counts {counts} do not fit the {len(labels)} labels")
         except (KeyError, TypeError, ValueError) as e:
             failed[node_id] = f"node {node_id}: unusable answer to the query: {e}"
             continue
@@ -110,13 +129,28 @@ def in_client_order(nodes: list[Node]) -> list[Node]:
     return sorted(nodes, key=lambda n: n.node_id)
 
 
+def federation_counts(nodes: list[Node]) -> list[int]:
+    """The federation's training label counts: the sum of the nodes' counts."""
+    return [sum(c) for c in zip(*(n.label_counts or [] for n in nodes))]
+
+
+def round_lr(cfg: RunConfig, rnd: int) -> float:
+    """The clients' learning rate in round ``rnd`` (``lr-schedule``), as in the simulation."""
+    return cosine_lr(cfg.lr, rnd, cfg.rounds) if cfg.lr_schedule == "cosine" else cfg.lr
+
+
 class GridExecutor:
-    """An :data:`~hlora.server.Executor` over a Flower Grid: one train message per client."""
+    """An :data:`~hlora.server.Executor` over a Flower Grid: one train message per client.
+
+    ``label_counts``: the federation's label counts, sent for logit adjustment (None: not sent).
+    """
 
     def __init__(
-        self, grid: Grid, cfg: RunConfig, node_ids: dict[int, int], rnd: int, timeout: float
+        self, grid: Grid, cfg: RunConfig, node_ids: dict[int, int], rnd: int, timeout: float,
+        label_counts: list[int] | None = None,
     ) -> None:
         self.grid, self.cfg, self.node_ids, self.rnd, self.timeout = grid, cfg, node_ids, rnd, timeout
+        self.label_counts = label_counts
         self.pairs: list[tuple[ClientSpec, Payload]] = []
         self.results: list[Update | Exception] = []
 
@@ -126,7 +160,10 @@ class GridExecutor:
         for spec, payload in pairs:
             settings = TrainSettings(
                 client=spec.id, round=self.rnd, seed=client_seed(self.cfg.seed, self.rnd, spec.id),
-                local_epochs=self.cfg.local_epochs, lr=self.cfg.lr, batch_size=self.cfg.batch_size,
+                local_epochs=self.cfg.local_epochs, lr=round_lr(self.cfg, self.rnd),
+                batch_size=self.cfg.batch_size, local_steps=self.cfg.local_steps, prox_mu=self.cfg.prox_mu,
+                logit_adjust=self.cfg.logit_adjust,
+                label_counts=self.label_counts if self.cfg.logit_adjust else None,
             )
             contents.append((self.node_ids[spec.id], payload_to_record(payload, settings)))
         results: list[Update | Exception] = []
@@ -169,12 +206,14 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     model, tokenizer = load_classifier(cfg.model, task.num_labels, cfg.seed)
     fm = FederatedModel(model, cfg.target_modules)
     dev = encode(tokenizer, task.dev, cfg.max_length) if len(task.dev) else None
+    cfg.precision = fm.precision = server_precision(cfg, fm, dev)
 
     def scorer(adapter: Adapter, head: dict[str, Tensor]) -> dict[str, float]:
         return evaluate(fm, adapter, head, dev, cfg.eval_batch_size, task.f1_label)
     log.info("hlora: waiting for %d nodes; writing to %s", cfg.clients, out)
 
-    nodes, failed = discover(grid, cfg.clients, list(task.label_names), options)
+    nodes, failed = discover(grid, cfg.clients, list(task.label_names), options,
+                             need_counts=bool(cfg.logit_adjust))
     for reason in failed.values():
         log.warning("hlora: left out: %s", reason)
     if len(nodes) < cfg.per_round:
@@ -191,11 +230,13 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     cfg.save(out / "config.yaml")
     (out / "flower.json").write_text(json.dumps({
         "clients": [{"client": i, "node_id": n.node_id, "rank": n.rank, "lora_alpha": n.lora_alpha,
-                     "num_examples": n.num_examples, "partition_id": n.partition_id} for i, n in enumerate(nodes)],
+                     "num_examples": n.num_examples, "partition_id": n.partition_id,
+                     "label_counts": n.label_counts, "precision": n.precision} for i, n in enumerate(nodes)],
         "left_out": [{"node_id": k, "reason": v} for k, v in failed.items()],
         "round_timeout": options.round_timeout,
     }, indent=2) + "\n")
 
+    counts = federation_counts(nodes) if cfg.logit_adjust else None
     init = init_factors(fm.shapes, max(cfg.client_ranks), torch.Generator().manual_seed(cfg.seed))
     state = strategy.init_state(init, fm.head_state())
     sampler = np.random.default_rng([cfg.seed, 2])
@@ -204,10 +245,11 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         sampled = sorted(sampler.choice(cfg.clients, cfg.per_round, replace=False).tolist())
         specs = [clients[c] for c in sampled]
-        execute = GridExecutor(grid, cfg, node_ids, rnd, options.round_timeout)
+        execute = GridExecutor(grid, cfg, node_ids, rnd, options.round_timeout, counts)
         try:
             outcome = server_round(strategy, state, specs, execute, round=rnd, seed=cfg.seed,
-                                   min_clients=cfg.min_clients, max_norm_ratio=cfg.max_norm_ratio)
+                                   min_clients=cfg.min_clients, max_norm_ratio=cfg.max_norm_ratio,
+                                   server_opt=cfg.server_optimizer())
         except NodeUnavailable:
             if not all(isinstance(r, NodeUnavailable) for r in execute.results):
                 raise
@@ -219,14 +261,16 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         state = outcome.state
         for r in outcome.rejected:
             r["node_id"] = node_ids.get(r["client"])
-        row = round_row(rnd, outcome, strategy=strategy, evaluate=scorer if dev is not None else None, client_ranks=cfg.client_ranks,
-                        clients=sampled, ranks=[cfg.client_ranks[c] for c in sampled], started=t0)
+        scored = dev is not None and (rnd % cfg.eval_every == 0 or rnd == cfg.rounds)
+        row = round_row(rnd, outcome, strategy=strategy, evaluate=scorer if scored else None,
+                        client_ranks=cfg.client_ranks, clients=sampled,
+                        ranks=[cfg.client_ranks[c] for c in sampled], started=t0)
         row["nodes"] = [node_ids[c] for c in sampled]
         metrics.append(row)
         save_checkpoint(out, state, sampler=sampler.bit_generator.state, rows=metrics.rows,
                         client_ranks=cfg.client_ranks, partition=[], wall_seconds=time.perf_counter() - t_run)
-        log.info("hlora: round %d/%d accuracy %.4f train_loss %s rejected %d%s (%.1f s)", rnd, cfg.rounds,
-                 row["accuracy"], _fmt(row["train_loss"]), len(outcome.rejected),
+        log.info("hlora: round %d/%d accuracy %s train_loss %s rejected %d%s (%.1f s)", rnd, cfg.rounds,
+                 _fmt(row.get("accuracy")), _fmt(row["train_loss"]), len(outcome.rejected),
                  " skipped" if outcome.skipped else "", row["seconds"])
         for r in outcome.rejected:
             log.warning("hlora: round %d: client %s (node %s) rejected: %s", rnd, r["client"], r["node_id"],
@@ -235,6 +279,25 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
                          strategy_name=cfg.strategy, wall_seconds=time.perf_counter() - t_run)
     log.info("hlora: done; final accuracy %.4f; outputs in %s", summary["final_accuracy"], out)
     return summary
+
+
+def server_precision(cfg: RunConfig, fm: FederatedModel, dev: Encoded | None) -> str:
+    """The server's evaluation precision: the run-config's, or for ``auto`` its own choice, timing the
+    evaluation of a few dev batches (fp32 without a dev set)."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    if dev is None:
+        return "fp32"
+    n = min(len(dev), 2 * cfg.eval_batch_size)
+    probe = Encoded(dev.input_ids[:n], None if dev.token_type_ids is None else dev.token_type_ids[:n],
+                    dev.labels[:n], dev.pad_id)
+    adapter = init_factors(fm.shapes, 1, torch.Generator().manual_seed(0))
+
+    def step(mode: str) -> None:
+        fm.precision = mode
+        evaluate(fm, adapter, fm.head_state(), probe, cfg.eval_batch_size)
+
+    return resolve_precision("auto", step)
 
 
 def unreachable_round(strategy: Strategy, state: GlobalState, execute: GridExecutor) -> RoundOutcome:

@@ -3,7 +3,9 @@ node-config (its data and LoRA rank), and the task every node and the server agr
 
 Flower's run-config holds only bool, int, float and str values, with dashes in keys (``per-round``).
 Every key that names a :class:`~hlora.config.RunConfig` field means what it means in ``hlora run``; an
-empty string means "not set". A few keys are the Flower engine's own (:class:`FlowerOptions`).
+empty string means "not set" (so does 0 for ``threads`` and ``local-steps``); a list is a comma-separated
+string (``text-columns``, ``target-modules``, ``server-betas = "0.9,0.99"``). A few keys are the Flower
+engine's own (:class:`FlowerOptions`).
 """
 
 from __future__ import annotations
@@ -60,8 +62,11 @@ def run_settings(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerOption
                 continue  # "" means: not set, the RunConfig default
             if name == "strategy_options":
                 value = [p for p in re.split(r"[\s,]+", str(value)) if p]
-            if name == "threads" and value == 0:
-                continue
+            if name in ("threads", "local_steps") and value == 0:
+                continue  # 0: not set (torch's threads; local-epochs instead of steps)
+            if name == "preset":
+                raise ConfigError("run-config preset: the app lists every key with its value, so a preset "
+                                  "would change nothing; set the keys themselves")
             overrides[name] = value
         elif name in NOT_IN_RUN_CONFIG:
             raise ConfigError(f"run-config key {key!r}: each node gives its rank in its --node-config")
