@@ -167,6 +167,7 @@ class RunConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "local_epochs": 2, "local_steps": None, "lr": 1e-3, "lr_schedule": "constant", "batch_size": 16,
+        "head_opt": "adamw", "head_lr": None,
         "logit_adjust": 0.0, "prox_mu": 0.0, "server_opt": "avg", "server_lr": 1.0, "server_momentum": 0.0,
     },
 }

@@ -19,7 +19,7 @@ key                record       holds
 
 A train message's settings (:class:`TrainSettings`): ``local-steps`` 0 means "not set" (train
 ``local-epochs``), ``label-counts`` ``[]`` means "none" (no logit adjustment). A message without the
-keys added later (``local-steps``, ``prox-mu``, ``logit-adjust``, ``label-counts``) reads as their defaults.
+keys added later (``local-steps``, ``prox-mu``, ``logit-adjust``, ``label-counts``, ``head-opt``, ``head-lr``) reads as their defaults.
 
 Module and head names are listed in order in ``config`` (records are maps, their order is not kept).
 Scalings travel as 64-bit floats, so they come back bit for bit. ArrayRecord rejects bfloat16: such
@@ -62,6 +62,9 @@ class TrainSettings:
     logit_adjust: float = 0.0
     #: the federation's training label counts in label order (for logit adjustment), or None
     label_counts: list[int] | None = None
+    #: the head's optimizer (adamw, sgd, frozen) and lr (None: lr)
+    head_opt: str = "adamw"
+    head_lr: float | None = None
 
 
 def payload_to_record(payload: Payload, settings: TrainSettings) -> RecordDict:
@@ -85,6 +88,8 @@ def payload_to_record(payload: Payload, settings: TrainSettings) -> RecordDict:
         "prox-mu": float(settings.prox_mu),
         "logit-adjust": float(settings.logit_adjust),
         "label-counts": [int(c) for c in settings.label_counts or []],
+        "head-opt": str(settings.head_opt),
+        "head-lr": float(settings.head_lr or 0.0),
     })
     return RecordDict({
         "lora": _adapter_record(payload.lora),
@@ -116,6 +121,8 @@ def record_to_payload(content: RecordDict) -> tuple[Payload, TrainSettings]:
             prox_mu=float(config.get("prox-mu", 0.0)),
             logit_adjust=float(config.get("logit-adjust", 0.0)),
             label_counts=[int(c) for c in config.get("label-counts", [])] or None,
+            head_opt=str(config.get("head-opt", "adamw")),
+            head_lr=float(config.get("head-lr", 0.0)) or None,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise RecordError(f"not a valid hlora train message: {type(e).__name__}: {e}") from e

@@ -3,7 +3,7 @@ node-config (its data and LoRA rank), and the task every node and the server agr
 
 Flower's run-config holds only bool, int, float and str values, with dashes in keys (``per-round``).
 Every key that names a :class:`~hlora.config.RunConfig` field means what it means in ``hlora run``; an
-empty string means "not set" (so does 0 for ``threads`` and ``local-steps``); a list is a comma-separated
+empty string means "not set" (so does 0 for ``threads``, ``local-steps`` and ``head-lr``); a list is a comma-separated
 string (``text-columns``, ``target-modules``, ``server-betas = "0.9,0.99"``). A few keys are the Flower
 engine's own (:class:`FlowerOptions`).
 """
@@ -62,7 +62,7 @@ def run_settings(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerOption
                 continue  # "" means: not set, the RunConfig default
             if name == "strategy_options":
                 value = [p for p in re.split(r"[\s,]+", str(value)) if p]
-            if name in ("threads", "local_steps") and value == 0:
+            if name in ("threads", "local_steps", "head_lr") and value == 0:
                 continue  # 0: not set (torch's threads; local-epochs instead of steps)
             if name == "preset":
                 raise ConfigError("run-config preset: the app lists every key with its value, so a preset "
