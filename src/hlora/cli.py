@@ -179,6 +179,9 @@ def run(
         "lr_schedule", "Client lr across rounds: constant, or cosine (from --lr down to lr/50 at the last round)."
     ),
     batch_size: Optional[int] = _opt("batch_size", "Local training batch size."),
+    client_opt: Optional[str] = _opt(
+        "client_opt", "Optimizer of the adapters: adamw, or sgd (steps proportional to the gradient)."
+    ),
     head_opt: Optional[str] = _opt(
         "head_opt", "Optimizer of the classification head: adamw; sgd (steps proportional to the gradient); "
         "or frozen (kept at its seeded initialisation, FedBABU)."

@@ -33,29 +33,35 @@ def length_grouped_batches(
 
 def make_optimizer(
     params: list[torch.nn.Parameter], head_ids: set[int], lr: float, head_opt: str = "adamw",
-    head_lr: float | None = None,
-) -> torch.optim.Optimizer:
-    """AdamW for the adapters; the head (parameters whose id is in ``head_ids``) with AdamW or plain SGD at
-    ``head_lr``, or ``frozen`` (not trained: FedBABU's head, kept at its seeded initialisation). Why SGD for the head: Adam normalises each step to about lr whatever the gradient's size,
-    so a client that holds one label pushes the shared head at full speed even when logit adjustment has
-    made its gradient tiny; SGD keeps the step proportional to the gradient."""
+    head_lr: float | None = None, client_opt: str = "adamw",
+) -> "torch.optim.Optimizer | _Both":
+    """The client's optimizer: ``client_opt`` (adamw, or plain sgd) for the adapters at ``lr``; the head
+    (parameters whose id is in ``head_ids``) with ``head_opt`` (adamw, sgd) at ``head_lr`` (default lr), or
+    ``frozen`` (not trained: FedBABU's head, kept at its seeded initialisation).
+
+    Why SGD: Adam normalises each step to about lr whatever the gradient's size, so a client that holds
+    one label moves the shared model at full speed even where logit adjustment has made its gradient
+    tiny (its data is already explained by its label prior); SGD keeps each step proportional to the
+    gradient, so such a client moves the model little.
+    """
     head = [p for p in params if id(p) in head_ids]
     body = [p for p in params if id(p) not in head_ids]
     hlr = lr if head_lr is None else head_lr
     if head_opt == "frozen":
-        head_ids, head = set(), []
-        body = [p for p in body if p.requires_grad]
-        return torch.optim.AdamW(body, lr=lr, weight_decay=0.0)
-    if head_opt == "adamw" and hlr == lr:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    if head_opt == "adamw":
-        return torch.optim.AdamW([{"params": body}, {"params": head, "lr": hlr}], lr=lr, weight_decay=0.0)
-    return _Both(torch.optim.AdamW(body, lr=lr, weight_decay=0.0) if body else None,
-                 torch.optim.SGD(head, lr=hlr) if head else None)
+        head = []
+    if client_opt == "adamw" and head_opt in ("adamw", "frozen") and hlr == lr:
+        return torch.optim.AdamW(body + head, lr=lr, weight_decay=0.0)
+
+    def opt(kind: str, group: list[torch.nn.Parameter], rate: float) -> torch.optim.Optimizer | None:
+        if not group:
+            return None
+        return torch.optim.AdamW(group, lr=rate, weight_decay=0.0) if kind == "adamw" else torch.optim.SGD(group, lr=rate)
+
+    return _Both(opt(client_opt, body, lr), opt(head_opt, head, hlr))
 
 
 class _Both:
-    """Two optimizers stepped together (AdamW for the adapters, SGD for the head)."""
+    """Optimizers stepped together (one for the adapters, one for the head)."""
 
     def __init__(self, *opts: torch.optim.Optimizer | None) -> None:
         self.opts = [o for o in opts if o is not None]
@@ -86,12 +92,13 @@ def train_client(
     objective: Objective | None = None,
     head_opt: str = "adamw",
     head_lr: float | None = None,
+    client_opt: str = "adamw",
 ) -> Update:
     """Put the payload into the model, run AdamW over the client's examples, read out.
 
     The client trains ``epochs`` passes over its examples, or, with ``local_steps``, exactly that many
-    optimizer steps, cycling its data (a new shuffle each pass). The adapters train with AdamW at ``lr``; the
-    head with ``head_opt`` (adamw, or plain sgd) at ``head_lr`` (default ``lr``). ``objective`` sets the loss (logit
+    optimizer steps, cycling its data (a new shuffle each pass). The adapters train with ``client_opt``
+    (AdamW or SGD) at ``lr``, the head with ``head_opt`` at ``head_lr`` (see :func:`make_optimizer`). ``objective`` sets the loss (logit
     adjustment, proximal term; default plain cross-entropy). ``seed`` fixes the shuffling and dropout,
     so a client's round is the same whatever ran before it. ``on_batch(n)`` is called after each batch
     with the number of examples it held (progress). ``group_by_length`` batches examples of similar
@@ -102,7 +109,7 @@ def train_client(
     if head_opt == "frozen":  # no gradient for the head at all
         for p in fm.head_params.values():
             p.requires_grad_(False)
-    optimizer = make_optimizer(params, set(map(id, fm.head_params.values())), lr, head_opt, head_lr)
+    optimizer = make_optimizer(params, set(map(id, fm.head_params.values())), lr, head_opt, head_lr, client_opt)
     shuffle = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
     fm.model.train()

@@ -61,7 +61,8 @@ class RunConfig:
     local_steps: int | None = None
     lr: float = 1e-3
     lr_schedule: str = "constant"
-    #: the classification head's optimizer (adamw, sgd, frozen) and lr (None: --lr)
+    #: the adapters' optimizer (adamw, sgd); the classification head's (adamw, sgd, frozen) and lr (None: --lr)
+    client_opt: str = "adamw"
     head_opt: str = "adamw"
     head_lr: float | None = None
     batch_size: int = 16
@@ -105,6 +106,8 @@ class RunConfig:
             raise ConfigError(f"--local-steps must be at least 1, got {self.local_steps}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.client_opt not in ("adamw", "sgd"):
+            raise ConfigError(f"--client-opt must be adamw or sgd, got {self.client_opt!r}")
         if self.head_opt not in ("adamw", "sgd", "frozen"):
             raise ConfigError(f"--head-opt must be adamw, sgd or frozen, got {self.head_opt!r}")
         if self.head_lr is not None and self.head_lr <= 0:
@@ -167,7 +170,7 @@ class RunConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "local_epochs": 2, "local_steps": None, "lr": 1e-3, "lr_schedule": "constant", "batch_size": 16,
-        "head_opt": "adamw", "head_lr": None,
+        "client_opt": "adamw", "head_opt": "adamw", "head_lr": None,
         "logit_adjust": 0.0, "prox_mu": 0.0, "server_opt": "avg", "server_lr": 1.0, "server_momentum": 0.0,
     },
 }
