@@ -164,7 +164,7 @@ class GridExecutor:
                 batch_size=self.cfg.batch_size, local_steps=self.cfg.local_steps, prox_mu=self.cfg.prox_mu,
                 logit_adjust=self.cfg.logit_adjust,
                 label_counts=self.label_counts if self.cfg.logit_adjust else None,
-                head_opt=self.cfg.head_opt, head_lr=self.cfg.head_lr,
+                head_opt=self.cfg.head_opt, head_lr=self.cfg.head_lr, client_opt=self.cfg.client_opt,
             )
             contents.append((self.node_ids[spec.id], payload_to_record(payload, settings)))
         results: list[Update | Exception] = []
