@@ -182,6 +182,9 @@ def run(
     client_opt: Optional[str] = _opt(
         "client_opt", "Optimizer of the adapters: adamw, or sgd (steps proportional to the gradient)."
     ),
+    adam_eps: Optional[float] = _opt(
+        "adam_eps", "AdamW's epsilon on the clients: gradients well below it take proportionally small steps."
+    ),
     head_opt: Optional[str] = _opt(
         "head_opt", "Optimizer of the classification head: adamw; sgd (steps proportional to the gradient); "
         "or frozen (kept at its seeded initialisation, FedBABU)."

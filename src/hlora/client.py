@@ -33,7 +33,7 @@ def length_grouped_batches(
 
 def make_optimizer(
     params: list[torch.nn.Parameter], head_ids: set[int], lr: float, head_opt: str = "adamw",
-    head_lr: float | None = None, client_opt: str = "adamw",
+    head_lr: float | None = None, client_opt: str = "adamw", adam_eps: float = 1e-8,
 ) -> "torch.optim.Optimizer | _Both":
     """The client's optimizer: ``client_opt`` (adamw, or plain sgd) for the adapters at ``lr``; the head
     (parameters whose id is in ``head_ids``) with ``head_opt`` (adamw, sgd) at ``head_lr`` (default lr), or
@@ -42,7 +42,9 @@ def make_optimizer(
     Why SGD: Adam normalises each step to about lr whatever the gradient's size, so a client that holds
     one label moves the shared model at full speed even where logit adjustment has made its gradient
     tiny (its data is already explained by its label prior); SGD keeps each step proportional to the
-    gradient, so such a client moves the model little.
+    gradient, so such a client moves the model little. ``adam_eps`` in between: AdamW's step is
+    lr * m / (sqrt(v) + eps), so gradients well below eps take steps proportional to them (SGD-like at
+    lr / eps) while larger ones keep Adam's normalised steps.
     """
     head = [p for p in params if id(p) in head_ids]
     body = [p for p in params if id(p) not in head_ids]
@@ -50,12 +52,14 @@ def make_optimizer(
     if head_opt == "frozen":
         head = []
     if client_opt == "adamw" and head_opt in ("adamw", "frozen") and hlr == lr:
-        return torch.optim.AdamW(body + head, lr=lr, weight_decay=0.0)
+        return torch.optim.AdamW(body + head, lr=lr, weight_decay=0.0, eps=adam_eps)
 
     def opt(kind: str, group: list[torch.nn.Parameter], rate: float) -> torch.optim.Optimizer | None:
         if not group:
             return None
-        return torch.optim.AdamW(group, lr=rate, weight_decay=0.0) if kind == "adamw" else torch.optim.SGD(group, lr=rate)
+        if kind == "adamw":
+            return torch.optim.AdamW(group, lr=rate, weight_decay=0.0, eps=adam_eps)
+        return torch.optim.SGD(group, lr=rate)
 
     return _Both(opt(client_opt, body, lr), opt(head_opt, head, hlr))
 
@@ -93,6 +97,7 @@ def train_client(
     head_opt: str = "adamw",
     head_lr: float | None = None,
     client_opt: str = "adamw",
+    adam_eps: float = 1e-8,
 ) -> Update:
     """Put the payload into the model, run AdamW over the client's examples, read out.
 
@@ -109,7 +114,8 @@ def train_client(
     if head_opt == "frozen":  # no gradient for the head at all
         for p in fm.head_params.values():
             p.requires_grad_(False)
-    optimizer = make_optimizer(params, set(map(id, fm.head_params.values())), lr, head_opt, head_lr, client_opt)
+    optimizer = make_optimizer(params, set(map(id, fm.head_params.values())), lr, head_opt, head_lr, client_opt,
+                               adam_eps)
     shuffle = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
     fm.model.train()

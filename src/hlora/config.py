@@ -63,6 +63,8 @@ class RunConfig:
     lr_schedule: str = "constant"
     #: the adapters' optimizer (adamw, sgd); the classification head's (adamw, sgd, frozen) and lr (None: --lr)
     client_opt: str = "adamw"
+    #: AdamW's epsilon on the clients (larger: small gradients take proportionally small steps)
+    adam_eps: float = 1e-8
     head_opt: str = "adamw"
     head_lr: float | None = None
     batch_size: int = 16
@@ -108,6 +110,8 @@ class RunConfig:
             raise ConfigError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.client_opt not in ("adamw", "sgd"):
             raise ConfigError(f"--client-opt must be adamw or sgd, got {self.client_opt!r}")
+        if self.adam_eps <= 0:
+            raise ConfigError(f"--adam-eps must be > 0, got {self.adam_eps}")
         if self.head_opt not in ("adamw", "sgd", "frozen"):
             raise ConfigError(f"--head-opt must be adamw, sgd or frozen, got {self.head_opt!r}")
         if self.head_lr is not None and self.head_lr <= 0:
@@ -170,7 +174,7 @@ class RunConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "local_epochs": 2, "local_steps": None, "lr": 1e-3, "lr_schedule": "constant", "batch_size": 16,
-        "client_opt": "adamw", "head_opt": "adamw", "head_lr": None,
+        "client_opt": "adamw", "adam_eps": 1e-8, "head_opt": "adamw", "head_lr": None,
         "logit_adjust": 0.0, "prox_mu": 0.0, "server_opt": "avg", "server_lr": 1.0, "server_momentum": 0.0,
     },
 }

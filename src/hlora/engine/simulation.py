@@ -239,6 +239,7 @@ def _rounds(
                         lr=exp.round_lr(rnd), batch_size=cfg.batch_size, seed=client_seed(cfg.seed, rnd, spec.id),
                         on_batch=reporter.advance, local_steps=cfg.local_steps, objective=exp.objective(spec.id),
                         head_opt=cfg.head_opt, head_lr=cfg.head_lr, client_opt=cfg.client_opt,
+                        adam_eps=cfg.adam_eps,
                     ))
                 except Exception as e:  # a failing client is dropped from the round; the run goes on
                     results.append(e)

@@ -165,6 +165,7 @@ def train(msg: Message, context: Context) -> Message:
             epochs=settings.local_epochs, lr=settings.lr, batch_size=settings.batch_size, seed=settings.seed,
             local_steps=settings.local_steps, objective=objective(site, settings),
             head_opt=settings.head_opt, head_lr=settings.head_lr, client_opt=settings.client_opt,
+            adam_eps=settings.adam_eps,
         )
         return update_to_record(update)
 

@@ -19,7 +19,7 @@ key                record       holds
 
 A train message's settings (:class:`TrainSettings`): ``local-steps`` 0 means "not set" (train
 ``local-epochs``), ``label-counts`` ``[]`` means "none" (no logit adjustment). A message without the
-keys added later (``local-steps``, ``prox-mu``, ``logit-adjust``, ``label-counts``, ``head-opt``, ``head-lr``, ``client-opt``) reads as their defaults.
+keys added later (``local-steps``, ``prox-mu``, ``logit-adjust``, ``label-counts``, ``head-opt``, ``head-lr``, ``client-opt``, ``adam-eps``) reads as their defaults.
 
 Module and head names are listed in order in ``config`` (records are maps, their order is not kept).
 Scalings travel as 64-bit floats, so they come back bit for bit. ArrayRecord rejects bfloat16: such
@@ -67,6 +67,7 @@ class TrainSettings:
     head_lr: float | None = None
     #: the adapters' optimizer (adamw, sgd)
     client_opt: str = "adamw"
+    adam_eps: float = 1e-8
 
 
 def payload_to_record(payload: Payload, settings: TrainSettings) -> RecordDict:
@@ -93,6 +94,7 @@ def payload_to_record(payload: Payload, settings: TrainSettings) -> RecordDict:
         "head-opt": str(settings.head_opt),
         "head-lr": float(settings.head_lr or 0.0),
         "client-opt": str(settings.client_opt),
+        "adam-eps": float(settings.adam_eps),
     })
     return RecordDict({
         "lora": _adapter_record(payload.lora),
@@ -127,6 +129,7 @@ def record_to_payload(content: RecordDict) -> tuple[Payload, TrainSettings]:
             head_opt=str(config.get("head-opt", "adamw")),
             head_lr=float(config.get("head-lr", 0.0)) or None,
             client_opt=str(config.get("client-opt", "adamw")),
+            adam_eps=float(config.get("adam-eps", 1e-8)),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise RecordError(f"not a valid hlora train message: {type(e).__name__}: {e}") from e

@@ -165,6 +165,7 @@ class GridExecutor:
                 logit_adjust=self.cfg.logit_adjust,
                 label_counts=self.label_counts if self.cfg.logit_adjust else None,
                 head_opt=self.cfg.head_opt, head_lr=self.cfg.head_lr, client_opt=self.cfg.client_opt,
+                adam_eps=self.cfg.adam_eps,
             )
             contents.append((self.node_ids[spec.id], payload_to_record(payload, settings)))
         results: list[Update | Exception] = []
