@@ -440,3 +440,34 @@ def test_momentum_changes_the_run(tiny_args, tmp_path):
     # round 1 from G = 0 and no momentum: G_1 = sum_k p_k s_k B_k A_k, HLoRA's own aggregate
     assert mom.rows[0]["eval_loss"] == pytest.approx(plain.rows[0]["eval_loss"], rel=1e-4)
     assert plain.rows[-1]["eval_loss"] != mom.rows[-1]["eval_loss"]
+
+
+# --- client weights -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["hlora", "fedit"])
+def test_uniform_client_weights_give_each_update_weight_one_over_k(name):
+    """server_round(client_weights="uniform") aggregates as if every client held one example: for HLoRA the
+    global update is the plain mean of the clients' effective updates, against a dense float64 reference."""
+    from hlora.server import server_round
+
+    s = get_strategy(name)
+    state = s.init_state(make_init(4), head0())
+    specs = [spec(0, 4, n=5), spec(1, 4, n=50), spec(2, 4, n=15)]
+    sent, updates = perturb(s, state, specs, seed=3)
+    by_id = {u.client: u for u in updates}
+
+    def execute(pairs):
+        return [by_id[c.id] for c, _ in pairs]
+
+    out = server_round(s, state, specs, execute, round=1, seed=0, max_norm_ratio=0, client_weights="uniform")
+    ref = s.aggregate(state, [Update(u.client, u.lora, u.head, 1, u.info) for u in updates])
+    for m in SHAPES:
+        torch.testing.assert_close(dense_of(s, out.state)[m], dense_of(s, ref)[m])
+    if name == "hlora":
+        for m in SHAPES:
+            mean = sum(u.lora[m].scale * u.lora[m].B @ u.lora[m].A for u in updates) / len(updates)
+            torch.testing.assert_close(dense_of(s, out.state)[m], mean)
+    weighted = server_round(s, state, specs, execute, round=1, seed=0, max_norm_ratio=0)
+    assert not torch.allclose(dense_of(s, weighted.state)["m1"], dense_of(s, out.state)["m1"])
+    assert [u.num_examples for u in out.accepted] == [5, 50, 15]  # the record keeps the real sizes

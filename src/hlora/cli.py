@@ -208,6 +208,9 @@ def run(
     server_rank: Optional[int] = _opt(
         "server_rank", "Rank cap of the factored global update and momentum (avgm on hlora/flexlora)."
     ),
+    client_weights: Optional[str] = _opt(
+        "client_weights", "Aggregation weight of a client: examples (n_k/n, the papers') or uniform (1/K)."
+    ),
     precision: Optional[str] = _opt(
         "precision", "Base model compute: fp32, bf16 (autocast; adapters, optimizer and loss stay float32), "
         "or auto (bf16 where supported and faster)."

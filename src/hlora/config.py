@@ -79,6 +79,8 @@ class RunConfig:
     server_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     server_tau: float = 1e-3
     server_rank: int = 64
+    #: the aggregation weight of a client: examples (n_k / n, the papers') or uniform (1 / K)
+    client_weights: str = "examples"
     # speed: bf16 autocast of the frozen base (auto: where supported and faster), evaluation interval
     precision: str = "fp32"
     eval_every: int = 1
@@ -110,6 +112,8 @@ class RunConfig:
             raise ConfigError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.client_opt not in ("adamw", "sgd"):
             raise ConfigError(f"--client-opt must be adamw or sgd, got {self.client_opt!r}")
+        if self.client_weights not in ("examples", "uniform"):
+            raise ConfigError(f"--client-weights must be examples or uniform, got {self.client_weights!r}")
         if self.adam_eps <= 0:
             raise ConfigError(f"--adam-eps must be > 0, got {self.adam_eps}")
         if self.head_opt not in ("adamw", "sgd", "frozen"):
@@ -176,6 +180,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "local_epochs": 2, "local_steps": None, "lr": 1e-3, "lr_schedule": "constant", "batch_size": 16,
         "client_opt": "adamw", "adam_eps": 1e-8, "head_opt": "adamw", "head_lr": None,
         "logit_adjust": 0.0, "prox_mu": 0.0, "server_opt": "avg", "server_lr": 1.0, "server_momentum": 0.0,
+        "client_weights": "examples",
     },
 }
 

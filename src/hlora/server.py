@@ -58,13 +58,16 @@ def server_round(
     min_clients: int = 1,
     max_norm_ratio: float = 10.0,
     server_opt: ServerOpt | None = None,
+    client_weights: str = "examples",
 ) -> RoundOutcome:
     """Dispatch to ``clients``, let ``execute`` train them, reject bad updates, aggregate the rest.
 
     A client that raises, or whose update fails :func:`~hlora.validate.update_problem` or the norm
     check, is recorded in ``rejected`` and left out. Below ``min_clients`` valid updates the round is
     skipped and the global model stays as it was. ``server_opt`` steps the global state with the round's
-    aggregate (default: the strategy's own rule). When every client raises, the first error is raised:
+    aggregate (default: the strategy's own rule). ``client_weights``: ``examples`` weighs
+    client k by p_k = n_k / n (every strategy's rule), ``uniform`` by 1/K (each accepted update counts as
+    one example for the aggregation). When every client raises, the first error is raised:
     that is a bug or a setup error, not a client's fault.
     """
     payloads = []
@@ -102,7 +105,10 @@ def server_round(
     if out.skipped:
         out.state = dataclasses.replace(state, round=state.round + 1)
     else:
-        out.state = (server_opt or ServerOpt()).step(strategy, state, out.accepted, sent)
+        weighed = out.accepted
+        if client_weights == "uniform":
+            weighed = [dataclasses.replace(u, num_examples=1) for u in out.accepted]
+        out.state = (server_opt or ServerOpt()).step(strategy, state, weighed, sent)
     out.seconds_aggregate = time.perf_counter() - t0
     return out
 

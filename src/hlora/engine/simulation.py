@@ -248,6 +248,7 @@ def _rounds(
         outcome = server_round(
             strategy, state, [spec for spec, _ in jobs], execute, round=rnd, seed=cfg.seed,
             min_clients=cfg.min_clients, max_norm_ratio=cfg.max_norm_ratio, server_opt=cfg.server_optimizer(),
+            client_weights=cfg.client_weights,
         )
         state = outcome.state
         scored = rnd % cfg.eval_every == 0 or rnd == cfg.rounds

@@ -251,7 +251,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         try:
             outcome = server_round(strategy, state, specs, execute, round=rnd, seed=cfg.seed,
                                    min_clients=cfg.min_clients, max_norm_ratio=cfg.max_norm_ratio,
-                                   server_opt=cfg.server_optimizer())
+                                   server_opt=cfg.server_optimizer(), client_weights=cfg.client_weights)
         except NodeUnavailable:
             if not all(isinstance(r, NodeUnavailable) for r in execute.results):
                 raise
