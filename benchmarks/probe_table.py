@@ -1,5 +1,5 @@
 """A markdown table of short runs (probes): one row per run directory, its settings that differ from
-`hlora run`'s defaults, and eval loss and accuracy per round.
+the papers' training (`hlora run --preset paper`), and eval loss and accuracy per round.
 
     python benchmarks/probe_table.py RUN_DIR [RUN_DIR ...] [--copy DEST]
 
@@ -16,20 +16,21 @@ from pathlib import Path
 
 import yaml
 
-from hlora.config import RunConfig
+from hlora.config import RunConfig, load_config
 
-SKIP = {"out", "client_ranks", "threads", "rounds", "precision"}
+SKIP = {"out", "client_ranks", "threads", "rounds", "precision", "preset", "train", "dev", "text_columns",
+        "label_column"}
 
 
 def differs(cfg: dict) -> str:
-    base = RunConfig()
+    base = load_config(None, {"preset": "paper"})
     out = []
     for f in fields(RunConfig):
         if f.name in SKIP or f.name not in cfg:
             continue
         if cfg[f.name] != getattr(base, f.name):
             out.append(f"{f.name}={cfg[f.name]}")
-    return ", ".join(out) or "(defaults)"
+    return ", ".join(out) or "(the papers' training)"
 
 
 def main() -> None:

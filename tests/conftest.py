@@ -58,5 +58,5 @@ def tiny_args(tiny_model, tiny_mrpc) -> list[str]:
         "--model", tiny_model, "--train", train, "--dev", dev, "--task", "mrpc",
         "--text-columns", "#1 String,#2 String", "--label-column", "Quality",
         "--clients", "4", "--per-round", "2", "--rounds", "2", "--local-epochs", "1",
-        "--batch-size", "8", "--max-length", "48", "--ranks", "2-4",
+        "--batch-size", "8", "--max-length", "48", "--ranks", "2-4", "--precision", "fp32",
     ]

@@ -98,7 +98,7 @@ from tests.test_cli import run_cli  # noqa: E402
         (["--server-opt", "avgm", "--strategy", "flora"],
          "--server-opt avgm is not defined for flora; use avg"),
         (["--server-opt", "nesterov"], "--server-opt must be one of avg, avgm, adam, yogi, got 'nesterov'"),
-        (["--server-lr", "0.5"], "--server-lr and --server-momentum need --server-opt avgm, adam or yogi"),
+        (["--server-opt", "avg", "--server-lr", "0.5"], "--server-lr and --server-momentum need --server-opt avgm, adam or yogi"),
         (["--server-opt", "avgm", "--server-lr", "0"], "--server-lr must be > 0"),
         (["--server-opt", "avgm", "--server-rank", "0"], "--server-rank must be at least 1"),
         (["--server-betas", "0.9,1.5", "--server-opt", "adam", "--strategy", "fedit", "--ranks", "8"],

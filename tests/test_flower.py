@@ -50,13 +50,19 @@ def sites(tiny_mrpc, tmp_path_factory) -> dict[int, str]:
     }
 
 
+#: the papers' training, pinned: check_run recomputes each node's round with plain train_client and the
+#: strategy's own aggregate (hlora run's defaults add logit adjustment, an SGD head and server momentum)
+PINNED = {"precision": "fp32", "logit-adjust": 0.0, "head-opt": "adamw", "head-lr": 0.001, "adam-eps": 1e-8,
+          "server-opt": "avg", "server-lr": 1.0, "client-weights": "examples"}
+
+
 def run_config(tiny_model, tiny_mrpc, out: Path, **extra) -> str:
     train, dev = tiny_mrpc
     values = {
         "task": "mrpc", "train": train, "dev": dev, "text-columns": ",".join(TEXT), "label-column": "Quality",
         "model": tiny_model, "max-length": 48, "clients": 3, "per-round": 3, "rounds": 2, "local-epochs": 1,
         "batch-size": 8, "partition": "iid", "threads": 1, "out": str(out), "save-updates": True,
-        "round-timeout": 120.0, "node-timeout": 60.0, **extra,
+        "round-timeout": 120.0, "node-timeout": 60.0, **PINNED, **extra,
     }
     return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
@@ -242,7 +248,8 @@ def test_logit_adjustment_local_steps_and_server_momentum_equal_the_simulation(t
         "task": "mrpc", "train": train, "dev": dev, "text_columns": TEXT, "label_column": "Quality",
         "model": tiny_model, "max_length": 48, "clients": 3, "per_round": 3, "rounds": 2, "local_epochs": 1,
         "batch_size": 8, "partition": "iid", "ranks": ",".join(map(str, RANKS)), "threads": 1,
-        "out": str(tmp_path / "simulation"), **{k.replace("-", "_"): v for k, v in options.items()},
+        "out": str(tmp_path / "simulation"),
+        **{k.replace("-", "_"): v for k, v in {**PINNED, **options}.items()},
     })
     threads = torch.get_num_threads()
     try:

@@ -144,7 +144,7 @@ def test_the_flower_app_defaults_are_hlora_run_defaults():
                 expected = ",".join(map(str, expected))
             assert value == expected or (name == "threads" and value == 0), key
     assert run_settings(config)[0] == RunConfig(clients=3, per_round=3, rounds=5, partition="iid",
-                                                out="runs/flower")
+                                                out="runs/flower").validate()
 
 
 def test_run_config_mistakes_are_named():
@@ -190,7 +190,8 @@ def call_app(node_config: dict, run_config: dict, content: RecordDict, message_t
 def tiny_run_config(tiny_model, tiny_mrpc) -> dict:
     train, dev = tiny_mrpc
     return {"task": "mrpc", "train": train, "dev": dev, "text-columns": "#1 String,#2 String",
-            "label-column": "Quality", "model": tiny_model, "max-length": 48, "clients": 3, "per-round": 3}
+            "label-column": "Quality", "model": tiny_model, "max-length": 48, "clients": 3, "per-round": 3,
+            "precision": "fp32"}
 
 
 def test_client_app_answers_a_query_or_says_what_is_wrong(tiny_run_config, tiny_mrpc, tmp_path):

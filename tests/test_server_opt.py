@@ -435,8 +435,9 @@ def test_momentum_changes_the_run(tiny_args, tmp_path):
     from hlora import run
     from tests.test_run import tiny_config
 
-    plain = run(tiny_config(tiny_args, tmp_path / "plain", rounds=2))
-    mom = run(tiny_config(tiny_args, tmp_path / "mom", rounds=2, server_opt="avgm", server_momentum=0.9))
+    plain = run(tiny_config(tiny_args, tmp_path / "plain", rounds=2, server_opt="avg"))
+    mom = run(tiny_config(tiny_args, tmp_path / "mom", rounds=2, server_opt="avgm", server_lr=1.0,
+                          server_momentum=0.9))
     # round 1 from G = 0 and no momentum: G_1 = sum_k p_k s_k B_k A_k, HLoRA's own aggregate
     assert mom.rows[0]["eval_loss"] == pytest.approx(plain.rows[0]["eval_loss"], rel=1e-4)
     assert plain.rows[-1]["eval_loss"] != mom.rows[-1]["eval_loss"]

@@ -34,7 +34,9 @@ def _group() -> None:
 def _default(name: str) -> str:
     value = getattr(_D, name)
     if value is None:
-        return {"target_modules": "attention query,value", "out": "runs/<time>-<task>-<strategy>"}.get(
+        return {"target_modules": "attention query,value", "out": "runs/<time>-<task>-<strategy>",
+                "server_opt": "avgm for hlora/flexlora on classification, avg otherwise",
+                "server_lr": "2 with the default avgm, else 1", "head_lr": "--lr"}.get(
             name, "none"
         )
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)

@@ -64,25 +64,27 @@ class RunConfig:
     #: the adapters' optimizer (adamw, sgd); the classification head's (adamw, sgd, frozen) and lr (None: --lr)
     client_opt: str = "adamw"
     #: AdamW's epsilon on the clients (larger: small gradients take proportionally small steps)
-    adam_eps: float = 1e-8
-    head_opt: str = "adamw"
-    head_lr: float | None = None
-    batch_size: int = 16
+    adam_eps: float = 3e-5
+    head_opt: str = "sgd"
+    head_lr: float | None = 0.1
+    batch_size: int = 8
     eval_batch_size: int = 128
     # client objective (hlora.objectives): logit adjustment tau, FedProx mu
-    logit_adjust: float = 0.0
+    logit_adjust: float = 1.0
     prox_mu: float = 0.0
     # server optimizer (hlora.server_opt)
-    server_opt: str = "avg"
-    server_lr: float = 1.0
+    #: None: avgm at server lr 2 for hlora and flexlora on classification tasks (where it was measured), avg
+    #: for the others and for --task instruct (resolved by validate)
+    server_opt: str | None = None
+    server_lr: float | None = None
     server_momentum: float = 0.0
     server_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     server_tau: float = 1e-3
     server_rank: int = 64
     #: the aggregation weight of a client: examples (n_k / n, the papers') or uniform (1 / K)
-    client_weights: str = "examples"
+    client_weights: str = "uniform"
     # speed: bf16 autocast of the frozen base (auto: where supported and faster), evaluation interval
-    precision: str = "fp32"
+    precision: str = "auto"
     eval_every: int = 1
     #: a named set of defaults (PRESETS) applied before the config file and the options
     preset: str | None = None
@@ -130,6 +132,15 @@ class RunConfig:
             raise ConfigError(f"--eval-every must be at least 1, got {self.eval_every}")
         if self.preset is not None and self.preset not in PRESETS:
             raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.server_opt is None:  # the measured default where it was measured, the plain rule elsewhere
+            from hlora.server_opt import PRODUCT_SPACE
+
+            measured = self.strategy in PRODUCT_SPACE and self.task != "instruct"
+            self.server_opt = "avgm" if measured else "avg"
+            if self.server_lr is None:
+                self.server_lr = DEFAULT_SERVER_LR if measured else 1.0
+        if self.server_lr is None:
+            self.server_lr = 1.0
         try:
             self.server_optimizer().check(self.strategy)
         except ValueError as e:
@@ -172,6 +183,9 @@ class RunConfig:
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
+
+#: the server lr of the default server optimizer (avgm, momentum 0) on hlora and flexlora
+DEFAULT_SERVER_LR = 2.0
 
 #: named sets of defaults. ``paper``: the papers' client training (2 local epochs of plain cross-entropy,
 #: the strategy's own server rule, a constant lr), with no correction of the label skew.
