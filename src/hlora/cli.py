@@ -170,7 +170,7 @@ def run(
     ),
     preset: Optional[str] = _opt(
         "preset", "A named set of training defaults under the file and options: paper (the papers' training: "
-        "2 local epochs of plain cross-entropy, the strategy's own server rule)."
+        "2 local epochs of plain cross-entropy with AdamW at batch 16, n_k/n weights, the strategy's own rule)."
     ),
     local_epochs: Optional[int] = _opt("local_epochs", "Local epochs per round (when --local-steps is not set)."),
     local_steps: Optional[int] = _opt(
