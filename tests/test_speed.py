@@ -93,3 +93,26 @@ def test_resume_matches_an_uninterrupted_run_under_each_precision(tiny_args, tmp
     resumed = resume(tmp_path / "cut")
     for a, b in zip(whole.rows, resumed.rows):
         assert a["accuracy"] == b["accuracy"] and a["eval_loss"] == b["eval_loss"]
+
+
+def test_a_run_written_before_the_training_options_resumes_with_the_papers_training(tiny_args, tmp_path):
+    """An old config.yaml (no logit_adjust, precision, ... keys) resumes as it was trained (--preset paper,
+    float32), not with today's defaults."""
+    import yaml
+
+    cut = tiny_config(tiny_args, tmp_path / "old", rounds=1, preset="paper", precision="fp32")
+    run(cut)
+    path = tmp_path / "old" / "config.yaml"
+    saved = yaml.safe_load(path.read_text())
+    new_keys = ("logit_adjust", "prox_mu", "local_steps", "lr_schedule", "client_opt", "adam_eps", "head_opt",
+                "head_lr", "server_opt", "server_lr", "server_momentum", "server_betas", "server_tau",
+                "server_rank", "client_weights", "precision", "eval_every", "preset")
+    old = {k: v for k, v in saved.items() if k not in new_keys}
+    old["rounds"] = 2
+    path.write_text(yaml.safe_dump(old))
+    (tmp_path / "old" / "summary.json").unlink()
+    resumed = resume(tmp_path / "old")
+    whole = run(tiny_config(tiny_args, tmp_path / "whole", rounds=2, preset="paper", precision="fp32"))
+    today = run(tiny_config(tiny_args, tmp_path / "today", rounds=2))
+    assert [r["eval_loss"] for r in resumed.rows] == [r["eval_loss"] for r in whole.rows]
+    assert [r["eval_loss"] for r in today.rows] != [r["eval_loss"] for r in whole.rows]

@@ -180,6 +180,17 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> RunResult:
     return _rounds(exp, out, exp.initial_state(), sampler, MetricsLog(out), 0.0, reporter or Reporter())
 
 
+def written_before_presets(path: Path) -> dict[str, Any]:
+    """A run directory from before the training options existed (its config.yaml has no ``logit_adjust``)
+    trained with what is now ``--preset paper`` in float32: resume it that way, not with today's defaults."""
+    import yaml
+
+    saved = yaml.safe_load(path.read_text()) or {}
+    if isinstance(saved, dict) and "logit_adjust" not in saved and "preset" not in saved:
+        return {"preset": "paper", "precision": "fp32"}
+    return {}
+
+
 def resume(out: str | Path, reporter: Reporter | None = None) -> RunResult:
     """Continue a run that stopped (even killed mid-round) from its last checkpoint.
 
@@ -191,7 +202,7 @@ def resume(out: str | Path, reporter: Reporter | None = None) -> RunResult:
         raise ConfigError(f"--resume {out}: no run there (config.yaml is missing)")
     if (out / "summary.json").exists():
         raise ConfigError(f"--resume {out}: this run has already finished")
-    cfg = load_config(out / "config.yaml", {"out": str(out)})
+    cfg = load_config(out / "config.yaml", {"out": str(out), **written_before_presets(out / "config.yaml")})
     exp = setup(cfg)
     sampler = np.random.default_rng([cfg.seed, 2])
     if (out / CHECKPOINT).exists():
