@@ -36,7 +36,8 @@ def _default(name: str) -> str:
     if value is None:
         return {"target_modules": "attention query,value", "out": "runs/<time>-<task>-<strategy>",
                 "server_opt": "avgm for hlora/flexlora on classification, avg otherwise",
-                "server_lr": "2 with the default avgm, else 1", "head_lr": "--lr"}.get(
+                "server_lr": "2 with the default avgm, else 1",
+                "head_lr": "0.1 for an sgd head, --lr for adamw"}.get(
             name, "none"
         )
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
@@ -191,7 +192,7 @@ def run(
         "head_opt", "Optimizer of the classification head: adamw; sgd (steps proportional to the gradient); "
         "or frozen (kept at its seeded initialisation, FedBABU)."
     ),
-    head_lr: Optional[float] = _opt("head_lr", "Learning rate of the head (default: --lr)."),
+    head_lr: Optional[float] = _opt("head_lr", "Learning rate of the head."),
     logit_adjust: Optional[float] = _opt(
         "logit_adjust", "Label-skew correction tau: clients train on CE(logits + tau log(pi_client / pi_all)); "
         "evaluation and exports use the raw logits (0: off; classification only)."

@@ -66,7 +66,8 @@ class RunConfig:
     #: AdamW's epsilon on the clients (larger: small gradients take proportionally small steps)
     adam_eps: float = 3e-5
     head_opt: str = "sgd"
-    head_lr: float | None = 0.1
+    #: None: 0.1 for an SGD head (resolved by validate), --lr for an AdamW head
+    head_lr: float | None = None
     batch_size: int = 8
     eval_batch_size: int = 128
     # client objective (hlora.objectives): logit adjustment tau, FedProx mu
@@ -120,6 +121,8 @@ class RunConfig:
             raise ConfigError(f"--adam-eps must be > 0, got {self.adam_eps}")
         if self.head_opt not in ("adamw", "sgd", "frozen"):
             raise ConfigError(f"--head-opt must be adamw, sgd or frozen, got {self.head_opt!r}")
+        if self.head_lr is None and self.head_opt == "sgd":
+            self.head_lr = DEFAULT_SGD_HEAD_LR
         if self.head_lr is not None and self.head_lr <= 0:
             raise ConfigError(f"--head-lr must be > 0, got {self.head_lr}")
         if self.logit_adjust < 0:
@@ -183,6 +186,9 @@ class RunConfig:
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
+
+#: the lr of an SGD head when --head-lr is not given
+DEFAULT_SGD_HEAD_LR = 0.1
 
 #: the server lr of the default server optimizer (avgm, momentum 0) on hlora and flexlora
 DEFAULT_SERVER_LR = 2.0
