@@ -173,6 +173,14 @@ class RunConfig:
         parse_ranks(self.ranks)
         return self
 
+    def client_lr(self, rnd: int) -> float:
+        """The clients' learning rate in round ``rnd`` (``--lr-schedule``), for every engine."""
+        if self.lr_schedule == "cosine":
+            from hlora.objectives import cosine_lr
+
+            return cosine_lr(self.lr, rnd, self.rounds)
+        return self.lr
+
     def server_optimizer(self):
         from hlora.server_opt import ServerOpt
 

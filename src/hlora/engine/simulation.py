@@ -24,7 +24,7 @@ from hlora.engine.outputs import finish_run, round_row
 from hlora.factors import init_factors
 from hlora.metrics import MetricsLog
 from hlora.model import FederatedModel
-from hlora.objectives import Objective, cosine_lr, logit_offset
+from hlora.objectives import Objective, logit_offset
 from hlora.precision import resolve_precision
 from hlora.server import client_seed, server_round
 from hlora.strategies import ClientSpec, GlobalState, Strategy, Update, get_strategy
@@ -68,12 +68,6 @@ class Experiment:
         """Client ``client``'s training loss (``-1``: the pooled, centralized site: the plain loss)."""
         offset = self.offsets[client] if self.offsets is not None and client >= 0 else None
         return Objective(offset=offset, prox_mu=self.cfg.prox_mu)
-
-    def round_lr(self, rnd: int) -> float:
-        """The clients' learning rate in round ``rnd`` (``--lr-schedule``)."""
-        if self.cfg.lr_schedule == "cosine":
-            return cosine_lr(self.cfg.lr, rnd, self.cfg.rounds)
-        return self.cfg.lr
 
     @property
     def max_rank(self) -> int:
@@ -247,7 +241,7 @@ def _rounds(
                 try:
                     results.append(train_client(
                         fm, payload, exp.train, indices[spec.id], client_id=spec.id, epochs=cfg.local_epochs,
-                        lr=exp.round_lr(rnd), batch_size=cfg.batch_size, seed=client_seed(cfg.seed, rnd, spec.id),
+                        lr=cfg.client_lr(rnd), batch_size=cfg.batch_size, seed=client_seed(cfg.seed, rnd, spec.id),
                         on_batch=reporter.advance, local_steps=cfg.local_steps, objective=exp.objective(spec.id),
                         head_opt=cfg.head_opt, head_lr=cfg.head_lr, client_opt=cfg.client_opt,
                         adam_eps=cfg.adam_eps,

@@ -50,7 +50,6 @@ from hlora.engine.simulation import default_out, prepare_out
 from hlora.factors import Adapter, init_factors
 from hlora.metrics import MetricsLog, evaluate
 from hlora.model import FederatedModel, load_classifier
-from hlora.objectives import cosine_lr
 from hlora.precision import resolve_precision
 from hlora.server import RoundOutcome, client_seed, server_round
 from hlora.strategies import ClientSpec, GlobalState, Payload, Strategy, Update, get_strategy
@@ -134,11 +133,6 @@ def federation_counts(nodes: list[Node]) -> list[int]:
     return [sum(c) for c in zip(*(n.label_counts or [] for n in nodes))]
 
 
-def round_lr(cfg: RunConfig, rnd: int) -> float:
-    """The clients' learning rate in round ``rnd`` (``lr-schedule``), as in the simulation."""
-    return cosine_lr(cfg.lr, rnd, cfg.rounds) if cfg.lr_schedule == "cosine" else cfg.lr
-
-
 class GridExecutor:
     """An :data:`~hlora.server.Executor` over a Flower Grid: one train message per client.
 
@@ -160,7 +154,7 @@ class GridExecutor:
         for spec, payload in pairs:
             settings = TrainSettings(
                 client=spec.id, round=self.rnd, seed=client_seed(self.cfg.seed, self.rnd, spec.id),
-                local_epochs=self.cfg.local_epochs, lr=round_lr(self.cfg, self.rnd),
+                local_epochs=self.cfg.local_epochs, lr=self.cfg.client_lr(self.rnd),
                 batch_size=self.cfg.batch_size, local_steps=self.cfg.local_steps, prox_mu=self.cfg.prox_mu,
                 logit_adjust=self.cfg.logit_adjust,
                 label_counts=self.label_counts if self.cfg.logit_adjust else None,
