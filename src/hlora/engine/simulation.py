@@ -24,7 +24,7 @@ from hlora.engine.outputs import finish_run, round_row
 from hlora.factors import init_factors
 from hlora.metrics import MetricsLog
 from hlora.model import FederatedModel
-from hlora.objectives import Objective, logit_offset
+from hlora.objectives import Objective, label_counts, offset_from_counts
 from hlora.precision import resolve_precision
 from hlora.server import client_seed, server_round
 from hlora.strategies import ClientSpec, GlobalState, Strategy, Update, get_strategy
@@ -132,8 +132,11 @@ def setup(cfg: RunConfig) -> Experiment:
     offsets = None
     if cfg.logit_adjust and task.kind != "instruct":
         labels = task.train.labels
+        federation = label_counts(labels, task.num_labels)  # counted once, not once per client
         offsets = [
-            logit_offset([labels[i] for i in part], labels, task.num_labels, cfg.logit_adjust) for part in parts
+            offset_from_counts(label_counts([labels[i] for i in part], task.num_labels), federation,
+                               cfg.logit_adjust)
+            for part in parts
         ]
     exp = Experiment(cfg, task, fm, train, dev, parts, clients, strategy, tokenizer, offsets)
     cfg.precision = fm.precision = resolve_precision(cfg.precision, lambda mode: _probe_step(exp, mode))
@@ -222,6 +225,7 @@ def _rounds(
 ) -> RunResult:
     cfg, strategy, fm = exp.cfg, exp.strategy, exp.fm
     reporter.start(cfg, out, state.round + 1)
+    server_opt = cfg.server_optimizer()
     t_run = time.perf_counter()
     for rnd in range(state.round + 1, cfg.rounds + 1):
         t0 = time.perf_counter()
@@ -252,7 +256,7 @@ def _rounds(
 
         outcome = server_round(
             strategy, state, [spec for spec, _ in jobs], execute, round=rnd, seed=cfg.seed,
-            min_clients=cfg.min_clients, max_norm_ratio=cfg.max_norm_ratio, server_opt=cfg.server_optimizer(),
+            min_clients=cfg.min_clients, max_norm_ratio=cfg.max_norm_ratio, server_opt=server_opt,
             client_weights=cfg.client_weights,
         )
         state = outcome.state
