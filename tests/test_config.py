@@ -111,6 +111,8 @@ from tests.test_cli import run_cli  # noqa: E402
         (["--precision", "fp16"], "--precision must be one of auto, fp32, bf16, got 'fp16'"),
         (["--eval-every", "0"], "--eval-every must be at least 1, got 0"),
         (["--preset", "nope"], "--preset must be one of paper, got 'nope'"),
+        (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
+        (["--attention", "flash"], "--attention must be auto, sdpa or eager, got 'flash'"),
     ],
 )
 def test_bad_training_options_are_one_line_and_exit_2(argv, message, capsys, tmp_path):

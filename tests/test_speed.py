@@ -106,13 +106,38 @@ def test_a_run_written_before_the_training_options_resumes_with_the_papers_train
     saved = yaml.safe_load(path.read_text())
     new_keys = ("logit_adjust", "prox_mu", "local_steps", "lr_schedule", "client_opt", "adam_eps", "head_opt",
                 "head_lr", "server_opt", "server_lr", "server_momentum", "server_betas", "server_tau",
-                "server_rank", "client_weights", "precision", "eval_every", "preset")
+                "server_rank", "client_weights", "precision", "eval_every", "preset", "dropout", "attention")
     old = {k: v for k, v in saved.items() if k not in new_keys}
     old["rounds"] = 2
     path.write_text(yaml.safe_dump(old))
     (tmp_path / "old" / "summary.json").unlink()
     resumed = resume(tmp_path / "old")
-    whole = run(tiny_config(tiny_args, tmp_path / "whole", rounds=2, preset="paper", precision="fp32"))
+    whole = run(tiny_config(tiny_args, tmp_path / "whole", rounds=2, preset="paper", precision="fp32",
+                            attention="sdpa"))
     today = run(tiny_config(tiny_args, tmp_path / "today", rounds=2))
     assert [r["eval_loss"] for r in resumed.rows] == [r["eval_loss"] for r in whole.rows]
     assert [r["eval_loss"] for r in today.rows] != [r["eval_loss"] for r in whole.rows]
+
+
+def test_dropout_and_attention_reach_the_model_and_config_yaml(tiny_args, tmp_path, tiny_model):
+    """--dropout sets every dropout of the base; --attention auto resolves (eager on CPU) and config.yaml keeps
+    the choice, so a resumed run uses the same attention."""
+    import yaml
+
+    from hlora.model import ModelError, set_attention, set_dropout
+
+    model, _ = load_classifier(tiny_model, 2, 0)
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops and any(m.p > 0 for m in drops)
+    set_dropout(model, 0.0)
+    assert all(m.p == 0.0 for m in drops) and model.config.hidden_dropout_prob == 0.0
+    assert model.config.attention_probs_dropout_prob == 0.0
+    with pytest.raises(ModelError, match="--dropout"):
+        set_dropout(model, 1.5)
+    assert set_attention(model, "eager") == "eager" == model.config._attn_implementation
+    assert set_attention(model, "sdpa") == "sdpa" == model.config._attn_implementation
+    assert set_attention(model, "auto") == ("sdpa" if torch.cuda.is_available() else "eager")
+
+    result = run(tiny_config(tiny_args, tmp_path / "r", rounds=1, dropout=0.0))
+    saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert saved["dropout"] == 0.0 and saved["attention"] in ("eager", "sdpa") and result.rows

@@ -148,6 +148,12 @@ def run(
     dtype: Optional[str] = _opt(
         "dtype", "Base model weights, --task instruct only: float32 or bfloat16 (adapters stay float32)."
     ),
+    dropout: Optional[float] = _opt(
+        "dropout", "The base model's dropout probability (hidden and attention); default: the checkpoint's own."
+    ),
+    attention: Optional[str] = _opt(
+        "attention", "Attention implementation: auto (eager on CPU, SDPA on a GPU), sdpa or eager."
+    ),
     gradient_checkpointing: Optional[bool] = typer.Option(
         None, "--gradient-checkpointing",
         help="Recompute activations in the backward pass (less memory, more compute); --task instruct only.",
@@ -248,7 +254,7 @@ def run(
 def _overrides(values: dict[str, Any]) -> dict[str, Any]:
     """The run options of a command's arguments, as RunConfig field values (None: not given)."""
     skip = ("config", "resume", "run_experiment", "resume_run", "strategy_option", "strategies", "seeds", "target",
-            "report_only")
+            "report_only", "jobs")
     out = {k: v for k, v in values.items() if k not in skip}
     if "strategy_option" in values:
         out["strategy_options"] = values["strategy_option"] or None
@@ -266,6 +272,9 @@ def compare(
     target: float = typer.Option(0.75, help="Accuracy whose first round the table reports."),
     report_only: bool = typer.Option(
         False, "--report-only", help="Run nothing: write the tables and figures of the cells finished so far."
+    ),
+    jobs: int = typer.Option(
+        1, help="Cells run at once, each in its own process (at 1 thread unless --threads is given)."
     ),
     **run_options: Any,
 ) -> None:
@@ -295,7 +304,8 @@ def compare(
         return RichReporter(prefix=f"[{i}/{n} {method.label} s{seed}] ")
 
     table = run_compare(config, shared, parse_methods(strategies), seed_list, Path(out), target, reporter_for,
-                        say=lambda msg: console.print(msg, highlight=False), run_cells=not report_only)
+                        say=lambda msg: console.print(msg, highlight=False), run_cells=not report_only,
+                        jobs=jobs)
     console.print(f"wrote {out}/table.md, table.csv, accuracy.png, communication.png ({len(table)} methods)")
 
 

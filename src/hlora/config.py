@@ -43,6 +43,10 @@ class RunConfig:
     ranks: str = "2-8"
     lora_alpha: float = 16.0
     dtype: str = "float32"
+    #: the base model's dropout probability (hidden and attention); None: the checkpoint's own
+    dropout: float | None = None
+    #: attention implementation: auto (eager on CPU, SDPA on a GPU), sdpa, eager; config.yaml keeps the choice
+    attention: str = "auto"
     gradient_checkpointing: bool = False
     # federation
     strategy: str = "hlora"
@@ -168,6 +172,10 @@ class RunConfig:
             raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.attention not in ("auto", "sdpa", "eager"):
+            raise ConfigError(f"--attention must be auto, sdpa or eager, got {self.attention!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         parse_ranks(self.ranks)

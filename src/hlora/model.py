@@ -155,6 +155,54 @@ def _load(auto_class, name_or_path: str, seed: int, **kwargs):
     return model, tokenizer
 
 
+def set_dropout(model: nn.Module, p: float | None) -> None:
+    """Every dropout of the base model at probability ``p`` (``None``: the checkpoint's own).
+
+    Sets each ``nn.Dropout`` module and the config's dropout probabilities (attention implementations that
+    read the config rather than a module, e.g. SDPA's ``dropout_p`` in some architectures). The LoRA
+    branch has no dropout of its own here.
+    """
+    if p is None:
+        return
+    if not 0.0 <= p < 1.0:
+        raise ModelError(f"--dropout must be in [0, 1), got {p}")
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+    for key, value in list(vars(model.config).items()):
+        if "dropout" in key and isinstance(value, float):
+            setattr(model.config, key, p)
+
+
+ATTENTIONS = ("auto", "sdpa", "eager")
+
+
+def resolve_attention(name: str) -> str:
+    """``auto``: eager attention on CPU, SDPA on a GPU. On this project's CPUs (AVX512-BF16) eager trains
+    the bundled MiniLM faster than SDPA under bf16 autocast and at the same speed in float32
+    (docs/performance.md, section 6); SDPA's fused kernels pay on GPUs and long sequences."""
+    if name not in ATTENTIONS:
+        raise ModelError(f"--attention must be one of {', '.join(ATTENTIONS)}, got {name!r}")
+    if name == "auto":
+        return "sdpa" if torch.cuda.is_available() else "eager"
+    return name
+
+
+def set_attention(model: nn.Module, name: str) -> str:
+    """Switch the model's attention implementation (transformers' ``set_attn_implementation``); returns
+    the one chosen. Models that cannot switch keep theirs."""
+    chosen = resolve_attention(name)
+    current = getattr(model.config, "_attn_implementation", None)
+    if current != chosen and hasattr(model, "set_attn_implementation"):
+        try:
+            model.set_attn_implementation(chosen)
+        except (ValueError, ImportError) as e:
+            if name != "auto":
+                raise ModelError(f"--attention {name}: {str(e).splitlines()[0]}") from e
+            return str(current)
+    return chosen
+
+
 def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 

@@ -13,7 +13,7 @@ from hlora.config import RunConfig
 from hlora.data import TaskData, encode, encode_instruct
 from hlora.factors import Adapter
 from hlora.metrics import evaluate, evaluate_lm
-from hlora.model import DEFAULT_MODEL, FederatedModel, ModelError, load_causal_lm, load_classifier
+from hlora.model import DEFAULT_MODEL, FederatedModel, ModelError, load_causal_lm, load_classifier, set_attention, set_dropout
 
 INSTRUCT = "instruct"
 
@@ -33,8 +33,12 @@ def load_model(cfg: RunConfig, task: TaskData):
     if task.kind == INSTRUCT:
         if cfg.model == DEFAULT_MODEL:
             raise ModelError("--task instruct needs a decoder language model: give --model PATH_OR_ID")
-        return load_causal_lm(cfg.model, cfg.seed, cfg.dtype, cfg.gradient_checkpointing)
-    return load_classifier(cfg.model, task.num_labels, cfg.seed)
+        model, tokenizer = load_causal_lm(cfg.model, cfg.seed, cfg.dtype, cfg.gradient_checkpointing)
+    else:
+        model, tokenizer = load_classifier(cfg.model, task.num_labels, cfg.seed)
+    set_dropout(model, cfg.dropout)
+    cfg.attention = set_attention(model, cfg.attention)  # the choice goes into config.yaml
+    return model, tokenizer
 
 
 def tokenize(task: TaskData, tokenizer, examples, max_length: int):

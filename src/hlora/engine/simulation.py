@@ -22,13 +22,13 @@ from hlora.config import ConfigError, RunConfig, draw_ranks, load_config
 from hlora.data import Encoded, EncodedLM, Fields, TaskData, load_task, partition
 from hlora.engine.outputs import finish_run, round_row
 from hlora.factors import init_factors
-from hlora.metrics import MetricsLog
+from hlora.metrics import MetricsLog, dev_predictions
 from hlora.model import FederatedModel
 from hlora.objectives import Objective, label_counts, offset_from_counts
 from hlora.precision import resolve_precision
 from hlora.server import client_seed, server_round
 from hlora.strategies import ClientSpec, GlobalState, Strategy, Update, get_strategy
-from hlora.tasks import load_model, peft_task_type, score, tokenize
+from hlora.tasks import is_lm, load_model, peft_task_type, score, tokenize
 
 
 class Reporter:
@@ -81,6 +81,10 @@ class Experiment:
         """The global model W0 + adapter on the dev set: accuracy (and F1), or for an LM the eval loss,
         perplexity and ROUGE-L."""
         return score(self.cfg, self.task, self.fm, self.tokenizer, adapter, head, self.task.dev, self.dev)
+
+    def predictions(self, adapter, head: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+        """The predicted and gold label of every dev example (a classifier)."""
+        return dev_predictions(self.fm, adapter, head, self.dev, self.cfg.eval_batch_size)
 
 
 def local_examples(n: int, cfg: RunConfig) -> int:
@@ -177,15 +181,21 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> RunResult:
     return _rounds(exp, out, exp.initial_state(), sampler, MetricsLog(out), 0.0, reporter or Reporter())
 
 
-def written_before_presets(path: Path) -> dict[str, Any]:
-    """A run directory from before the training options existed (its config.yaml has no ``logit_adjust``)
-    trained with what is now ``--preset paper`` in float32: resume it that way, not with today's defaults."""
+def written_before(path: Path) -> dict[str, Any]:
+    """What a run directory written before an option existed trained with, where today's default differs:
+    no ``logit_adjust`` in its config.yaml means what is now ``--preset paper`` in float32; no
+    ``attention`` means SDPA. Resume it that way, not with today's defaults."""
     import yaml
 
     saved = yaml.safe_load(path.read_text()) or {}
-    if isinstance(saved, dict) and "logit_adjust" not in saved and "preset" not in saved:
-        return {"preset": "paper", "precision": "fp32"}
-    return {}
+    if not isinstance(saved, dict):
+        return {}
+    implied: dict[str, Any] = {}
+    if "logit_adjust" not in saved and "preset" not in saved:
+        implied.update(preset="paper", precision="fp32")
+    if "attention" not in saved:
+        implied["attention"] = "sdpa"
+    return implied
 
 
 def resume(out: str | Path, reporter: Reporter | None = None) -> RunResult:
@@ -199,7 +209,7 @@ def resume(out: str | Path, reporter: Reporter | None = None) -> RunResult:
         raise ConfigError(f"--resume {out}: no run there (config.yaml is missing)")
     if (out / "summary.json").exists():
         raise ConfigError(f"--resume {out}: this run has already finished")
-    cfg = load_config(out / "config.yaml", {"out": str(out), **written_before_presets(out / "config.yaml")})
+    cfg = load_config(out / "config.yaml", {"out": str(out), **written_before(out / "config.yaml")})
     exp = setup(cfg)
     sampler = np.random.default_rng([cfg.seed, 2])
     if (out / CHECKPOINT).exists():
@@ -275,7 +285,7 @@ def _rounds(
     summary = finish_run(
         out, strategy, state, log, model=cfg.model, task=exp.task.name, strategy_name=cfg.strategy,
         wall_seconds=wall_before + time.perf_counter() - t_run,
-        task_type=peft_task_type(cfg),
+        task_type=peft_task_type(cfg), predictions=None if is_lm(cfg) else exp.predictions,
     )
     reporter.finish(summary)
     return RunResult(out, summary, log.rows)

@@ -48,8 +48,8 @@ from hlora.engine.flower.transport import NodeFailure, NodeUnavailable, exchange
 from hlora.engine.outputs import finish_run, round_row
 from hlora.engine.simulation import default_out, prepare_out
 from hlora.factors import Adapter, init_factors
-from hlora.metrics import MetricsLog, evaluate
-from hlora.model import FederatedModel, load_classifier
+from hlora.metrics import MetricsLog, dev_predictions, evaluate
+from hlora.model import FederatedModel, load_classifier, set_attention
 from hlora.precision import resolve_precision
 from hlora.server import RoundOutcome, client_seed, server_round
 from hlora.strategies import ClientSpec, GlobalState, Payload, Strategy, Update, get_strategy
@@ -200,6 +200,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     cfg.out = str(out)
     task = shared_task(cfg, options.labels, with_dev=True)
     model, tokenizer = load_classifier(cfg.model, task.num_labels, cfg.seed)
+    set_attention(model, cfg.attention)  # the server only evaluates: dropout does not apply
     fm = FederatedModel(model, cfg.target_modules)
     dev = encode(tokenizer, task.dev, cfg.max_length) if len(task.dev) else None
     cfg.precision = fm.precision = server_precision(cfg, fm, dev)
@@ -271,8 +272,12 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         for r in outcome.rejected:
             log.warning("hlora: round %d: client %s (node %s) rejected: %s", rnd, r["client"], r["node_id"],
                         r["reason"])
+    def predictions(adapter: Adapter, head: dict[str, Tensor]) -> dict[str, list[int]]:
+        return dev_predictions(fm, adapter, head, dev, cfg.eval_batch_size)
+
     summary = finish_run(out, strategy, state, metrics, model=cfg.model, task=task.name,
-                         strategy_name=cfg.strategy, wall_seconds=time.perf_counter() - t_run)
+                         strategy_name=cfg.strategy, wall_seconds=time.perf_counter() - t_run,
+                         predictions=predictions if dev is not None else None)
     log.info("hlora: done; final accuracy %.4f; outputs in %s", summary["final_accuracy"], out)
     return summary
 
