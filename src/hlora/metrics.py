@@ -1,4 +1,5 @@
-"""Evaluation of the global model, and the run's metrics files (metrics.jsonl, summary.json)."""
+"""Evaluation of the global model, and the run's metrics files (metrics.jsonl, dev_predictions.json,
+summary.json)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,16 @@ def evaluate(
     if f1_label is not None:
         out["f1"] = f1_score(preds.argmax(-1), labels, f1_label)
     return out
+
+
+def dev_predictions(
+    fm: FederatedModel, adapter: Adapter, head: dict[str, torch.Tensor], dev: Encoded, batch_size: int
+) -> dict[str, list[int]]:
+    """The predicted and the gold label id of every dev example, in the dev set's order: what a paired
+    bootstrap over dev examples needs (``hlora compare``'s table). The same logits as :func:`evaluate`'s, so
+    the share of ``predicted == gold`` is the round's accuracy."""
+    preds = predict_logits(fm, adapter, head, dev, batch_size).argmax(-1)
+    return {"predicted": preds.tolist(), "gold": dev.labels.tolist()}
 
 
 def predict_logits(
@@ -132,12 +143,30 @@ def scored_rows(rows: list[dict[str, Any]], key: str | None = None) -> list[dict
     return [r for r in rows if key in r]
 
 
+PREDICTIONS = "dev_predictions.json"
+
+
+def read_rows(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl``, one per finished round."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_predictions(run_dir: str | Path) -> dict[str, Any] | None:
+    """A run's ``dev_predictions.json`` (``round``, ``predicted``, ``gold``), or None when it has none (an LM
+    run, or a run from before it was written)."""
+    path = Path(run_dir) / PREDICTIONS
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 class MetricsLog:
-    """Appends one JSON object per round to ``metrics.jsonl``; writes ``summary.json``."""
+    """Appends one JSON object per round to ``metrics.jsonl``; writes ``dev_predictions.json`` and
+    ``summary.json``."""
 
     def __init__(self, out: Path, rows: list[dict[str, Any]] | None = None) -> None:
         self.path = out / "metrics.jsonl"
         self.summary_path = out / "summary.json"
+        self.predictions_path = out / PREDICTIONS
         self.rows: list[dict[str, Any]] = list(rows or [])
         if rows is not None:  # resuming: the file holds exactly the checkpointed rounds
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
@@ -146,6 +175,12 @@ class MetricsLog:
         self.rows.append(row)
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+
+    def predictions(self, round: int, predicted: list[int], gold: list[int]) -> None:
+        """``dev_predictions.json``: the predicted and gold label id of every dev example at ``round`` (one
+        line, a few KB)."""
+        saved = {"round": round, "predicted": predicted, "gold": gold}
+        self.predictions_path.write_text(json.dumps(saved) + "\n")
 
     def summary(self, **extra: Any) -> dict[str, Any]:
         """Final and best value of the main metric (accuracy; eval_loss, lower is better, for an LM)."""

@@ -14,8 +14,8 @@
    ``round-timeout``) into an exception that ``server_round`` records as rejected. The round goes on
    with the replies that arrived, when at least ``min-clients`` are valid.
 3. Evaluate the global model on the dev set (every ``eval-every`` rounds and after the last), write
-   ``metrics.jsonl`` and ``checkpoint.pt``; at the end, ``summary.json`` and ``adapter/``, all in
-   ``out`` (see :mod:`hlora.engine.outputs`).
+   ``metrics.jsonl`` and ``checkpoint.pt``; at the end, ``adapter/``, ``dev_predictions.json`` and
+   ``summary.json``, all in ``out`` (see :mod:`hlora.engine.outputs`).
 
 Besides the outputs of ``hlora run``, ``out/flower.json`` maps client ids to node ids, and with
 ``save-updates = true`` ``out/updates/round-N.pt`` holds each round's previous state, accepted updates
