@@ -1,0 +1,199 @@
+"""The table of a comparison (``table.csv``, ``table.md``), read from finished run directories.
+
+One row per method: final and best accuracy over seeds (mean ± std, min-max), accuracy at a few fixed
+rounds, rounds to the target, MB up and down, seconds per round, and against the reference method
+(``hlora``) the paired difference over seeds and a paired bootstrap interval over dev examples
+(:mod:`hlora.stats`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import statistics
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hlora.metrics import read_predictions, read_rows, scored_rows
+from hlora.stats import Difference, paired_bootstrap, paired_seeds, spread
+
+#: rounds whose accuracy the table shows (those the grid reaches)
+FIXED_ROUNDS = (5, 10, 20)
+REFERENCE = "hlora"
+RESAMPLES = 2000
+
+
+def _final_correct(cell: Path, rows: list[dict[str, Any]]) -> list[int] | None:
+    """Per dev example, 1 if the final round predicted it right: from ``dev_predictions.json`` when it
+    belongs to the run's last round (None otherwise: a run from before it was written)."""
+    saved = read_predictions(cell)
+    if saved is None or not rows or saved["round"] != rows[-1]["round"]:
+        return None
+    return [int(p == g) for p, g in zip(saved["predicted"], saved["gold"])]
+
+
+def _put(row: dict[str, Any], key: str, s) -> None:
+    row[key], row[key + "_std"], row[key + "_min"], row[key + "_max"] = s.mean, s.std, s.low, s.high
+
+
+def _put_diff(row: dict[str, Any], key: str, d: Difference | None) -> None:
+    nan = math.nan
+    row[key], row[key + "_std"], row[key + "_low"], row[key + "_high"] = (
+        (d.estimate, d.std, d.low, d.high) if d is not None else (nan, nan, nan, nan)
+    )
+    row[key + "_seeds"] = d.n if d is not None else 0
+
+
+def summarize(
+    groups: Mapping[str, Mapping[int, Path]],
+    target: float,
+    reference: str = REFERENCE,
+    resamples: int = RESAMPLES,
+) -> list[dict[str, Any]]:
+    """One row per method of ``groups`` (method label -> seed -> finished run directory), in order.
+
+    Every number over seeds is a :func:`~hlora.stats.spread`; rounds to target is the mean first round at
+    or above ``target`` over the seeds that reach it. Against ``reference`` (when it is a method of the
+    grid; other methods only): ``seeds_diff`` is :func:`~hlora.stats.paired_seeds` of the final accuracy
+    over the seeds both finished, ``boot_diff`` is :func:`~hlora.stats.paired_bootstrap` of the final-round
+    accuracy over dev examples (seeds with both ``dev_predictions.json`` on the same dev labels), and
+    ``resolved`` says whether its interval excludes 0 (empty when there is none).
+    """
+    cells = {m: {s: (Path(p), read_rows(p)) for s, p in runs.items()} for m, runs in groups.items() if runs}
+    longest = max((len(rows) for runs in cells.values() for _, rows in runs.values()), default=0)
+    fixed = [r for r in FIXED_ROUNDS if r <= longest]
+    final = {m: {s: scored_rows(rows, "accuracy")[-1]["accuracy"] for s, (_, rows) in runs.items()}
+             for m, runs in cells.items()}
+    table = []
+    for m, runs in cells.items():
+        logs = [rows for _, rows in runs.values()]
+        scored = [scored_rows(r, "accuracy") for r in logs]
+        row: dict[str, Any] = {"method": m, "seeds": len(runs), "rounds": len(logs[0])}
+        _put(row, "final_acc", spread(list(final[m].values())))
+        _put(row, "best_acc", spread([max(x["accuracy"] for x in r) for r in scored]))
+        f1 = spread([r[-1].get("f1", math.nan) for r in scored])
+        row["final_f1"], row["final_f1_std"] = f1.mean, f1.std
+        for k in fixed:
+            at = spread([next((x["accuracy"] for x in r if x["round"] == k), math.nan) for r in scored])
+            row[f"acc_r{k}"], row[f"acc_r{k}_std"] = at.mean, at.std
+        reached = [next((x["round"] for x in r if x["accuracy"] >= target), None) for r in scored]
+        hit = [x for x in reached if x is not None]
+        row["rounds_to_target"] = statistics.fmean(hit) if hit else math.nan
+        row["reached_target"] = f"{len(hit)}/{len(scored)}"
+        row["mb_up"] = statistics.fmean(sum(x["uplink_bytes"] for x in r) / 1e6 for r in logs)
+        row["mb_down"] = statistics.fmean(sum(x["downlink_bytes"] for x in r) / 1e6 for r in logs)
+        row["s_per_round"] = statistics.fmean(statistics.fmean(x["seconds"] for x in r) for r in logs)
+        seeds_diff = boot = None
+        if reference in cells and m != reference:
+            both = sorted(set(runs) & set(cells[reference]))
+            if both:
+                seeds_diff = paired_seeds([final[m][s] for s in both], [final[reference][s] for s in both])
+            pairs = []
+            for s in both:
+                a = _final_correct(*runs[s])
+                b = _final_correct(*cells[reference][s])
+                same_dev = a is not None and b is not None and (
+                    read_predictions(runs[s][0])["gold"] == read_predictions(cells[reference][s][0])["gold"]
+                )
+                if same_dev:
+                    pairs.append((a, b))
+            if pairs:
+                boot = paired_bootstrap([a for a, _ in pairs], [b for _, b in pairs], resamples=resamples)
+        row["vs"] = reference if reference in cells and m != reference else ""
+        _put_diff(row, "seeds_diff", seeds_diff)
+        _put_diff(row, "boot_diff", boot)
+        row["resolved"] = "" if boot is None else ("yes" if boot.resolved else "no")
+        table.append(row)
+    return table
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (two ``hlora compare`` processes may write the tables at once)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _pct(mean: float, std: float) -> str:
+    return "-" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def _pct_range(r: dict[str, Any], key: str) -> str:
+    if math.isnan(r[key]):
+        return "-"
+    return f"{_pct(r[key], r[key + '_std'])} ({100 * r[key + '_min']:.1f}-{100 * r[key + '_max']:.1f})"
+
+
+def _diff(r: dict[str, Any], key: str, mark: bool) -> str:
+    if not r["vs"] or math.isnan(r[key]):
+        return "-"
+    text = f"{100 * r[key]:+.1f}"
+    if key == "seeds_diff" and not math.isnan(r[key + "_std"]):
+        text += f" ± {100 * r[key + '_std']:.1f}"
+    if math.isnan(r[key + "_low"]):
+        return text + f" ({r[key + '_seeds']} seed)"
+    text += f" [{100 * r[key + '_low']:+.1f}, {100 * r[key + '_high']:+.1f}]"
+    if mark:
+        text += " ✓" if r["resolved"] == "yes" else " ?"
+    return text
+
+
+def write_tables(table: list[dict[str, Any]], out: Path, target: float, reference: str = REFERENCE) -> None:
+    """``table.csv`` (every number, fractions) and ``table.md`` (percent, readable, with a legend)."""
+    if not table:
+        return
+    out = Path(out)
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=list(table[0]))
+    w.writeheader()
+    w.writerows(table)
+    _atomic_text(out / "table.csv", text.getvalue())
+    has_f1 = any(not math.isnan(r["final_f1"]) for r in table)
+    fixed = [k for k in FIXED_ROUNDS if f"acc_r{k}" in table[0]]
+    compared = any(r["vs"] for r in table)
+
+    head = ["method", "seeds", "rounds", "final acc (%)", "best acc (%)"]
+    head += ["final F1 (%)"] if has_f1 else []
+    head += [f"acc @{k}" for k in fixed]
+    head += [f"rounds to {100 * target:.0f}%", "MB up", "MB down", "s/round"]
+    head += [f"Δ vs {reference}, seeds (pts)", f"Δ vs {reference}, bootstrap (pts)"] if compared else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table:
+        cells = [r["method"], str(r["seeds"]), str(r["rounds"]), _pct_range(r, "final_acc"),
+                 _pct_range(r, "best_acc")]
+        cells += [_pct(r["final_f1"], r["final_f1_std"])] if has_f1 else []
+        cells += [_pct(r[f"acc_r{k}"], r[f"acc_r{k}_std"]) for k in fixed]
+        rt = "-" if math.isnan(r["rounds_to_target"]) else f"{r['rounds_to_target']:.1f} ({r['reached_target']})"
+        cells += [rt, f"{r['mb_up']:.1f}", f"{r['mb_down']:.1f}", f"{r['s_per_round']:.1f}"]
+        if compared:
+            cells += [_diff(r, "seeds_diff", mark=False), _diff(r, "boot_diff", mark=True)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *legend(target, reference, fixed, compared)]
+    _atomic_text(out / "table.md", "\n".join(lines) + "\n")
+
+
+def legend(target: float, reference: str, fixed: list[int], compared: bool) -> list[str]:
+    """The lines under ``table.md``'s table that say what its columns mean."""
+    lines = [
+        "- final / best acc: dev accuracy at the last round / the best round, mean ± std over seeds (min-max).",
+    ]
+    if fixed:
+        lines.append(f"- acc @r: dev accuracy at round r ({', '.join(map(str, fixed))}), mean ± std over seeds.")
+    lines += [
+        f"- rounds to {100 * target:.0f}%: the first round at or above it, mean over the seeds that reach it "
+        "(how many of them do).",
+        "- MB up / down: bytes sent by the clients / the server over the whole run, mean over seeds; s/round: "
+        "wall time of a round (training, aggregation, evaluation), mean over rounds and seeds.",
+    ]
+    if compared:
+        lines += [
+            f"- Δ vs {reference}, seeds: final accuracy minus {reference}'s with the same seed (the same split, "
+            "client ranks and client sample), mean ± std over seeds and the 95% paired t-interval.",
+            f"- Δ vs {reference}, bootstrap: the same difference with a 95% paired bootstrap interval over dev "
+            f"examples ({RESAMPLES} resamples of the examples within each seed, averaged over seeds; seeded). "
+            "✓: the interval excludes 0 (resolved); ?: it does not (not resolved).",
+        ]
+    return lines
