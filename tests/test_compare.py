@@ -153,3 +153,16 @@ def test_spread_labels_keeps_labels_apart_with_least_movement():
     ordered = sorted(out)
     assert all(b - a >= 0.8 - 1e-9 for a, b in zip(ordered, ordered[1:]))
     assert sum(out) == pytest.approx(sum(ys))  # a block sits at the mean of its wanted heights
+
+
+def test_a_grid_left_to_precision_auto_continues(tiny_args, tmp_path, capsys):
+    """--precision auto is saved as each cell's choice (fp32 or bf16), which is not another experiment."""
+    args = list(tiny_args)
+    args[args.index("--precision") + 1] = "auto"
+    argv = ["compare", *args, "--strategies", "hlora", "--out", str(tmp_path / "g")]
+    code, text = run_cli(argv, capsys)
+    assert code in (0, None), text
+    saved = (tmp_path / "g" / "hlora" / "seed0" / "config.yaml").read_text()
+    assert "precision: auto" not in saved and "precision:" in saved
+    code, text = run_cli(argv, capsys)
+    assert code in (0, None) and "done, skipped" in text, text

@@ -116,7 +116,8 @@ def _check_same_settings(method: Method, cfg: RunConfig) -> None:
         return
     saved = load_config(saved_path, {"out": cfg.out}).to_dict()
     wanted = cfg.to_dict()
-    diff = [k for k in wanted if k not in _IGNORED and saved.get(k) != wanted[k]]
+    # an option left to "auto" (--precision, ...) is saved as the cell's own choice: any choice matches it
+    diff = [k for k in wanted if k not in _IGNORED and saved.get(k) != wanted[k] and wanted[k] != "auto"]
     if diff:
         what = ", ".join(f"{k} {saved.get(k)!r} (now {wanted[k]!r})" for k in diff)
         raise ConfigError(
