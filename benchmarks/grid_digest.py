@@ -33,7 +33,7 @@ def cells(grid: Path) -> list[tuple[str, Path]]:
         raise SystemExit(f"{grid}: no table.csv (run hlora compare, or hlora compare --report-only, first)")
     found = []
     for slug, label in labels.items():
-        for seed_dir in sorted((grid / slug).glob("seed*")):
+        for seed_dir in sorted(d for d in (grid / slug).glob("seed*") if d.is_dir()):  # not seed<k>.lock
             if cell_state(seed_dir) == "done":
                 found.append((f"{label} {seed_dir.name}", seed_dir))
     return found

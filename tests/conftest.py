@@ -53,6 +53,11 @@ def tiny_mrpc(tmp_path_factory) -> tuple[str, str]:
 @pytest.fixture
 def tiny_args(tiny_model, tiny_mrpc) -> list[str]:
     """CLI arguments for a fast run on the tiny model and data."""
+    return tiny_cli_args(tiny_model, tiny_mrpc)
+
+
+def tiny_cli_args(tiny_model: str, tiny_mrpc: tuple[str, str]) -> list[str]:
+    """The ``tiny_args`` of a model and data (for fixtures of a wider scope)."""
     train, dev = tiny_mrpc
     return [
         "--model", tiny_model, "--train", train, "--dev", dev, "--task", "mrpc",

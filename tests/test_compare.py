@@ -61,6 +61,11 @@ def test_tiny_compare_writes_every_output_and_skips_finished_cells(tiny_args, tm
             assert (cell / "summary.json").exists() and (cell / "adapter" / "adapter_config.json").exists()
             rows = [json.loads(x) for x in (cell / "metrics.jsonl").read_text().splitlines()]
             assert len(rows) == 2
+            # the final round's dev predictions, whose accuracy is the run's final accuracy
+            saved = json.loads((cell / "dev_predictions.json").read_text())
+            assert saved["round"] == 2 and len(saved["predicted"]) == len(saved["gold"]) == 24
+            right = sum(p == g for p, g in zip(saved["predicted"], saved["gold"]))
+            assert right / 24 == pytest.approx(rows[-1]["accuracy"], abs=1e-6)  # the row's is a float32
     # same split, client sample and ranks across methods: only the aggregation differs
     a = [json.loads(x) for x in (out / "hlora" / "seed0" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (out / "fedit__ranks-4" / "seed0" / "metrics.jsonl").read_text().splitlines()]
@@ -73,6 +78,10 @@ def test_tiny_compare_writes_every_output_and_skips_finished_cells(tiny_args, tm
     assert float(hl["mb_up"]) > 0 and hl["seeds"] == "2"
     md = (out / "table.md").read_text()
     assert "| hlora | 2 | 2 |" in md and "fedit:ranks=4" in md and "final F1" in md
+    assert "s/round" in md and "Δ vs hlora, bootstrap (pts)" in md and "- Δ vs hlora, seeds:" in md
+    fe = table[1]
+    assert fe["vs"] == "hlora" and fe["seeds_diff_seeds"] == "2" and fe["boot_diff_seeds"] == "2"
+    assert fe["resolved"] in ("yes", "no") and float(hl["s_per_round"]) > 0
     for fig in ("accuracy.png", "communication.png"):
         with Image.open(out / fig) as im:
             assert im.size[0] > 400 and im.size[1] > 300
@@ -153,6 +162,216 @@ def test_spread_labels_keeps_labels_apart_with_least_movement():
     ordered = sorted(out)
     assert all(b - a >= 0.8 - 1e-9 for a, b in zip(ordered, ordered[1:]))
     assert sum(out) == pytest.approx(sum(ys))  # a block sits at the mean of its wanted heights
+
+
+# --jobs, resuming a parallel grid, and the claim that keeps two processes off one cell. The grid: 2 methods
+# x 2 seeds, 3 rounds, every cell at 1 thread (float sums, hence bits, depend on the thread count).
+GRID = ["--strategies", "hlora,flexlora", "--seeds", "0,1", "--target", "0.5"]
+CELLS = [f"{m}/seed{s}" for m in ("hlora", "flexlora") for s in (0, 1)]
+
+
+def _grid_args(tiny_model, tiny_mrpc):
+    from tests.conftest import tiny_cli_args
+
+    args = tiny_cli_args(tiny_model, tiny_mrpc)
+    args[args.index("--rounds") + 1] = "3"
+    return [*args, *GRID]
+
+
+@pytest.fixture(scope="module")
+def reference_grid(tiny_model, tiny_mrpc, tmp_path_factory):
+    """The grid run one cell after the other in this process (``--jobs 1 --threads 1``)."""
+    out = tmp_path_factory.mktemp("reference") / "grid"
+    code = _cli([*_grid_args(tiny_model, tiny_mrpc), "--jobs", "1", "--threads", "1", "--out", str(out)])
+    assert code in (0, None)
+    return out
+
+
+def _cli(argv):
+    """``hlora compare ARGV`` in this process, without pytest's capture (for a module fixture)."""
+    import sys
+
+    from hlora import cli
+
+    old = sys.argv
+    sys.argv = ["hlora", "compare", *argv]
+    try:
+        with pytest.raises(SystemExit) as exc:
+            cli.main()
+    finally:
+        sys.argv = old
+    return exc.value.code
+
+
+def _cell_files(cell):
+    """Everything a finished cell holds that does not measure time, by file: equal means bit for bit."""
+    import yaml
+
+    config = yaml.safe_load((cell / "config.yaml").read_text())
+    config.pop("out")
+    summary = json.loads((cell / "summary.json").read_text())
+    summary.pop("wall_seconds")
+    rows = [{k: v for k, v in json.loads(x).items() if not k.startswith("seconds")}
+            for x in (cell / "metrics.jsonl").read_text().splitlines()]
+    files = {"config": config, "summary": summary, "metrics": rows,
+             "predictions": (cell / "dev_predictions.json").read_bytes()}
+    files.update({f.name: f.read_bytes() for f in sorted((cell / "adapter").iterdir())})
+    # PEFT writes target_modules from a set, in an order that varies from process to process
+    adapter_config = json.loads(files.pop("adapter_config.json"))
+    files["adapter_config.json"] = {**adapter_config, "target_modules": sorted(adapter_config["target_modules"])}
+    return files
+
+
+def _same_cells(out, reference):
+    for cell in CELLS:
+        assert (out / cell / "summary.json").exists(), cell
+        assert _cell_files(out / cell) == _cell_files(reference / cell), cell
+    assert not list(out.glob("*/*.lock")), "a lock was left behind"
+
+
+def test_jobs_2_gives_the_cells_of_jobs_1_bit_for_bit(tiny_model, tiny_mrpc, reference_grid, tmp_path, capfd):
+    out = tmp_path / "grid"
+    code, text = run_cli(["compare", *_grid_args(tiny_model, tiny_mrpc), "--jobs", "2", "--out", str(out)], capfd)
+    assert code in (0, None), text
+    _same_cells(out, reference_grid)
+    assert (out / "table.csv").read_text() .split("\n")[0] == (reference_grid / "table.csv").read_text().split("\n")[0]
+    # each cell in a process of its own at 1 thread: one start line each, one round line per round
+    starts = [line for line in text.splitlines() if "] started (pid" in line]
+    assert len(starts) == 4 and all("1 thread(s)" in line for line in starts)
+    assert len({line.split("pid ")[1].split(",")[0] for line in starts}) == 4
+    assert text.count("round 3/3") == 4 and text.count(": finished, final accuracy") == 4
+    code, text = run_cli(["compare", *_grid_args(tiny_model, tiny_mrpc), "--jobs", "2", "--out", str(out)], capfd)
+    assert code in (0, None) and text.count("done, skipped") == 4 and "started" not in text
+
+
+def test_an_interrupted_parallel_grid_resumes(tiny_model, tiny_mrpc, reference_grid, tmp_path, capfd):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "grid"
+    argv = ["compare", *_grid_args(tiny_model, tiny_mrpc), "--jobs", "2", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "hlora.cli", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # a cell has checkpointed a round: kill the grid and its cells' processes
+        if any((out / c / "checkpoint.pt").exists() for c in CELLS):
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not all((out / c / "summary.json").exists() for c in CELLS), "the grid was not killed mid-way"
+    assert list(out.glob("*/*.lock")), "no cell was running"  # its killed holder could not remove it
+    code, text = run_cli(argv, capfd)
+    assert code in (0, None), text
+    assert "resuming at round" in text
+    _same_cells(out, reference_grid)
+
+
+def _hold(cell):
+    """Another process that claims ``cell`` and holds it until killed."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from pathlib import Path; from hlora.compare import claim; "
+            "c = claim(Path(sys.argv[1])); print('held' if c else 'refused', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(cell)], stdout=subprocess.PIPE, text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+def test_a_cell_is_claimed_by_one_process_at_a_time(tmp_path):
+    from hlora.compare import claim, holder, lock_path
+
+    cell = tmp_path / "hlora" / "seed0"
+    first, said = _hold(cell)
+    try:
+        assert said == "held" and holder(cell) == first.pid
+        second, said2 = _hold(cell)
+        second.kill()
+        assert said2 == "refused"
+        assert claim(cell) is None  # nor this process
+    finally:
+        first.kill()  # kill -9: its lock file stays, but the lock dies with it
+        first.wait()
+    assert lock_path(cell).exists()
+    mine = claim(cell)
+    assert mine is not None and holder(cell) == __import__("os").getpid()
+    other, said = _hold(cell)
+    other.kill()
+    assert said == "refused"
+    mine.release()
+    assert not lock_path(cell).exists()
+    again = claim(cell)
+    assert again is not None
+    again.release()
+
+
+def test_the_grid_waits_for_a_cell_another_process_holds_then_takes_it(
+    tiny_model, tiny_mrpc, reference_grid, tmp_path
+):
+    """A cell held by another process is left to it; when that process dies (here: without finishing it),
+    the grid takes the cell over and runs it."""
+    from hlora.compare import cell_configs, parse_methods, run_grid
+    from tests.test_run import tiny_config
+
+    out = tmp_path / "grid"
+    other, said = _hold(out / "flexlora" / "seed0")
+    assert said == "held"
+    shared = tiny_config(_grid_args(tiny_model, tiny_mrpc)[: -len(GRID)], out, threads=1).to_dict()
+    for key in ("out", "strategy", "seed", "client_ranks"):
+        shared.pop(key)
+    cells = cell_configs(None, shared, parse_methods("hlora,flexlora"), [0, 1], out)
+    said_lines = []
+
+    def say(msg):
+        said_lines.append(msg)
+        if "running in another process" in msg:
+            assert not (out / "flexlora" / "seed0" / "config.yaml").exists()
+            other.kill()  # it dies without running the cell
+
+    try:
+        run_grid(cells, lambda *a: None, say, jobs=1, poll=0.1)
+    finally:
+        other.kill()
+        other.wait()
+    assert said_lines[0] == f"cell 2/4 flexlora seed 0: running in another process (pid {other.pid}); waiting for it"
+    _same_cells(out, reference_grid)
+
+
+def test_two_compare_processes_into_one_out_never_train_the_same_cell(
+    tiny_model, tiny_mrpc, reference_grid, tmp_path
+):
+    import subprocess
+    import sys
+
+    out = tmp_path / "grid"
+    argv = [sys.executable, "-m", "hlora.cli", "compare", *_grid_args(tiny_model, tiny_mrpc), "--jobs", "1",
+            "--threads", "1", "--out", str(out)]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    texts = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], texts
+    # a process prints "cell i/4: METHOD, seed S" when it has claimed a cell and starts it
+    trained = [[line.split(": ")[1].split(", about")[0] for line in t.splitlines()
+                if line.startswith("cell ") and "/4: " in line] for t in texts]
+    assert sorted(trained[0] + trained[1]) == sorted(f"{m}, seed {s}" for m in ("hlora", "flexlora") for s in (0, 1))
+    _same_cells(out, reference_grid)
+    for t in texts:  # both write the whole table: each waited for the cells the other ran
+        assert "(2 methods)" in t
+
+
+def test_bad_jobs_and_a_cell_failing_in_its_process_are_one_line_and_exit_2(tiny_args, tmp_path, capfd):
+    argv = ["compare", *tiny_args, "--strategies", "hlora,flexlora", "--out", str(tmp_path / "g")]
+    code, text = run_cli([*argv, "--jobs", "0"], capfd)
+    assert code == 2 and "--jobs must be at least 1, got 0" in text and not (tmp_path / "g").exists()
+    # 60 clients of 48 examples: refused when the cell loads its data, in its own process
+    i = argv.index("--clients")
+    argv[i + 1] = "60"
+    code, text = run_cli([*argv, "--jobs", "2"], capfd)
+    assert code == 2 and "Traceback" not in text
+    assert "error: cell 1/2 hlora seed 0: --clients 60 exceeds the 48 training examples" in " ".join(text.split()) \
+        or "error: cell 2/2 flexlora seed 0: --clients 60 exceeds the 48 training examples" in " ".join(text.split())
 
 
 def test_a_grid_left_to_precision_auto_continues(tiny_args, tmp_path, capsys):

@@ -2,23 +2,30 @@
 
 Each cell is an ordinary run directory ``OUT/<method>/seed<k>``. A cell with a ``summary.json`` is done
 and skipped, so an interrupted comparison resumes where it stopped (a half-finished cell continues from
-its last checkpoint).
+its last checkpoint). A process runs a cell only while it holds the cell's lock (:func:`claim`), so
+``--jobs`` worker processes and other ``hlora compare`` processes into the same directory never train the
+same cell. The table itself is :mod:`hlora.report`'s.
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import functools
 import math
+import os
 import re
 import shutil
 import statistics
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from hlora.config import ConfigError, RunConfig, load_config, parse_options
-from hlora.metrics import scored_rows
+from hlora.metrics import read_rows
+from hlora.report import summarize, write_tables
 
 RUN_FIELDS = {f.name for f in fields(RunConfig)}
 
@@ -133,11 +140,6 @@ def cell_state(path: Path) -> str:
     return "partial" if path.exists() and any(path.iterdir()) else "new"
 
 
-def read_rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def cell_labels(out: Path) -> dict[str, str]:
     """Cell folder name -> method label (``hlora__ranks-8`` -> ``hlora:ranks=8``) of a compare directory, read
     from its ``table.csv``; empty when there is none."""
@@ -148,65 +150,9 @@ def cell_labels(out: Path) -> dict[str, str]:
         return {Method(row["method"], "").slug: row["method"] for row in csv.DictReader(fh)}
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def summarize(out: Path, methods: list[Method], seeds: list[int], target: float) -> list[dict[str, Any]]:
-    """One row per method: final / best accuracy (and F1) as mean and std over seeds, rounds to the target
-    accuracy (mean over the seeds that reach it), total MB up and down (mean over seeds)."""
-    table = []
-    for m in methods:
-        logs = [read_rows(out / m.slug / f"seed{s}") for s in seeds
-                if cell_state(out / m.slug / f"seed{s}") == "done"]
-        if not logs:
-            continue
-        runs = [scored_rows(r, "accuracy") for r in logs]  # the evaluated rounds
-        row: dict[str, Any] = {"method": m.label, "seeds": len(runs), "rounds": len(logs[0])}
-        for key, values in [
-            ("final_acc", [r[-1]["accuracy"] for r in runs]),
-            ("best_acc", [max(x["accuracy"] for x in r) for r in runs]),
-            ("final_f1", [r[-1].get("f1", math.nan) for r in runs]),
-        ]:
-            row[key], row[key + "_std"] = _mean_std(values)
-        reached = [next((x["round"] for x in r if x["accuracy"] >= target), None) for r in runs]
-        hit = [x for x in reached if x is not None]
-        row["rounds_to_target"] = statistics.fmean(hit) if hit else math.nan
-        row["reached_target"] = f"{len(hit)}/{len(runs)}"
-        row["mb_up"] = statistics.fmean(sum(x["uplink_bytes"] for x in r) / 1e6 for r in logs)
-        row["mb_down"] = statistics.fmean(sum(x["downlink_bytes"] for x in r) / 1e6 for r in logs)
-        table.append(row)
-    return table
-
-
-def write_tables(table: list[dict[str, Any]], out: Path, target: float) -> None:
-    """``table.csv`` (every number) and ``table.md`` (mean ± std, readable)."""
-    if not table:
-        return
-    with (out / "table.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(table[0]))
-        w.writeheader()
-        w.writerows(table)
-    has_f1 = any(not math.isnan(r["final_f1"]) for r in table)
-
-    def pm(mean: float, std: float, scale: float = 100.0) -> str:
-        return "-" if math.isnan(mean) else f"{scale * mean:.1f} ± {scale * std:.1f}"
-
-    head = ["method", "seeds", "rounds", "final acc (%)", "best acc (%)"]
-    head += ["final F1 (%)"] if has_f1 else []
-    head += [f"rounds to {100 * target:.0f}%", "MB up", "MB down"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in table:
-        cells = [r["method"], str(r["seeds"]), str(r["rounds"]), pm(r["final_acc"], r["final_acc_std"]),
-                 pm(r["best_acc"], r["best_acc_std"])]
-        cells += [pm(r["final_f1"], r["final_f1_std"])] if has_f1 else []
-        rt = "-" if math.isnan(r["rounds_to_target"]) else f"{r['rounds_to_target']:.1f} ({r['reached_target']})"
-        cells += [rt, f"{r['mb_up']:.1f}", f"{r['mb_down']:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
+def rounds_done(path: Path) -> int:
+    """Rounds a cell has recorded in its ``metrics.jsonl`` (0 when it has none)."""
+    return len(read_rows(path)) if (path / "metrics.jsonl").is_file() else 0
 
 
 def reset_cell(path: Path) -> None:
@@ -214,31 +160,97 @@ def reset_cell(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def run_grid(
-    cells: list[tuple[Method, int, RunConfig]],
-    reporter_for,
-    say,
-) -> None:
-    """Run every cell not yet done, in order; resume half-finished ones from their checkpoint.
+def lock_path(cell: Path) -> Path:
+    """``OUT/<method>/seed<k>.lock``: beside the cell, not in it (removing a cell keeps its lock)."""
+    return cell.with_name(cell.name + ".lock")
 
-    ``reporter_for(i, n, method, seed, eta)`` gives the progress reporter of one cell; ``say`` prints.
+
+@dataclass
+class Claim:
+    """This process's hold on a cell: an exclusive lock on the cell's lock file, which holds our pid."""
+
+    cell: Path
+    fd: int
+
+    def release(self) -> None:
+        """Remove the lock file, then unlock it (a process that opened it meanwhile finds it gone)."""
+        try:
+            lock_path(self.cell).unlink()
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+
+
+def claim(cell: Path) -> Claim | None:
+    """Take ``cell`` for this process, or None when another live process holds it.
+
+    The claim is an ``fcntl.flock`` on ``<cell>.lock``, which the kernel releases when its holder ends,
+    however it ends (kill -9 too): a lock left by a dead process is free to take, with no pid to check and
+    no race between two processes taking over the same stale lock. Once locked, the path must still name
+    the locked file (a holder that finished removes it, and a process that opened it before that must start
+    again on a new one); then the file gets our pid, for the messages of other processes.
     """
-    import time
+    import fcntl
 
+    lock = lock_path(cell)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            now = os.stat(lock)
+        except FileNotFoundError:
+            now = None
+        mine = os.fstat(fd)
+        if now is not None and (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return Claim(cell, fd)
+        os.close(fd)
+
+
+def holder(cell: Path) -> int | None:
+    """The pid written in a cell's lock file (None: no lock, or not written yet)."""
+    try:
+        return int(lock_path(cell).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclass
+class CellResult:
+    """What :func:`run_cell` did: ``ran`` (``rounds`` rounds in ``seconds``, ending with ``summary``),
+    ``done`` (the cell had finished), or ``taken`` (another process holds it)."""
+
+    status: str
+    rounds: int = 0
+    seconds: float = 0.0
+    summary: dict[str, Any] | None = None
+
+
+def run_cell(cfg: RunConfig, reporter_for_cell: Callable[[int], Any]) -> CellResult:
+    """Claim the cell ``cfg.out``, then start it, resume it from its checkpoint, or start it again when it
+    holds no config to resume from; leave it when it has finished or another process holds it.
+
+    ``reporter_for_cell(rounds_done)`` gives the run's progress reporter, once the cell is claimed.
+    """
     from hlora.engine import resume, run
 
-    seconds_per_round: list[float] = []
-    for i, (method, seed, cfg) in enumerate(cells, start=1):
-        path = Path(cfg.out)
+    path = Path(cfg.out)
+    held = claim(path)
+    if held is None:
+        return CellResult("taken")
+    try:
         state = cell_state(path)
         if state == "done":
-            say(f"cell {i}/{len(cells)} {method.label} seed {seed}: done, skipped")
-            continue
+            return CellResult("done")
         resumable = state == "partial" and (path / "config.yaml").exists()
-        done_before = len(read_rows(path)) if resumable and (path / "metrics.jsonl").exists() else 0
-        left = sum(c.rounds for _, _, c in cells[i - 1 :]) - done_before
-        eta = statistics.fmean(seconds_per_round) * left if seconds_per_round else None
-        reporter = reporter_for(i, len(cells), method, seed, eta)
+        done_before = rounds_done(path) if resumable else 0
+        reporter = reporter_for_cell(done_before)
         t0 = time.perf_counter()
         if resumable:
             result = resume(path, reporter)
@@ -246,9 +258,230 @@ def run_grid(
             if state == "partial":
                 reset_cell(path)
             result = run(cfg, reporter)
-        ran = len(result.rows) - done_before  # a resumed cell ran only its remaining rounds
-        if ran > 0:
-            seconds_per_round.append((time.perf_counter() - t0) / ran)
+        # a resumed cell ran only its remaining rounds
+        return CellResult("ran", len(result.rows) - done_before, time.perf_counter() - t0, result.summary)
+    finally:
+        held.release()
+
+
+Cell = tuple[int, Method, int, RunConfig]  # its number (from 1), method, seed, config
+
+
+class _Queue:
+    """The cells left to run, in grid order; a cell another process holds waits ``poll`` seconds before it
+    is tried again."""
+
+    def __init__(self, cells: list[tuple[Method, int, RunConfig]], poll: float) -> None:
+        self.cells: list[Cell] = [(i, m, s, c) for i, (m, s, c) in enumerate(cells, start=1)]
+        self.n = len(cells)
+        self.poll = poll
+        self.not_before: dict[int, float] = {}
+        self.told: set[int] = set()  # cells said to be held by another process
+
+    def __bool__(self) -> bool:
+        return bool(self.cells)
+
+    def pop(self) -> Cell | None:
+        """The first cell that may be tried now (None: each waits for its next try)."""
+        now = time.monotonic()
+        for cell in self.cells:
+            if self.not_before.get(cell[0], 0.0) <= now:
+                self.cells.remove(cell)
+                return cell
+        return None
+
+    def later(self, cell: Cell, say: Callable[[str], None]) -> None:
+        """Another process holds ``cell``: say so once, try it again after the others."""
+        if cell[0] not in self.told:
+            pid = holder(Path(cell[3].out))
+            say(f"{name(cell, self.n)}: running in another process{f' (pid {pid})' if pid else ''}; "
+                "waiting for it")
+            self.told.add(cell[0])
+        self.not_before[cell[0]] = time.monotonic() + self.poll
+        self.cells.append(cell)
+
+    def wait(self) -> float | None:
+        """Seconds until a waiting cell may be tried again (None: no cell waits)."""
+        if not self.cells:
+            return None
+        return max(0.0, min(self.not_before.get(c[0], 0.0) for c in self.cells) - time.monotonic())
+
+    def skip_done(self, cell: Cell, say: Callable[[str], None]) -> bool:
+        """Whether ``cell`` has finished (then say so): skipped."""
+        if cell_state(Path(cell[3].out)) != "done":
+            return False
+        say(f"{name(cell, self.n)}: " + ("finished by another process" if cell[0] in self.told
+                                          else "done, skipped"))
+        return True
+
+    def rounds_left(self, *extra: Cell) -> int:
+        """Rounds of the unfinished cells (``extra`` and those queued) not yet recorded."""
+        return sum(c.rounds - rounds_done(Path(c.out)) for _, _, _, c in (*extra, *self.cells)
+                   if cell_state(Path(c.out)) != "done")
+
+
+def name(cell: Cell, n: int) -> str:
+    return f"cell {cell[0]}/{n} {cell[1].label} seed {cell[2]}"
+
+
+def run_grid(
+    cells: list[tuple[Method, int, RunConfig]],
+    reporter_for,
+    say,
+    jobs: int = 1,
+    poll: float = 5.0,
+) -> None:
+    """Run every cell not yet done; resume half-finished ones from their checkpoint.
+
+    ``jobs`` 1: one cell after the other in this process; ``reporter_for(i, n, method, seed, eta)`` gives a
+    cell's progress reporter. ``jobs`` > 1: that many cells at once, each in a process of its own (spawned),
+    which prints a line when it starts and one per round; ``say`` prints when one ends. A cell that another
+    process holds (another ``hlora compare`` into the same directory) is left to it and tried again every
+    ``poll`` seconds: this returns when every cell is done, whoever ran it.
+    """
+    queue = _Queue(cells, poll)
+    if jobs > 1:
+        _run_processes(queue, say, jobs)
+        return
+    seconds_per_round: list[float] = []
+    while queue:
+        cell = queue.pop()
+        if cell is None:
+            time.sleep(queue.wait() or 0.0)
+            continue
+        if queue.skip_done(cell, say):
+            continue
+        i, method, seed, cfg = cell
+
+        def reporter_for_cell(done_before: int, cell: Cell = cell):
+            left = queue.rounds_left(cell)
+            eta = statistics.fmean(seconds_per_round) * left if seconds_per_round else None
+            return reporter_for(i, queue.n, method, seed, eta)
+
+        result = run_cell(cfg, reporter_for_cell)
+        if result.status == "taken":
+            queue.later(cell, say)
+        elif result.status == "done":
+            queue.skip_done(cell, say)
+        elif result.rounds > 0:
+            seconds_per_round.append(result.seconds / result.rounds)
+
+
+class CellLines:
+    """The progress of a cell in a process of its own (``--jobs`` > 1): a line when it starts, one per round
+    (two cells' bars could not share a terminal)."""
+
+    def __init__(self, prefix: str, eta: float | None, done_before: int = 0) -> None:
+        self.prefix, self.eta, self.rounds = prefix, eta, 0
+
+    def _line(self, text: str) -> None:
+        print(self.prefix + text, file=sys.stderr, flush=True)
+
+    def start(self, cfg: RunConfig, out: Path, first_round: int) -> None:
+        self.rounds = cfg.rounds
+        again = f", resuming at round {first_round}" if first_round > 1 else ""
+        left = f", about {self.eta / 60:.0f} min left in the grid" if self.eta is not None else ""
+        self._line(f"started (pid {os.getpid()}, {cfg.threads} thread(s){again}{left}) -> {out}")
+
+    def round_start(self, round: int, examples: int) -> None: ...
+
+    def advance(self, examples: int) -> None: ...
+
+    def round_end(self, row: dict[str, Any]) -> None:
+        score = f"acc {row['accuracy']:.4f}" if "accuracy" in row else "(not evaluated)"
+        self._line(f"round {row['round']}/{self.rounds}  {score}  {row['seconds']:.1f}s")
+
+    def finish(self, summary: dict[str, Any]) -> None: ...
+
+
+def _cell_process(conn, cfg: RunConfig, prefix: str, eta: float | None) -> None:
+    """A spawned process: run one cell (:func:`run_cell`); send back its result, or the exception and its
+    traceback."""
+    import traceback
+
+    try:
+        conn.send(("result", run_cell(cfg, functools.partial(CellLines, prefix, eta))))
+    except BaseException as e:  # noqa: BLE001 - everything goes back to the grid's process
+        tb = traceback.format_exc()
+        try:
+            conn.send(("error", e, tb))
+        except Exception:  # noqa: BLE001 - an exception that does not pickle
+            conn.send(("error", RuntimeError(f"{type(e).__name__}: {e}"), tb))
+    finally:
+        conn.close()
+
+
+class CellFailed(Exception):
+    """The traceback of an exception raised in a cell's process (the cause of the one re-raised here)."""
+
+
+def _naming(error: BaseException, cell: str) -> BaseException:
+    """``error`` of the same type with the cell's name in front of its message (as it is, when it takes
+    another form of arguments, or is an interrupt)."""
+    if not isinstance(error, Exception) or len(error.args) != 1 or not isinstance(error.args[0], str):
+        return error
+    try:
+        return type(error)(f"{cell}: {error.args[0]}")
+    except Exception:  # noqa: BLE001 - a constructor that wants something else
+        return error
+
+
+def _run_processes(queue: _Queue, say, jobs: int) -> None:
+    """Up to ``jobs`` cells at once, each in a spawned process; stop them all at the first error (their
+    cells resume from their checkpoints next time)."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    ctx = multiprocessing.get_context("spawn")
+    running: dict[Any, tuple[Any, Cell]] = {}  # pipe end -> (process, cell)
+    seconds_per_round: list[float] = []
+    try:
+        while queue or running:
+            while len(running) < jobs and (cell := queue.pop()) is not None:
+                if queue.skip_done(cell, say):
+                    continue
+                left = queue.rounds_left(cell, *(c for _, c in running.values()))
+                eta = statistics.fmean(seconds_per_round) * left / jobs if seconds_per_round else None
+                prefix = f"[{cell[0]}/{queue.n} {cell[1].label} s{cell[2]}] "
+                here, there = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_cell_process, args=(there, cell[3], prefix, eta),
+                                   name=f"hlora-cell-{cell[0]}")
+                proc.start()
+                there.close()
+                running[here] = (proc, cell)
+            if not running:
+                time.sleep(queue.wait() or 0.0)
+                continue
+            for conn in wait(list(running), timeout=queue.wait() if len(running) < jobs else None):
+                proc, cell = running.pop(conn)
+                try:
+                    message = conn.recv()
+                except EOFError:  # it died before it could answer
+                    message = None
+                conn.close()
+                proc.join()
+                if message is None:
+                    message = ("error", RuntimeError(f"its process ended with exit code {proc.exitcode}"), "")
+                if message[0] == "error":
+                    _, error, tb = message
+                    raise _naming(error, name(cell, queue.n)) from (CellFailed(tb) if tb else None)
+                result: CellResult = message[1]
+                if result.status == "taken":
+                    queue.later(cell, say)
+                elif result.status == "done":
+                    queue.skip_done(cell, say)
+                else:
+                    if result.rounds > 0:
+                        seconds_per_round.append(result.seconds / result.rounds)
+                    final = (result.summary or {}).get("final_accuracy", math.nan)
+                    say(f"{name(cell, queue.n)}: finished, final accuracy {final:.4f}, "
+                        f"{result.rounds} rounds in {result.seconds / 60:.1f} min")
+    finally:
+        for conn, (proc, _) in running.items():  # an error or an interrupt: stop the other cells
+            proc.terminate()
+        for conn, (proc, _) in running.items():
+            proc.join()
+            conn.close()
 
 
 def compare(
@@ -261,23 +494,32 @@ def compare(
     reporter_for,
     say=print,
     run_cells: bool = True,
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
     """Run the grid (skipping finished cells), then write table.md, table.csv and the figures.
 
-    With ``run_cells`` False nothing runs: the tables and figures cover the cells finished so far.
+    ``jobs`` > 1 runs that many cells at once, each in its own process at 1 thread unless the settings
+    name ``threads`` (see :func:`run_grid`). With ``run_cells`` False nothing runs: the tables and figures
+    cover the cells finished so far.
     """
     from hlora.plots import plot_groups
 
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     cells = cell_configs(config_file, shared, methods, seeds, out)
     if run_cells:
+        if jobs > 1:
+            for _, _, cfg in cells:
+                cfg.threads = cfg.threads or 1
         out.mkdir(parents=True, exist_ok=True)
-        run_grid(cells, reporter_for, say)
-    table = summarize(out, methods, seeds, target)
+        run_grid(cells, reporter_for, say, jobs=jobs)
+    path = lambda m, s: out / m.slug / f"seed{s}"  # noqa: E731
+    done = {m.label: {s: path(m, s) for s in seeds if cell_state(path(m, s)) == "done"} for m in methods}
+    table = summarize(done, target)
     if not table:
         raise ConfigError(f"{out}: no cell of this grid has finished yet, so there is nothing to report")
     write_tables(table, out, target)
-    done = lambda m, s: cell_state(out / m.slug / f"seed{s}") == "done"  # noqa: E731
-    groups = {m.label: [read_rows(out / m.slug / f"seed{s}") for s in seeds if done(m, s)] for m in methods}
+    groups = {label: [read_rows(path) for path in runs.values()] for label, runs in done.items()}
     plot_groups(groups, out, title=cells[0][2].task, reference=("majority class", majority_share(cells[0][2])))
     return table
 
