@@ -110,7 +110,7 @@ def train_client(
     length together (less padding); otherwise batches are drawn at random.
     """
     objective = objective or Objective()
-    params = fm.install(payload.lora, payload.head, payload.frozen, payload.train_A)
+    params = fm.install(payload.lora, payload.head, payload.frozen, payload.train_A, payload.train_B)
     if head_opt == "frozen":  # no gradient for the head at all
         for p in fm.head_params.values():
             p.requires_grad_(False)

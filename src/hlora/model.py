@@ -10,9 +10,10 @@ update) without touching W0. Swapping a client in or out swaps only these small 
 classification head's parameters: the base weights are never copied.
 
 Why not PEFT's injection here: a client's rank changes from one client to the next, a frozen branch must
-sit beside the trainable one, and FFA-LoRA freezes A; PEFT's multi-adapter API allows only one active
-adapter once a head is in ``modules_to_save``. The forward is PEFT's (``lora_B(lora_A(x)) * scaling``),
-and :mod:`hlora.export` writes standard PEFT adapters that load with plain PEFT.
+sit beside the trainable one, and FFA-LoRA freezes A (RoLoRA A or B by turns); PEFT's multi-adapter API
+allows only one active adapter once a head is in ``modules_to_save``. The forward is PEFT's
+(``lora_B(lora_A(x)) * scaling``), and :mod:`hlora.export` writes standard PEFT adapters that load with
+plain PEFT.
 """
 
 from __future__ import annotations
@@ -51,13 +52,15 @@ class LoRALinear(nn.Module):
     def shape(self) -> tuple[int, int]:
         return self.base.out_features, self.base.in_features
 
-    def set(self, trainable: Factor | None, frozen: Factor | None, train_A: bool = True) -> None:
+    def set(
+        self, trainable: Factor | None, frozen: Factor | None, train_A: bool = True, train_B: bool = True
+    ) -> None:
         if trainable is None:
             self.lora_A = self.lora_B = None
         else:
             dtype = lora_dtype(self.base.weight.dtype)
             self.lora_A = nn.Parameter(trainable.A.detach().to(dtype).clone(), requires_grad=train_A)
-            self.lora_B = nn.Parameter(trainable.B.detach().to(dtype).clone())
+            self.lora_B = nn.Parameter(trainable.B.detach().to(dtype).clone(), requires_grad=train_B)
             self.scale = float(trainable.scale)
         self.frozen = None if frozen is None or frozen.rank == 0 else frozen
 
@@ -256,11 +259,12 @@ class FederatedModel:
         head: dict[str, Tensor],
         frozen: Adapter | None = None,
         train_A: bool = True,
+        train_B: bool = True,
     ) -> list[nn.Parameter]:
         """Put an adapter and head in; return the parameters to train."""
         frozen = frozen or {}
         for name, layer in self.layers.items():
-            layer.set(lora.get(name), frozen.get(name), train_A)
+            layer.set(lora.get(name), frozen.get(name), train_A, train_B)
         with torch.no_grad():
             for n, p in self.head_params.items():
                 p.copy_(head[n])

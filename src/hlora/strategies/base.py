@@ -47,14 +47,16 @@ class Payload:
 
     ``lora`` holds the trainable factors (initial values, at the client's scaling); ``frozen`` an extra
     low-rank update that the client adds to its frozen weights for this round (Fed-PLoRA's unselected
-    modules, FLoRA's merged global update); ``train_A`` False freezes A (FFA-LoRA); ``tail_penalty``
-    regularises the last rank (HetLoRA's rank self-pruning).
+    modules, FLoRA's merged global update); ``train_A`` False freezes A (FFA-LoRA, RoLoRA's B rounds),
+    ``train_B`` False freezes B (RoLoRA's A rounds); ``tail_penalty`` regularises the last rank (HetLoRA's
+    rank self-pruning).
     """
 
     lora: Adapter
     head: dict[str, Tensor]
     frozen: Adapter = field(default_factory=dict)
     train_A: bool = True
+    train_B: bool = True
     info: dict[str, Any] = field(default_factory=dict)
     #: lambda of a penalty lambda * sum_m ||s b_r a_r^T||_F on the last rank (HetLoRA's self-pruning)
     tail_penalty: float = 0.0

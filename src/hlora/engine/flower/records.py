@@ -13,13 +13,13 @@ key                record       holds
 ``frozen``         ArrayRecord  the same for the frozen factors (payloads only)
 ``head``           ArrayRecord  the classification head's parameters
 ``info-arrays``    ArrayRecord  the tensors found in ``info`` (e.g. Fed-PLoRA's indices)
-``config``         ConfigRecord module order and LoRA scalings, ``info`` as JSON, train_A,
+``config``         ConfigRecord module order and LoRA scalings, ``info`` as JSON, train_A, train_B,
                                 tail_penalty, the client id, and training settings or results
 =================  ===========  ===========================================================
 
 A train message's settings (:class:`TrainSettings`): ``local-steps`` 0 means "not set" (train
 ``local-epochs``), ``label-counts`` ``[]`` means "none" (no logit adjustment). A message without the
-keys added later (``local-steps``, ``prox-mu``, ``logit-adjust``, ``label-counts``, ``head-opt``, ``head-lr``, ``client-opt``, ``adam-eps``) reads as their defaults.
+keys added later (``train-B``, ``local-steps``, ``prox-mu``, ``logit-adjust``, ``label-counts``, ``head-opt``, ``head-lr``, ``client-opt``, ``adam-eps``) reads as their defaults.
 
 Module and head names are listed in order in ``config`` (records are maps, their order is not kept).
 Scalings travel as 64-bit floats, so they come back bit for bit. ArrayRecord rejects bfloat16: such
@@ -80,6 +80,7 @@ def payload_to_record(payload: Payload, settings: TrainSettings) -> RecordDict:
         "head-names": list(payload.head),
         "info": json.dumps(info),
         "train-A": bool(payload.train_A),
+        "train-B": bool(payload.train_B),
         "tail-penalty": float(payload.tail_penalty),
         "client": int(settings.client),
         "round": int(settings.round),
@@ -115,6 +116,7 @@ def record_to_payload(content: RecordDict) -> tuple[Payload, TrainSettings]:
             head=_read_tensors(arrays["head"], config["head-names"]),
             frozen=_read_adapter(arrays["frozen"], config, "frozen"),
             train_A=bool(config["train-A"]),
+            train_B=bool(config.get("train-B", True)),
             info=_decode_info(json.loads(str(config["info"])), arrays["info-arrays"]),
             tail_penalty=float(config["tail-penalty"]),
         )
