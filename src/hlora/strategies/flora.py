@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import torch
 
+from collections.abc import Iterable
+
 from hlora.factors import Factor, tensor_bytes
-from hlora.linalg import factored_svd
+from hlora.linalg import SVD, factored_svd
 from hlora.strategies.base import (
     ClientSpec,
     GlobalState,
@@ -38,6 +40,24 @@ def stack_factors(factors: list[Factor], weights: list[float]) -> Factor:
     return Factor(B, A, 1.0)
 
 
+def catch_up_bytes(state: GlobalState, client: int, merged: Iterable[SVD]) -> int:
+    """What a client must download to hold the merged weights: the stacks of every round since it last
+    took part, or the merged update itself (thin SVD factors) when that is smaller."""
+    since = state.extra.get("synced", {}).get(client, 0)
+    stacks = sum(b for rnd, b in state.extra.get("stacked_bytes", {}).items() if rnd > since)
+    return min(stacks, sum(tensor_bytes(svd.U, svd.S, svd.Vt) for svd in merged))
+
+
+def catch_up_extra(state: GlobalState, updates: list[Update], sent: int) -> dict:
+    """The bookkeeping of ``catch_up_bytes`` after a round whose merged increment took ``sent`` bytes."""
+    rnd = state.round + 1
+    stacks = {**state.extra.get("stacked_bytes", {}), rnd: sent}
+    # the round's clients hold the merged weights up to the previous round (they merge this round's
+    # increment when it reaches them)
+    synced = {**state.extra.get("synced", {}), **{u.client: rnd - 1 for u in updates}}
+    return {"stacked_bytes": stacks, "synced": synced}
+
+
 @register
 class FLoRA(HLoRA):
     name = "flora"
@@ -50,16 +70,8 @@ class FLoRA(HLoRA):
             A = (torch.rand(r, k, generator=rng) * 2 - 1) / k**0.5  # a fresh LoRA: PEFT's init
             lora[m] = Factor(torch.zeros(d, r, dtype=svd.U.dtype), A.to(svd.U.dtype), s)
         frozen = {m: svd_adapter(svd) for m, svd in state.lora.items()}
-        return Payload(lora=lora, head=state.head, frozen=frozen, info={"catch_up_bytes": self._catch_up(state, client)})
-
-    @staticmethod
-    def _catch_up(state: GlobalState, client: ClientSpec) -> int:
-        """What a client must download to hold the merged weights: the stacks of every round since it
-        last took part, or the merged update itself (thin SVD factors) when that is smaller."""
-        since = state.extra.get("synced", {}).get(client.id, 0)
-        stacks = sum(b for rnd, b in state.extra.get("stacked_bytes", {}).items() if rnd > since)
-        merged = sum(tensor_bytes(svd.U, svd.S, svd.Vt) for svd in state.lora.values())
-        return min(stacks, merged)
+        info = {"catch_up_bytes": catch_up_bytes(state, client.id, state.lora.values())}
+        return Payload(lora=lora, head=state.head, frozen=frozen, info=info)
 
     def aggregate(self, state: GlobalState, updates: list[Update]) -> GlobalState:
         p = round_weights(updates)
@@ -68,14 +80,9 @@ class FLoRA(HLoRA):
             stacked = stack_factors([u.lora[m] for u in updates], p)
             sent += tensor_bytes(stacked.B, stacked.A)
             lora[m] = factored_svd([merged.U * merged.S, stacked.B], [merged.Vt, stacked.A], [1.0, 1.0])
-        rnd = state.round + 1
-        stacks = {**state.extra.get("stacked_bytes", {}), rnd: sent}
-        # the round's clients hold the merged weights up to the previous round (they merge this
-        # round's stack when it reaches them)
-        synced = {**state.extra.get("synced", {}), **{u.client: rnd - 1 for u in updates}}
-        extra = {"stacked_bytes": stacks, "synced": synced}
-        return GlobalState(lora, average_heads(updates, p), state.init, rnd, extra)
+        extra = catch_up_extra(state, updates, sent)
+        return GlobalState(lora, average_heads(updates, p), state.init, state.round + 1, extra)
 
     def downlink_bytes(self, state: GlobalState, payload: Payload) -> int:
-        """The stacks the client has missed (see ``_catch_up``) and the head."""
+        """The stacks the client has missed (see ``catch_up_bytes``) and the head."""
         return payload.info["catch_up_bytes"] + tensor_bytes(*payload.head.values())

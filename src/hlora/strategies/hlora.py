@@ -44,6 +44,11 @@ def hlora_split(svd: SVD, r: int, scale: float) -> Factor:
     return Factor(t.U, t.S[:, None] * t.Vt / scale, scale)
 
 
+def empty_svd(f: Factor) -> SVD:
+    """The rank-0 update of ``f``'s shape (no update yet)."""
+    return SVD(f.B.new_zeros(f.B.shape[0], 0), f.B.new_zeros(0), f.A.new_zeros(0, f.A.shape[1]))
+
+
 def svd_adapter(svd: SVD) -> Factor:
     """The whole update U S V^T as a factor at scaling 1."""
     return Factor(svd.U * svd.S, svd.Vt, 1.0)
@@ -60,11 +65,7 @@ class HLoRA(Strategy):
         return hlora_split(svd, r, scale)
 
     def init_state(self, init: Adapter, head: dict[str, torch.Tensor]) -> GlobalState:
-        empty = {
-            m: SVD(f.B.new_zeros(f.B.shape[0], 0), f.B.new_zeros(0), f.A.new_zeros(0, f.A.shape[1]))
-            for m, f in init.items()
-        }
-        return GlobalState(lora=empty, head=head, init=init)
+        return GlobalState(lora={m: empty_svd(f) for m, f in init.items()}, head=head, init=init)
 
     def dispatch(self, state: GlobalState, client: ClientSpec, rng: torch.Generator) -> Payload:
         lora = {}
