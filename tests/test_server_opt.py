@@ -289,7 +289,8 @@ def test_factor_space_optimizers_match_the_fedopt_equations_over_two_rounds(stra
         torch.testing.assert_close(state.extra[KEY][(kind,) + key], v, **TOL)
 
 
-@pytest.mark.parametrize("name", ["hlora", "flexlora", "fedit", "hetlora", "ffa", "fedplora", "flora"])
+@pytest.mark.parametrize("name", ["hlora", "flexlora", "fedit", "hetlora", "ffa", "fedplora", "flora",
+                                  "fedex"])
 def test_avg_is_exactly_the_strategys_aggregate(name):
     s = get_strategy(name)
     state = s.init_state(make_init(8), head0())
@@ -326,6 +327,8 @@ def test_avg_is_exactly_the_strategys_aggregate(name):
         (ServerOpt("yogi"), "flexlora", "elementwise"),
         (ServerOpt("avgm", momentum=0.9), "flora", "not defined for flora"),
         (ServerOpt("adam"), "flora", "not defined for flora"),
+        (ServerOpt("avgm", momentum=0.9), "fedex", "not defined for fedex"),
+        (ServerOpt("yogi"), "fedex", "not defined for fedex"),
         (ServerOpt("yogi"), "centralized", "not defined for centralized"),
         (ServerOpt("avgm"), "centralized", "not defined for centralized"),
         (ServerOpt("sgd"), "fedit", "--server-opt must be one of"),

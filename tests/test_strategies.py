@@ -39,7 +39,7 @@ def trained_updates(strategy, state, specs, seed=0):
         g = torch.Generator().manual_seed(100 + seed + c.id)
         out = {}
         for m, f in payload.lora.items():
-            B = f.B + torch.randn(f.B.shape, generator=g, dtype=f.B.dtype)
+            B = f.B if not payload.train_B else f.B + torch.randn(f.B.shape, generator=g, dtype=f.B.dtype)
             A = f.A if not payload.train_A else f.A + torch.randn(f.A.shape, generator=g, dtype=f.A.dtype)
             out[m] = Factor(B, A, f.scale)
         head = {"h": torch.full((3,), float(c.id), dtype=torch.float64)}
@@ -47,15 +47,26 @@ def trained_updates(strategy, state, specs, seed=0):
     return updates
 
 
+def padded_average(updates, weights):
+    """Dense reference of FedAvg of the factors at scaling 1, zero-padded to R:
+    B = sum_k w_k [B_k, 0], A = sum_k w_k [s_k A_k; 0]."""
+    fs = [u.lora["m"] for u in updates]
+    B = sum(w * torch.nn.functional.pad(f.B, (0, R - f.rank)) for f, w in zip(fs, weights))
+    A = sum(w * f.scale * torch.nn.functional.pad(f.A, (0, 0, 0, R - f.rank)) for f, w in zip(fs, weights))
+    return B, A
+
+
 def global_delta(strategy, state):
     return sum(f.delta() for f in strategy.global_adapter(state).values())
 
 
 def test_every_strategy_is_registered():
-    assert set(names()) == {"centralized", "fedit", "fedplora", "ffa", "flexlora", "flora", "hetlora", "hlora"}
+    assert set(names()) == {"centralized", "fedex", "fedit", "fedplora", "ffa", "flexlora", "flora", "hetlora",
+                            "hlora"}
 
 
-@pytest.mark.parametrize("name", ["hlora", "flexlora", "fedit", "hetlora", "ffa", "fedplora", "flora"])
+@pytest.mark.parametrize("name", ["hlora", "flexlora", "fedit", "hetlora", "ffa", "fedplora", "flora",
+                                  "fedex"])
 def test_single_client_of_rank_r_gets_its_own_update(name):
     """With one client, the global update is that client's own update, whatever the method."""
     r = R if name in ("fedit", "fedplora") else 5  # fedplora: a client of rank R trains every module

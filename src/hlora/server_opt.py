@@ -27,7 +27,9 @@ no cap this rule differs from HLoRA's by exactly that part, which it keeps:
 
 Adam and Yogi are elementwise, so they have no low-rank form on G: they are refused for product-space
 strategies (and so is every server optimizer for flora, whose merged update is already the exact sum,
-and for centralized, which has no server step).
+for fedex, whose error term makes the global model the exact average for the factors its rule chose: a
+step on the factors alone breaks that, and with the error term recomputed it would only move the split
+between the two; and for centralized, which has no server step).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from hlora.strategies.base import StrategyError, average_heads, round_weights
 
 SERVER_OPTS = ("avg", "avgm", "adam", "yogi")
 PRODUCT_SPACE = ("hlora", "flexlora")
-NO_SERVER_OPT = ("flora", "centralized")
+NO_SERVER_OPT = ("flora", "fedex", "centralized")
 KEY = "server_opt"
 
 

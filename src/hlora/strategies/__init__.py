@@ -6,6 +6,7 @@ from typing import Any
 
 from hlora.strategies import (  # noqa: F401  (importing a module registers its strategy)
     centralized,
+    fedex,
     fedit,
     fedplora,
     ffa,
