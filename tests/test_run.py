@@ -140,7 +140,7 @@ def test_real_minilm_end_to_end_on_a_few_dozen_examples(tiny_mrpc, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["hlora", "flexlora", "fedit", "hetlora", "ffa", "fedplora", "flora",
-                                  "centralized", "fedex", "rolora"])
+                                  "centralized", "fedex", "rolora", "lorafair"])
 def test_every_strategy_runs_end_to_end(name, tiny_args, tmp_path):
     extra = {"ranks": "4"} if name == "fedit" else {}
     res = run(tiny_config(tiny_args, tmp_path / name, strategy=name, **extra))

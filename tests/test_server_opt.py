@@ -249,7 +249,7 @@ def fedopt_reference(name, x, target, mom, key, lr, beta, betas, tau):
     return x + lr * m / (torch.sqrt(v) + tau)
 
 
-@pytest.mark.parametrize("strategy", ["fedit", "ffa", "rolora"])
+@pytest.mark.parametrize("strategy", ["fedit", "ffa", "rolora", "lorafair"])
 @pytest.mark.parametrize("name", ["avgm", "adam", "yogi"])
 def test_factor_space_optimizers_match_the_fedopt_equations_over_two_rounds(strategy, name):
     lr, beta, betas, tau = 0.5, 0.8, (0.9, 0.99), 1e-3
@@ -290,7 +290,7 @@ def test_factor_space_optimizers_match_the_fedopt_equations_over_two_rounds(stra
 
 
 @pytest.mark.parametrize("name", ["hlora", "flexlora", "fedit", "hetlora", "ffa", "fedplora", "flora",
-                                  "fedex", "rolora"])
+                                  "fedex", "rolora", "lorafair"])
 def test_avg_is_exactly_the_strategys_aggregate(name):
     s = get_strategy(name)
     state = s.init_state(make_init(8), head0())

@@ -62,11 +62,11 @@ def global_delta(strategy, state):
 
 def test_every_strategy_is_registered():
     assert set(names()) == {"centralized", "fedex", "fedit", "fedplora", "ffa", "flexlora", "flora", "hetlora",
-                            "hlora", "rolora"}
+                            "hlora", "lorafair", "rolora"}
 
 
 @pytest.mark.parametrize("name", ["hlora", "flexlora", "fedit", "hetlora", "ffa", "fedplora", "flora",
-                                  "fedex", "rolora"])
+                                  "fedex", "rolora", "lorafair"])
 def test_single_client_of_rank_r_gets_its_own_update(name):
     """With one client, the global update is that client's own update, whatever the method."""
     r = R if name in ("fedit", "fedplora") else 5  # fedplora: a client of rank R trains every module

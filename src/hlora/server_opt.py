@@ -4,8 +4,9 @@ FedAdam, FedYogi).
 ``avg`` is the strategy's own rule, untouched. The others treat the round's change as a pseudo-gradient
 and step the global state with it.
 
-**Factor-space strategies** (fedit, hetlora, ffa, fedplora, rolora) and **the head** of every strategy:
-for each global tensor x (a factor B or A at scaling 1, a head weight) with the strategy's aggregate x_agg,
+**Factor-space strategies** (fedit, hetlora, ffa, fedplora, rolora, lorafair) and **the head** of every
+strategy: for each global tensor x (a factor B or A at scaling 1, a head weight) with the strategy's
+aggregate x_agg,
 
     Delta = x_agg - x
     avgm:  m = beta m + Delta;                                   x <- x + eta m
@@ -30,7 +31,7 @@ strategies (and so is every server optimizer for flora, whose merged update is a
 for fedex, whose error term makes the global model the exact average for the factors its rule chose: a
 step on the factors alone breaks that, and with the error term recomputed it would only move the split
 between the two; and for centralized, which has no server step). For rolora the factor frozen in a
-round has Delta = 0 and moves only by its momentum.
+round has Delta = 0 and moves only by its momentum; for lorafair x_agg is the corrected B_bar + dB.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from hlora.strategies import (  # noqa: F401  (importing a module registers its 
     flora,
     hetlora,
     hlora,
+    lorafair,
     rolora,
 )
 from hlora.strategies.base import (
