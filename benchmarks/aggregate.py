@@ -1,7 +1,8 @@
 """Server aggregation at LLM scale: one round of 20 clients, ranks 2..8, every strategy.
 
     python benchmarks/aggregate.py [--model llama7b|roberta-large] [--threads N] [--dense-layers 1]
-                                   [--strategies hlora,flexlora,...] [--repeats 3] [--out FILE.json]
+                                   [--strategies hlora,flexlora,...] [--repeats 3] [--error-rank 0]
+                                   [--out FILE.json]
 
 Each strategy runs in a fresh subprocess so that its peak resident memory is its own: ``inputs RSS`` is
 the peak after building the 20 clients' factors (what the server must hold anyway), ``peak RSS`` the peak
@@ -11,6 +12,13 @@ the CPU time is the steadier of the two).
 ``--repeats``: the HLoRA round is also timed the way it was computed before the Gram route (QR of the
 stacked factors, hlora 0.x at commit becb146: ``v0`` below), alternating the two per module so that the
 load of a shared machine hits both alike; reported are the totals of each and the largest difference.
+
+FedEx-LoRA's round also re-decomposes its error term E (the frozen residual, a thin SVD) together with
+the round's stacked factors, so its cost grows with E's rank (by up to sum_k r_k + 2R a round, until
+min(d, k)): ``--error-rank N`` starts it from a random E of rank N in every module (0: the first round,
+no E yet); the row reports E's rank after the round. RoLoRA's round is a B round (the first), whose
+cost is that of an A round up to d <-> k. LoRA-FAIR's correction takes r_k x R products per client and an
+R x R pseudo-inverse per module on top of FedAvg of the factors.
 
 For the SVD-based methods the same round is also computed the way FlexLoRA's public code does it (form
 the dense d x k sum, full SVD) on ``--dense-layers`` layers, with the largest difference between the two
@@ -40,7 +48,8 @@ SHAPES = {
                            "attention.output.dense": (1024, 1024), "intermediate.dense": (4096, 1024),
                            "output.dense": (1024, 4096)}),
 }
-STRATEGIES = ["hlora", "flexlora", "hetlora", "fedit", "flora", "ffa", "fedplora"]
+STRATEGIES = ["hlora", "flexlora", "hetlora", "fedit", "flora", "ffa", "fedplora", "fedex", "rolora",
+              "lorafair"]
 
 
 def peak_mb() -> float:
@@ -62,8 +71,18 @@ def round_inputs(model: str, layers: int | None = None, seed: int = 0):
     return shapes, ranks, g
 
 
-def client_updates(model: str, name: str):
-    """One round of trained updates: each client starts from its dispatched payload, factors + noise."""
+def random_error(d: int, k: int, rank: int, g: torch.Generator):
+    """A thin SVD of rank ``rank`` with orthonormal random U, V and decreasing singular values."""
+    from hlora.linalg import SVD
+
+    U = torch.linalg.qr(torch.randn(d, rank, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(k, rank, generator=g)).Q
+    return SVD(U, torch.linspace(1e-2, 1e-4, rank), V.T.contiguous())
+
+
+def client_updates(model: str, name: str, error_rank: int = 0):
+    """One round of trained updates: each client starts from its dispatched payload, factors + noise.
+    FedEx-LoRA starts from an error term of rank ``error_rank`` (0: none, its first round)."""
     from hlora.factors import Factor, init_factors
     from hlora.strategies import ClientSpec, Update, get_strategy
 
@@ -73,6 +92,8 @@ def client_updates(model: str, name: str):
     strategy = get_strategy(name)
     init = init_factors(shapes, max(ranks), g)
     state = strategy.init_state(init, {"head": torch.zeros(2, 16)})
+    if name == "fedex" and error_rank:
+        state.extra["residual"] = {m: random_error(d, k, error_rank, g) for m, (d, k) in shapes.items()}
     clients = [ClientSpec(i, dict.fromkeys(shapes, r), 16.0, 100 + 10 * i) for i, r in enumerate(ranks)]
     updates = []
     for c in clients:
@@ -83,13 +104,16 @@ def client_updates(model: str, name: str):
     return strategy, state, updates, shapes
 
 
-def run_one(model: str, name: str) -> dict:
-    strategy, state, updates, shapes = client_updates(model, name)
+def run_one(model: str, name: str, error_rank: int = 0) -> dict:
+    strategy, state, updates, shapes = client_updates(model, name, error_rank)
     inputs_mb = peak_mb()
     t0, c0 = time.perf_counter(), cpu_seconds()
-    strategy.aggregate(state, updates)
-    return {"strategy": name, "seconds": time.perf_counter() - t0, "cpu_seconds": cpu_seconds() - c0,
-            "modules": len(shapes), "inputs_rss_mb": inputs_mb, "peak_rss_mb": peak_mb()}
+    new = strategy.aggregate(state, updates)
+    row = {"strategy": name, "seconds": time.perf_counter() - t0, "cpu_seconds": cpu_seconds() - c0,
+           "modules": len(shapes), "inputs_rss_mb": inputs_mb, "peak_rss_mb": peak_mb()}
+    if name == "fedex":
+        row["error_rank"] = [error_rank, max(e.rank for e in new.extra["residual"].values())]
+    return row
 
 
 def factored_svd_v0(Bs, As, weights):
@@ -174,6 +198,7 @@ def main() -> None:
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--dense-layers", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="passes of the HLoRA before/after (0: skip)")
+    ap.add_argument("--error-rank", type=int, default=0, help="rank of FedEx-LoRA's error term before the round")
     ap.add_argument("--out", default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--part", default=None, help=argparse.SUPPRESS)
@@ -181,7 +206,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(run_one(args.model, args.one)))
+        print(json.dumps(run_one(args.model, args.one, args.error_rank)))
         return
     if args.part == "before_after":
         print(json.dumps(before_after(args.model, args.repeats)))
@@ -203,11 +228,12 @@ def main() -> None:
     print(f"{args.model}, torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads", flush=True)
     rows = []
     for name in args.strategies.split(","):
-        row = sub("--one", name)
+        row = sub("--one", name, "--error-rank", str(args.error_rank))
         rows.append(row)
+        error = " error term rank {} -> {}".format(*row["error_rank"]) if "error_rank" in row else ""
         print(f"{name:10s} {row['seconds']:8.2f} s (cpu {row['cpu_seconds']:7.2f} s)  inputs RSS "
-              f"{row['inputs_rss_mb']:7.0f} MB  peak RSS {row['peak_rss_mb']:7.0f} MB  ({row['modules']} modules)",
-              flush=True)
+              f"{row['inputs_rss_mb']:7.0f} MB  peak RSS {row['peak_rss_mb']:7.0f} MB  ({row['modules']} modules)"
+              f"{error}", flush=True)
     ba = sub("--part", "before_after", "--repeats", str(args.repeats)) if args.repeats else None
     if ba:
         print("HLoRA round before/after (median of passes): "
@@ -221,7 +247,7 @@ def main() -> None:
               f"estimated for the model; +{check['dense_extra_rss_mb']:.0f} MB RSS); factored: "
               f"{check['factored_seconds']:.3f} s; max relative difference {check['max_relative_difference']:.2e}")
     result = {"model": args.model, "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
-              "strategies": rows, "before_after": ba, "dense_check": check}
+              "error_rank": args.error_rank, "strategies": rows, "before_after": ba, "dense_check": check}
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=2)
