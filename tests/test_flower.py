@@ -24,7 +24,7 @@ from hlora.client import train_client
 from hlora.config import load_config
 from hlora.data import encode, load_task, partition
 from hlora.engine import simulation
-from hlora.model import FederatedModel, load_classifier
+from hlora.model import FederatedModel, load_classifier, set_attention, set_dropout
 from hlora.server import client_seed
 from hlora.strategies import get_strategy
 from tests.flower_cluster import Cluster
@@ -52,7 +52,7 @@ def sites(tiny_mrpc, tmp_path_factory) -> dict[int, str]:
 
 #: the papers' training, pinned: check_run recomputes each node's round with plain train_client and the
 #: strategy's own aggregate (hlora run's defaults add logit adjustment, an SGD head and server momentum)
-PINNED = {"precision": "fp32", "logit-adjust": 0.0, "head-opt": "adamw", "head-lr": 0.001, "adam-eps": 1e-8,
+PINNED = {"precision": "fp32", "lr-schedule": "constant", "logit-adjust": 0.0, "head-opt": "adamw", "head-lr": 0.001, "adam-eps": 1e-8,
           "server-opt": "avg", "server-lr": 1.0, "client-weights": "examples"}
 
 
@@ -114,6 +114,8 @@ def check_run(out: Path, tiny_model, tiny_mrpc, sites, rounds: int = 2) -> None:
     strategy = get_strategy("hlora")
     data = client_data(tiny_model, tiny_mrpc, sites)
     model, _ = load_classifier(tiny_model, 2, 0)
+    set_dropout(model, cfg["dropout"])  # the nodes' dropout and attention, as config.yaml records them
+    set_attention(model, cfg["attention"])
     fm = FederatedModel(model)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the nodes (threads=1)

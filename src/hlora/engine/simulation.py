@@ -184,7 +184,8 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> RunResult:
 def written_before(path: Path) -> dict[str, Any]:
     """What a run directory written before an option existed trained with, where today's default differs:
     no ``logit_adjust`` in its config.yaml means what is now ``--preset paper`` in float32; no
-    ``attention`` means SDPA. Resume it that way, not with today's defaults."""
+    ``attention`` means SDPA; no ``dropout`` the checkpoint's dropout (None). Resume it that way, not with
+    today's defaults."""
     import yaml
 
     saved = yaml.safe_load(path.read_text()) or {}
@@ -195,6 +196,8 @@ def written_before(path: Path) -> dict[str, Any]:
         implied.update(preset="paper", precision="fp32")
     if "attention" not in saved:
         implied["attention"] = "sdpa"
+    if "dropout" not in saved:
+        implied["dropout"] = None
     return implied
 
 
@@ -209,7 +212,11 @@ def resume(out: str | Path, reporter: Reporter | None = None) -> RunResult:
         raise ConfigError(f"--resume {out}: no run there (config.yaml is missing)")
     if (out / "summary.json").exists():
         raise ConfigError(f"--resume {out}: this run has already finished")
-    cfg = load_config(out / "config.yaml", {"out": str(out), **written_before(out / "config.yaml")})
+    implied = written_before(out / "config.yaml")
+    cfg = load_config(out / "config.yaml", {"out": str(out), **implied})
+    for key, value in implied.items():
+        if value is None:  # an override of None means "not given" to load_config
+            setattr(cfg, key, None)
     exp = setup(cfg)
     sampler = np.random.default_rng([cfg.seed, 2])
     if (out / CHECKPOINT).exists():
