@@ -23,12 +23,13 @@ from hlora.client import train_client
 from hlora.data import encode, load_task
 from hlora.factors import init_factors
 from hlora.metrics import evaluate
-from hlora.model import FederatedModel, load_classifier
+from hlora.model import FederatedModel, load_classifier, set_dropout
 from hlora.strategies import Payload
 
 
-def build(attn: str, compile_model: bool = False):
+def build(attn: str, compile_model: bool = False, dropout: float | None = None):
     model, tok = load_classifier("minilm", 2, 0)
+    set_dropout(model, dropout)
     if attn != "sdpa":
         model.set_attn_implementation(attn)
     fm = FederatedModel(model)
@@ -40,6 +41,7 @@ def build(attn: str, compile_model: bool = False):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also an arm with torch.compile (dynamic shapes)")
@@ -48,12 +50,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     task = load_task("mrpc")
     arms = {"fp32-sdpa": ("fp32", "sdpa", False), "bf16-sdpa": ("bf16", "sdpa", False),
-            "fp32-eager": ("fp32", "eager", False), "bf16-eager": ("bf16", "eager", False)}
+            "fp32-eager": ("fp32", "eager", False), "bf16-eager": ("bf16", "eager", False),
+            "bf16-sdpa-nodrop": ("bf16", "sdpa", False), "bf16-eager-nodrop": ("bf16", "eager", False)}
     if args.compile:
-        arms["bf16-sdpa-compiled"] = ("bf16", "sdpa", True)
+        arms["bf16-eager-nodrop-compiled"] = ("bf16", "eager", True)
     models = {}
     for name, (_, attn, comp) in arms.items():
-        models[name] = build(attn, comp)
+        models[name] = build(attn, comp, 0.0 if "nodrop" in name else None)
     fm0, tok = models["fp32-sdpa"]
     train = encode(tok, task.train, 128)
     dev = encode(tok, task.dev, 128)
@@ -72,7 +75,7 @@ def main() -> None:
             fm.precision = prec
             t0 = time.perf_counter()
             train_client(fm, Payload(lora, fm.head_state()), train, idx, client_id=0, epochs=1, lr=1e-3,
-                         batch_size=16, seed=rep)
+                         batch_size=args.batch_size, seed=rep)
             t_train = time.perf_counter() - t0
             t0 = time.perf_counter()
             evaluate(fm, lora, fm.head_state(), dev, 128, 1)

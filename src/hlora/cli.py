@@ -149,7 +149,9 @@ def run(
         "dtype", "Base model weights, --task instruct only: float32 or bfloat16 (adapters stay float32)."
     ),
     dropout: Optional[float] = _opt(
-        "dropout", "The base model's dropout probability (hidden and attention); default: the checkpoint's own."
+        "dropout",
+        "The base model's dropout probability (hidden and attention) in local training; --preset paper: the "
+        "checkpoint's own.",
     ),
     attention: Optional[str] = _opt(
         "attention", "Attention implementation: auto (eager on CPU, SDPA on a GPU), sdpa or eager."

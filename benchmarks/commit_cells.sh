@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Commit the finished cells of a running `hlora compare` grid as they come, so that a lost machine loses
+# only the running cells. Usage (from the repository, beside the grid):
+#   bash benchmarks/commit_cells.sh GRID_OUT DOCS_DIR [SECONDS]
+# Every SECONDS (default 120) until no lock is left in GRID_OUT: each cell GRID_OUT/<method>/seed<k> with a
+# summary.json not yet in DOCS_DIR gets its metrics.jsonl, summary.json, config.yaml and
+# dev_predictions.json copied to DOCS_DIR/<method>/seed<k>/ and committed (only those paths).
+set -euo pipefail
+grid=${1:?grid directory}; docs=${2:?docs directory}; every=${3:-120}
+cd "$(dirname "$0")/.."
+commit_new() {
+  local cell method seed dest
+  for cell in "$grid"/*/seed*/; do
+    cell=${cell%/}
+    [ -f "$cell/summary.json" ] || continue
+    method=$(basename "$(dirname "$cell")"); seed=$(basename "$cell")
+    dest="$docs/$method/$seed"
+    [ -f "$dest/summary.json" ] && continue
+    mkdir -p "$dest"
+    for f in metrics.jsonl summary.json config.yaml dev_predictions.json; do
+      [ -f "$cell/$f" ] && cp "$cell/$f" "$dest/"
+    done
+    git add -- "$dest"
+    git commit -q -m "$docs: cell $method/$seed ($(python -c "import json,sys; s=json.load(open(sys.argv[1])); print(f\"final {100*s['final_accuracy']:.1f}%, best {100*s['best_accuracy']:.1f}%\")" "$cell/summary.json"))" -- "$dest"
+    echo "committed $dest"
+  done
+}
+while true; do
+  commit_new
+  ls "$grid"/*/seed*.lock >/dev/null 2>&1 || pgrep -f "hlora.*compare.*$grid" >/dev/null || break
+  sleep "$every"
+done
+commit_new
