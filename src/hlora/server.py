@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hlora.robust import Robust, clip_update
 from hlora.server_opt import ServerOpt
 from hlora.strategies import ClientSpec, GlobalState, Payload, Strategy, Update
 from hlora.validate import norm_outliers, update_problem
@@ -26,7 +27,8 @@ Executor = Callable[[list[tuple[ClientSpec, Payload]]], list["Update | Exception
 
 def client_seed(seed: int, round: int, client: int, stream: int = 0) -> int:
     """A seed per (run, round, client, stream): a client's round never depends on what ran before it.
-    Stream 0 drives local training (shuffling, dropout), stream 1 the server's draws for the client."""
+    Stream 0 drives local training (shuffling, dropout), stream 1 the server's draws for the client, stream 3
+    a simulated attacker's noise (:mod:`hlora.attacks`)."""
     return int(np.random.SeedSequence([seed, round, client + 1, stream]).generate_state(1)[0])
 
 
@@ -35,6 +37,8 @@ class RoundOutcome:
     state: GlobalState
     accepted: list[Update]
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    #: clients whose change the robust rule scaled down (normclip): {"client": id, "scale": c}
+    clipped: list[dict[str, Any]] = field(default_factory=list)
     uplink_bytes: int = 0
     downlink_bytes: int = 0
     skipped: bool = False
@@ -59,15 +63,17 @@ def server_round(
     max_norm_ratio: float = 10.0,
     server_opt: ServerOpt | None = None,
     client_weights: str = "examples",
+    robust: Robust | None = None,
 ) -> RoundOutcome:
     """Dispatch to ``clients``, let ``execute`` train them, reject bad updates, aggregate the rest.
 
     A client that raises, or whose update fails :func:`~hlora.validate.update_problem` or the norm
-    check, is recorded in ``rejected`` and left out. Below ``min_clients`` valid updates the round is
-    skipped and the global model stays as it was. ``server_opt`` steps the global state with the round's
-    aggregate (default: the strategy's own rule). ``client_weights``: ``examples`` weighs
-    client k by p_k = n_k / n (every strategy's rule), ``uniform`` by 1/K (each accepted update counts as
-    one example for the aggregation). When every client raises, the first error is raised:
+    check, is recorded in ``rejected`` and left out; so is one that the ``robust`` rule rejects (see
+    :mod:`hlora.robust`; the clients whose change it scales down are listed in ``clipped``). Below
+    ``min_clients`` valid updates the round is skipped and the global model stays as it was. ``server_opt``
+    steps the global state with the round's aggregate (default: the strategy's own rule). ``client_weights``:
+    ``examples`` weighs client k by p_k = n_k / n (every strategy's rule), ``uniform`` by 1/K (each accepted
+    update counts as one example for the aggregation). When every client raises, the first error is raised:
     that is a bug or a setup error, not a client's fault.
     """
     payloads = []
@@ -95,22 +101,33 @@ def server_round(
             out.rejected.append({"client": spec.id, "reason": problem})
     if failures and len(failures) == len(clients):
         raise failures[0]
-    outliers = norm_outliers(out.accepted, sent, max_norm_ratio)
-    out.rejected += [{"client": out.accepted[i].client, "reason": why} for i, why in outliers.items()]
-    out.accepted = [u for i, u in enumerate(out.accepted) if i not in outliers]
-    sent = [p for i, p in enumerate(sent) if i not in outliers]
+    sent = _reject(out, sent, norm_outliers(out.accepted, sent, max_norm_ratio))
+    t0 = time.perf_counter()  # the robust rule is server work: timed with the aggregation
+    verdict = (robust or Robust()).judge(out.accepted, sent)
+    sent = _reject(out, sent, verdict.rejected)
+    out.clipped = [{"client": c, "scale": s} for c, s in verdict.scales.items()]
 
     out.skipped = len(out.accepted) < min_clients
-    t0 = time.perf_counter()
     if out.skipped:
         out.state = dataclasses.replace(state, round=state.round + 1)
     else:
-        weighed = out.accepted
+        weighed = [
+            clip_update(u, p, verdict.scales[u.client], strategy.aggregates_products) if u.client in verdict.scales
+            else u for u, p in zip(out.accepted, sent)
+        ]
         if client_weights == "uniform":
-            weighed = [dataclasses.replace(u, num_examples=1) for u in out.accepted]
+            weighed = [dataclasses.replace(u, num_examples=1) for u in weighed]
         out.state = (server_opt or ServerOpt()).step(strategy, state, weighed, sent)
     out.seconds_aggregate = time.perf_counter() - t0
     return out
+
+
+def _reject(out: RoundOutcome, sent: list[Payload], found: dict[int, str]) -> list[Payload]:
+    """Move the accepted updates at the indices of ``found`` to ``rejected`` (with their reasons); return
+    the payloads of the updates that stay."""
+    out.rejected += [{"client": out.accepted[i].client, "reason": why} for i, why in found.items()]
+    out.accepted = [u for i, u in enumerate(out.accepted) if i not in found]
+    return [p for i, p in enumerate(sent) if i not in found]
 
 
 def _bytes(strategy: Strategy, update: Update) -> int:

@@ -47,6 +47,7 @@ def round_row(
     t_eval = time.perf_counter() - t_eval
     svds = adapter_svd(adapter)
     energy = {str(r): round(energy_kept(svds, r), 6) for r in sorted(set(client_ranks))}
+    clipped = {"clipped": outcome.clipped} if outcome.clipped else {}  # --robust normclip's scaled clients
     return {
         "round": rnd,
         **scores,
@@ -58,6 +59,7 @@ def round_row(
         "energy_kept": energy,
         "rejected": outcome.rejected,
         "skipped": outcome.skipped,
+        **clipped,
         "seconds": time.perf_counter() - started,
         "seconds_train": outcome.seconds_train,
         "seconds_aggregate": outcome.seconds_aggregate,

@@ -150,6 +150,8 @@ class Strategy(ABC):
     name: ClassVar[str]
     #: the engine pools the round's sampled clients into one (centralized training)
     pools_clients: ClassVar[bool] = False
+    #: the aggregate is linear in the clients' products s B A, of any rank (not in their factors)
+    aggregates_products: ClassVar[bool] = False
 
     def check(self, clients: list[ClientSpec]) -> None:
         """Refuse clients this method is not defined for (raises StrategyError)."""

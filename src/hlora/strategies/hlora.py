@@ -59,6 +59,7 @@ class HLoRA(Strategy):
     """Heterogeneous-rank LoRA with product aggregation and SVD re-decomposition."""
 
     name = "hlora"
+    aggregates_products = True
 
     @staticmethod
     def split(svd: SVD, r: int, scale: float) -> Factor:
