@@ -36,6 +36,8 @@ def _default(name: str) -> str:
     if value is None:
         return {"target_modules": "attention query,value", "out": "runs/<time>-<task>-<strategy>",
                 "server_opt": "avgm for hlora/flexlora on classification, avg otherwise",
+                "robust_m": "K - f", "robust_trim": "f / K", "robust_clip": "--robust-clip-ratio x the round's median",
+                "attack_lambda": "1 for signflip and noise, 5 for scale",
                 "server_lr": "2 with the default avgm, else 1",
                 "head_lr": "0.1 for an sgd head, --lr for adamw"}.get(
             name, "none"
@@ -177,6 +179,25 @@ def run(
     max_norm_ratio: Optional[float] = _opt(
         "max_norm_ratio", "Reject an update whose norm exceeds this many times the round's median (0: off)."
     ),
+    robust: Optional[str] = _opt(
+        "robust", "Robust aggregation: none, krum, multikrum, median, trimmed (reject the clients farthest from "
+        "the coordinate-wise statistic), normclip (scale changes above a bound)."
+    ),
+    robust_f: Optional[int] = _opt("robust_f", "The assumed number of Byzantine clients a round (--robust)."),
+    robust_m: Optional[int] = _opt("robust_m", "Clients multikrum keeps."),
+    robust_trim: Optional[float] = _opt("robust_trim", "The trimmed mean's beta: the fraction trimmed a side."),
+    robust_clip: Optional[float] = _opt("robust_clip", "normclip's fixed bound on a client's change norm."),
+    robust_clip_ratio: Optional[float] = _opt(
+        "robust_clip_ratio", "normclip's bound as this many times the round's median change norm."
+    ),
+    robust_dense_mb: Optional[float] = _opt(
+        "robust_dense_mb", "Memory (MB) median and trimmed may take for one module's dense changes."
+    ),
+    attack: Optional[str] = _opt(
+        "attack", "Simulated attack: none, signflip, scale, noise (factors' change) or labelflip (data)."
+    ),
+    attackers: Optional[float] = _opt("attackers", "Fraction of the clients that attack (a seeded subset)."),
+    attack_lambda: Optional[float] = _opt("attack_lambda", "The attack's factor L (signflip: -L, scale: x L, noise)."),
     preset: Optional[str] = _opt(
         "preset", "A named set of training defaults under the file and options: paper (the papers' training: "
         "2 local epochs of plain cross-entropy with AdamW at batch 16, n_k/n weights, the strategy's own rule)."

@@ -60,6 +60,22 @@ class RunConfig:
     # robustness: updates that fail the checks are rejected before aggregation
     min_clients: int = 1
     max_norm_ratio: float = 10.0
+    #: a robust aggregation rule (hlora.robust): none, krum, multikrum, median, trimmed or normclip. f: the
+    #: assumed number of Byzantine clients a round; m: multikrum's survivors (None: K - f); trim: the trimmed
+    #: mean's beta (None: f / K); clip: normclip's fixed bound (None: clip_ratio x the round's median norm);
+    #: dense_mb: the memory median and trimmed may take for one module's dense changes
+    robust: str = "none"
+    robust_f: int = 1
+    robust_m: int | None = None
+    robust_trim: float | None = None
+    robust_clip: float | None = None
+    robust_clip_ratio: float = 1.0
+    robust_dense_mb: float = 2048.0
+    #: simulated attackers (hlora.attacks; hlora run only): none, signflip, scale, noise or labelflip; the
+    #: fraction of clients that attack (a seeded subset); L (None: 1 for signflip and noise, 5 for scale)
+    attack: str = "none"
+    attackers: float = 0.0
+    attack_lambda: float | None = None
     # local training
     local_epochs: int = 2
     #: a fixed number of optimizer steps per client per round, cycling its data (overrides local_epochs)
@@ -114,6 +130,16 @@ class RunConfig:
             raise ConfigError(f"--min-clients must be at least 1, got {self.min_clients}")
         if self.max_norm_ratio < 0:
             raise ConfigError(f"--max-norm-ratio must be >= 0 (0 turns the check off), got {self.max_norm_ratio}")
+        from hlora.attacks import check_attack
+
+        try:
+            self.robust_rule().check(self.per_round)
+            check_attack(self.attack, self.attackers, self.attack_lambda, pooled=self.strategy == "centralized",
+                         classify=self.task != "instruct")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.robust != "none" and self.strategy == "centralized":
+            raise ConfigError("--robust judges the clients' updates; the centralized strategy pools their data")
         if self.local_steps is not None and self.local_steps < 1:
             raise ConfigError(f"--local-steps must be at least 1, got {self.local_steps}")
         if self.lr_schedule not in ("constant", "cosine"):
@@ -189,6 +215,12 @@ class RunConfig:
 
             return cosine_lr(self.lr, rnd, self.rounds)
         return self.lr
+
+    def robust_rule(self):
+        from hlora.robust import Robust
+
+        return Robust(self.robust, self.robust_f, self.robust_m, self.robust_trim, self.robust_clip,
+                      self.robust_clip_ratio, self.robust_dense_mb)
 
     def server_optimizer(self):
         from hlora.server_opt import ServerOpt

@@ -7,6 +7,7 @@ dispatch) -> metrics and artifacts. :func:`setup` builds everything a run needs;
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hlora.attacks import Attack, flip_labels
 from hlora.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from hlora.client import train_client
 from hlora.config import ConfigError, RunConfig, draw_ranks, load_config
@@ -63,11 +65,19 @@ class Experiment:
     tokenizer: Any = None
     #: each client's logit adjustment tau * (log pi_k - log pi) (classification with --logit-adjust)
     offsets: list[torch.Tensor] | None = None
+    #: simulated attackers (--attack), and the training set with flipped labels (--attack labelflip)
+    attack: Attack | None = None
+    flipped: Encoded | None = None
 
     def objective(self, client: int) -> Objective:
         """Client ``client``'s training loss (``-1``: the pooled, centralized site: the plain loss)."""
         offset = self.offsets[client] if self.offsets is not None and client >= 0 else None
         return Objective(offset=offset, prox_mu=self.cfg.prox_mu)
+
+    def training_set(self, client: int) -> Encoded | EncodedLM:
+        """What client ``client`` trains on: the training set, or its copy with flipped labels (an attacker
+        of --attack labelflip)."""
+        return self.flipped if self.attack is not None and self.attack.flips(client) else self.train
 
     @property
     def max_rank(self) -> int:
@@ -119,6 +129,7 @@ def setup(cfg: RunConfig) -> Experiment:
         raise ConfigError(f"--clients {cfg.clients} exceeds the {len(task.train)} training examples")
     model, tokenizer = load_model(cfg, task)
     fm = FederatedModel(model, cfg.target_modules)
+    cfg.robust_rule().check_dense(fm.shapes, cfg.per_round)  # median/trimmed: refused where they do not fit
     parts = partition(task.train.labels, cfg.clients, cfg.partition, cfg.alpha, cfg.seed)
     ranks = draw_ranks(cfg.ranks, cfg.clients, cfg.seed)
     if cfg.client_ranks and cfg.client_ranks != ranks:
@@ -133,6 +144,10 @@ def setup(cfg: RunConfig) -> Experiment:
     strategy.check(clients)
     train = tokenize(task, tokenizer, task.train, cfg.max_length)
     dev = tokenize(task, tokenizer, task.dev, cfg.max_length)
+    attack = Attack.of(cfg.attack, cfg.attackers, cfg.attack_lambda, cfg.clients, cfg.seed)
+    flipped = None
+    if attack is not None and attack.kind == "labelflip":
+        flipped = dataclasses.replace(train, labels=flip_labels(train.labels, task.num_labels))
     offsets = None
     if cfg.logit_adjust and task.kind != "instruct":
         labels = task.train.labels
@@ -142,7 +157,10 @@ def setup(cfg: RunConfig) -> Experiment:
                                cfg.logit_adjust)
             for part in parts
         ]
-    exp = Experiment(cfg, task, fm, train, dev, parts, clients, strategy, tokenizer, offsets)
+        for k in attack.attackers if flipped is not None else []:  # the label mix a flipping attacker trains on
+            offsets[k] = offset_from_counts(label_counts(flipped.labels[parts[k]], task.num_labels), federation,
+                                            cfg.logit_adjust)
+    exp = Experiment(cfg, task, fm, train, dev, parts, clients, strategy, tokenizer, offsets, attack, flipped)
     cfg.precision = fm.precision = resolve_precision(cfg.precision, lambda mode: _probe_step(exp, mode))
     return exp
 
@@ -260,13 +278,15 @@ def _rounds(
             results: list[Update | Exception] = []
             for spec, payload in pairs:
                 try:
-                    results.append(train_client(
-                        fm, payload, exp.train, indices[spec.id], client_id=spec.id, epochs=cfg.local_epochs,
+                    update = train_client(
+                        fm, payload, exp.training_set(spec.id), indices[spec.id], client_id=spec.id,
+                        epochs=cfg.local_epochs,
                         lr=cfg.client_lr(rnd), batch_size=cfg.batch_size, seed=client_seed(cfg.seed, rnd, spec.id),
                         on_batch=reporter.advance, local_steps=cfg.local_steps, objective=exp.objective(spec.id),
                         head_opt=cfg.head_opt, head_lr=cfg.head_lr, client_opt=cfg.client_opt,
                         adam_eps=cfg.adam_eps,
-                    ))
+                    )
+                    results.append(exp.attack.tamper(update, payload, rnd) if exp.attack else update)
                 except Exception as e:  # a failing client is dropped from the round; the run goes on
                     results.append(e)
             return results
@@ -274,7 +294,7 @@ def _rounds(
         outcome = server_round(
             strategy, state, [spec for spec, _ in jobs], execute, round=rnd, seed=cfg.seed,
             min_clients=cfg.min_clients, max_norm_ratio=cfg.max_norm_ratio, server_opt=server_opt,
-            client_weights=cfg.client_weights,
+            client_weights=cfg.client_weights, robust=cfg.robust_rule(),
         )
         state = outcome.state
         scored = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
@@ -282,6 +302,8 @@ def _rounds(
             rnd, outcome, strategy=strategy, evaluate=exp.evaluate if scored else None, client_ranks=cfg.client_ranks,
             clients=sampled, ranks=[spec.ranks[next(iter(spec.ranks))] for spec, _ in jobs], started=t0,
         )
+        if exp.attack is not None:  # which attackers were sampled, and which clients were rejected
+            row.update(exp.attack.row(sampled, outcome.rejected))
         log.append(row)
         save_checkpoint(
             out, state, sampler=sampler.bit_generator.state, rows=log.rows, client_ranks=cfg.client_ranks,

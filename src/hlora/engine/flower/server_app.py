@@ -202,6 +202,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     model, tokenizer = load_classifier(cfg.model, task.num_labels, cfg.seed)
     set_attention(model, cfg.attention)  # the server only evaluates: dropout does not apply
     fm = FederatedModel(model, cfg.target_modules)
+    cfg.robust_rule().check_dense(fm.shapes, cfg.per_round)  # median/trimmed: refused where they do not fit
     dev = encode(tokenizer, task.dev, cfg.max_length) if len(task.dev) else None
     cfg.precision = fm.precision = server_precision(cfg, fm, dev)
 
@@ -246,7 +247,8 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         try:
             outcome = server_round(strategy, state, specs, execute, round=rnd, seed=cfg.seed,
                                    min_clients=cfg.min_clients, max_norm_ratio=cfg.max_norm_ratio,
-                                   server_opt=cfg.server_optimizer(), client_weights=cfg.client_weights)
+                                   server_opt=cfg.server_optimizer(), client_weights=cfg.client_weights,
+                                   robust=cfg.robust_rule())
         except NodeUnavailable:
             if not all(isinstance(r, NodeUnavailable) for r in execute.results):
                 raise

@@ -64,6 +64,8 @@ def run_settings(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerOption
                 value = [p for p in re.split(r"[\s,]+", str(value)) if p]
             if name in ("threads", "local_steps", "head_lr") and value == 0:
                 continue  # 0: not set (torch's threads; local-epochs instead of steps)
+            if name in ("attack", "attackers", "attack_lambda") and value not in ("none", 0, 0.0):
+                raise ConfigError(f"run-config {key}: attacks are simulated by hlora run only (not on Flower)")
             if name == "preset":
                 raise ConfigError("run-config preset: the app lists every key with its value, so a preset "
                                   "would change nothing; set the keys themselves")
