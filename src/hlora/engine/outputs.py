@@ -36,9 +36,10 @@ def round_row(
     """Score the round's global model with ``evaluate(adapter, head)`` and build its ``metrics.jsonl`` row.
 
     ``clients`` and ``ranks`` are the round's sampled client ids and their ranks; ``started`` is the
-    ``time.perf_counter()`` at the start of the round. Without an evaluation (no dev set, or a round that
-    ``--eval-every`` skips) the row has no score keys (accuracy, eval_loss, ...): its communication,
-    losses and times are still recorded.
+    ``time.perf_counter()`` at the start of the round. ``client_train_loss`` maps each accepted client's
+    id (as text; -1: centralized's pooled site) to its local training loss. Without an evaluation (no dev
+    set, or a round that ``--eval-every`` skips) the row has no score keys (accuracy, eval_loss, ...): its
+    communication, losses and times are still recorded.
     """
     state = outcome.state
     t_eval = time.perf_counter()
@@ -52,6 +53,7 @@ def round_row(
         "round": rnd,
         **scores,
         "train_loss": outcome.train_loss,
+        "client_train_loss": {str(u.client): u.train_loss for u in outcome.accepted},
         "clients": clients,
         "ranks": ranks,
         "uplink_bytes": outcome.uplink_bytes,
