@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from hlora.config import ConfigError, RunConfig, load_config
@@ -451,7 +452,7 @@ def main() -> None:
     try:
         app()
     except USER_ERRORS as e:
-        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # [ ] kept as text
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted")
