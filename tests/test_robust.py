@@ -12,6 +12,7 @@ from hlora import run
 from hlora.attacks import Attack, choose_attackers, flip_labels, noise_change, scale_change
 from hlora.config import ConfigError, load_config
 from hlora.factors import Factor
+from hlora.objectives import label_counts, offset_from_counts
 from hlora.robust import (
     Robust,
     RobustError,
@@ -254,3 +255,28 @@ def test_a_sign_flip_attacker_that_wins_under_none_is_removed_under_multikrum(ti
     # multikrum's model is the honest clients' model; under none the attacker moved it
     assert [r["eval_loss"] for r in robust.rows] == [r["eval_loss"] for r in honest.rows]
     assert [r["eval_loss"] for r in plain.rows] != [r["eval_loss"] for r in honest.rows]
+
+
+@pytest.mark.parametrize("attack,robust", [("labelflip", "trimmed"), ("noise", "normclip"), ("scale", "median"),
+                                           ("signflip", "krum")])
+def test_every_attack_and_rule_runs_on_the_tiny_model(attack, robust, tiny_args, tmp_path):
+    res = run(tiny_config(tiny_args, tmp_path / robust, clients=6, per_round=6, rounds=1, attack=attack,
+                          attackers=0.34, robust=robust))
+    (row,) = res.rows
+    assert len(row["attackers"]) == 2 and math.isfinite(row["accuracy"])
+    by_rule = [r for r in row["rejected"] if r["reason"].startswith(f"{robust}:")]
+    assert len(by_rule) == {"trimmed": 1, "median": 1, "krum": 5, "normclip": 0}[robust]
+    assert sorted(row["true_rejections"] + row["false_rejections"]) == sorted(r["client"] for r in row["rejected"])
+    if robust == "normclip":
+        assert row["clipped"] and all(0 < c["scale"] < 1 for c in row["clipped"])
+
+
+def test_a_label_flipping_attacker_trains_on_flipped_labels_with_their_label_mix(tiny_args, tmp_path):
+    exp = sim.setup(tiny_config(tiny_args, tmp_path / "x", clients=6, per_round=6, attack="labelflip",
+                                attackers=0.34))
+    bad, good = exp.attack.attackers[0], next(c for c in range(6) if c not in exp.attack.attackers)
+    assert exp.training_set(good) is exp.train
+    assert torch.equal(exp.training_set(bad).labels, 1 - exp.train.labels)
+    labels = exp.train.labels
+    flipped = label_counts(1 - labels[exp.parts[bad]], 2)
+    torch.testing.assert_close(exp.offsets[bad], offset_from_counts(flipped, label_counts(labels, 2), 1.0))
