@@ -40,9 +40,13 @@ def _default(name: str) -> str:
                 "robust_m": "K - f", "robust_trim": "f / K", "robust_clip": "--robust-clip-ratio x the round's median",
                 "attack_lambda": "1 for signflip and noise, 5 for scale",
                 "server_lr": "2 with the default avgm, else 1",
-                "head_lr": "0.1 for an sgd head, --lr for adamw"}.get(
+                "head_lr": "0.1 for an sgd head, --lr for adamw",
+                "log_group": "MLflow: hlora, W&B: none; compare: the grid's name",
+                "mlflow_uri": "a file store in OUT/mlruns"}.get(
             name, "none"
         )
+    if value == []:
+        return "none"
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
@@ -253,6 +257,12 @@ def run(
     seed: Optional[int] = _opt("seed", "Seed of the split, ranks, client sampling and training."),
     threads: Optional[int] = _opt("threads", "Torch threads (default: torch's choice)."),
     out: Optional[Path] = _opt("out", "Run directory (must not hold a run already)."),
+    log: Optional[str] = _opt(
+        "log", "Experiment tracking, comma-separated: tensorboard (OUT/tb), mlflow, wandb (offline unless "
+        "logged in)."
+    ),
+    log_group: Optional[str] = _opt("log_group", "MLflow experiment and W&B group of the run."),
+    mlflow_uri: Optional[str] = _opt("mlflow_uri", "MLflow tracking URI (a server, or sqlite:///...)."),
     resume: Optional[Path] = typer.Option(
         None, "--resume", help="Continue the run in this directory from its last checkpoint (no other options).",
         show_default="none",

@@ -90,6 +90,7 @@ def cell_configs(
     hours in)."""
     from hlora.engine.simulation import check_strategy
     from hlora.tasks import is_lm
+    from hlora.tracking import check_installed, in_grid
 
     cells = []
     for seed in seeds:
@@ -97,6 +98,8 @@ def cell_configs(
             overrides = {**shared, **m.overrides, "strategy": m.strategy, "seed": seed,
                          "out": str(out / m.slug / f"seed{seed}")}
             cfg = load_config(config_file, overrides)
+            check_installed(cfg.log)
+            in_grid(cfg, out, f"{m.label} seed{seed}")
             if is_lm(cfg):
                 raise ConfigError(
                     "hlora compare tabulates accuracy, and --task instruct runs measure eval loss: run each "
@@ -112,7 +115,7 @@ def cell_configs(
 
 
 # Fields a cell may differ in from the grid's settings without being another experiment.
-_IGNORED = ("out", "client_ranks", "threads")
+_IGNORED = ("out", "client_ranks", "threads", "log", "log_group", "log_name", "mlflow_uri")
 
 
 def _check_same_settings(method: Method, cfg: RunConfig) -> None:

@@ -114,6 +114,12 @@ class RunConfig:
     threads: int | None = None
     # outputs
     out: str | None = None
+    #: experiment tracking (hlora.tracking): tensorboard, mlflow, wandb; the MLflow experiment and W&B group;
+    #: the run's name there (None: the run directory's); the MLflow tracking URI (None: a store in OUT/mlruns)
+    log: list[str] = field(default_factory=list)
+    log_group: str | None = None
+    log_name: str | None = None
+    mlflow_uri: str | None = None
     # filled in by the run: each client's rank (one rank per client for every adapted layer)
     client_ranks: list[int] = field(default_factory=list)
 
@@ -205,6 +211,12 @@ class RunConfig:
             raise ConfigError(f"--attention must be auto, sdpa or eager, got {self.attention!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+        from hlora.tracking import BACKENDS
+
+        self.log = list(dict.fromkeys(str(b).strip().lower() for b in self.log if str(b).strip()))
+        for backend in self.log:
+            if backend not in BACKENDS:
+                raise ConfigError(f"--log takes {', '.join(BACKENDS)} (comma-separated), got {backend!r}")
         parse_ranks(self.ranks)
         return self
 
@@ -286,7 +298,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> RunConfig
         # the preset sits under the file and the options: what they set explicitly wins
         given = {k for k in values}
         values.update({k: v for k, v in PRESETS[preset].items() if k not in given})
-    for key in ("text_columns", "target_modules", "server_betas"):
+    for key in ("text_columns", "target_modules", "server_betas", "log"):
         if isinstance(values.get(key), str):
             values[key] = [s.strip() for s in values[key].split(",") if s.strip()]
     if "server_betas" in values:

@@ -161,9 +161,11 @@ def read_predictions(run_dir: str | Path) -> dict[str, Any] | None:
 
 class MetricsLog:
     """Appends one JSON object per round to ``metrics.jsonl``; writes ``dev_predictions.json`` and
-    ``summary.json``."""
+    ``summary.json``. A ``tracker`` (:class:`hlora.tracking.Tracking`) gets each new row and the summary
+    too."""
 
-    def __init__(self, out: Path, rows: list[dict[str, Any]] | None = None) -> None:
+    def __init__(self, out: Path, rows: list[dict[str, Any]] | None = None, tracker: Any = None) -> None:
+        self.tracker = tracker
         self.path = out / "metrics.jsonl"
         self.summary_path = out / "summary.json"
         self.predictions_path = out / PREDICTIONS
@@ -175,6 +177,8 @@ class MetricsLog:
         self.rows.append(row)
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+        if self.tracker is not None:
+            self.tracker.log_round(row, row["round"])
 
     def predictions(self, round: int, predicted: list[int], gold: list[int]) -> None:
         """``dev_predictions.json``: the predicted and gold label id of every dev example at ``round`` (one
@@ -205,4 +209,6 @@ class MetricsLog:
             out["best_f1"] = max(r["f1"] for r in scored)
         out.update(extra)
         self.summary_path.write_text(json.dumps(out, indent=2) + "\n")
+        if self.tracker is not None:
+            self.tracker.log_summary(out)
         return out

@@ -31,6 +31,7 @@ from hlora.precision import resolve_precision
 from hlora.server import client_seed, server_round
 from hlora.strategies import ClientSpec, GlobalState, Strategy, Update, get_strategy
 from hlora.tasks import is_lm, load_model, peft_task_type, score, tokenize
+from hlora.tracking import check_installed, open_tracking
 
 
 class Reporter:
@@ -119,6 +120,7 @@ def check_strategy(cfg: RunConfig) -> Strategy:
 def setup(cfg: RunConfig) -> Experiment:
     """Load and tokenize the data once, partition it, load the base model, give each client a rank."""
     cfg.validate()
+    check_installed(cfg.log)  # a --log backend that is not installed fails before anything loads
     strategy = check_strategy(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -196,7 +198,9 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> RunResult:
     cfg.out = str(out)
     cfg.save(out / "config.yaml")
     sampler = np.random.default_rng([cfg.seed, 2])
-    return _rounds(exp, out, exp.initial_state(), sampler, MetricsLog(out), 0.0, reporter or Reporter())
+    with open_tracking(cfg, out, resume=False) as tracker:
+        log = MetricsLog(out, tracker=tracker)
+        return _rounds(exp, out, exp.initial_state(), sampler, log, 0.0, reporter or Reporter())
 
 
 def written_before(path: Path) -> dict[str, Any]:
@@ -245,8 +249,9 @@ def resume(out: str | Path, reporter: Reporter | None = None) -> RunResult:
         rows, wall = saved["rows"], saved["wall_seconds"]
     else:  # killed during the first round
         state, rows, wall = exp.initial_state(), [], 0.0
-    log = MetricsLog(out, rows)  # rewrites metrics.jsonl to the checkpoint's rounds
-    return _rounds(exp, out, state, sampler, log, wall, reporter or Reporter())
+    with open_tracking(cfg, out, resume=True) as tracker:  # the same tracked runs, continued
+        log = MetricsLog(out, rows, tracker)  # rewrites metrics.jsonl to the checkpoint's rounds
+        return _rounds(exp, out, state, sampler, log, wall, reporter or Reporter())
 
 
 def _rounds(

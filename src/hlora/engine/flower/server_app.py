@@ -15,7 +15,8 @@
    with the replies that arrived, when at least ``min-clients`` are valid.
 3. Evaluate the global model on the dev set (every ``eval-every`` rounds and after the last), write
    ``metrics.jsonl`` and ``checkpoint.pt``; at the end, ``adapter/``, ``dev_predictions.json`` and
-   ``summary.json``, all in ``out`` (see :mod:`hlora.engine.outputs`).
+   ``summary.json``, all in ``out`` (see :mod:`hlora.engine.outputs`); with ``log``, the rows and the summary
+   in TensorBoard, MLflow or W&B too (:mod:`hlora.tracking`).
 
 Besides the outputs of ``hlora run``, ``out/flower.json`` maps client ids to node ids, and with
 ``save-updates = true`` ``out/updates/round-N.pt`` holds each round's previous state, accepted updates
@@ -53,6 +54,7 @@ from hlora.model import FederatedModel, load_classifier, set_attention
 from hlora.precision import resolve_precision
 from hlora.server import RoundOutcome, client_seed, server_round
 from hlora.strategies import ClientSpec, GlobalState, Payload, Strategy, Update, get_strategy
+from hlora.tracking import check_installed, open_tracking
 
 log = logging.getLogger("flwr.hlora")
 
@@ -186,6 +188,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     """The whole run; returns the summary (also written to ``out/summary.json``)."""
     t_run = time.perf_counter()
     cfg, options = run_settings(run_config)
+    check_installed(cfg.log)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     else:
@@ -238,7 +241,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     init = init_factors(fm.shapes, max(cfg.client_ranks), torch.Generator().manual_seed(cfg.seed))
     state = strategy.init_state(init, fm.head_state())
     sampler = np.random.default_rng([cfg.seed, 2])
-    metrics = MetricsLog(out)
+    metrics = MetricsLog(out, tracker=open_tracking(cfg, out, resume=False))
     for rnd in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
         sampled = sorted(sampler.choice(cfg.clients, cfg.per_round, replace=False).tolist())
@@ -280,6 +283,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     summary = finish_run(out, strategy, state, metrics, model=cfg.model, task=task.name,
                          strategy_name=cfg.strategy, wall_seconds=time.perf_counter() - t_run,
                          predictions=predictions if dev is not None else None)
+    metrics.tracker.finish()
     log.info("hlora: done; final accuracy %.4f; outputs in %s", summary["final_accuracy"], out)
     return summary
 
