@@ -20,21 +20,17 @@ import torch
 from hlora.client import train_client
 from hlora.data import encode, load_task
 from hlora.factors import init_factors
-from hlora.model import FederatedModel, load_classifier, set_dropout
+from hlora.model import FederatedModel
 from hlora.strategies import Payload
+from precision import build  # benchmarks/ is the script's directory, first on sys.path
 
 ARMS = {"sdpa": ("sdpa", None, False), "sdpa-nodrop": ("sdpa", 0.0, False), "eager": ("eager", None, False),
         "eager-nodrop": ("eager", 0.0, False), "sdpa-nodrop-compiled": ("sdpa", 0.0, True)}
 
 
-def build(attn: str, dropout: float | None, compiled: bool) -> tuple[FederatedModel, object]:
-    model, tok = load_classifier("minilm", 2, 0)
-    set_dropout(model, dropout)
-    if attn != "sdpa":
-        model.set_attn_implementation(attn)
-    fm = FederatedModel(model, precision="bf16")
-    if compiled:
-        fm.model.forward = torch.compile(fm.model.forward, dynamic=True)
+def build_bf16(attn: str, dropout: float | None, compiled: bool) -> tuple[FederatedModel, object]:
+    fm, tok = build(attn, compiled, dropout)  # benchmarks/precision.py's model of an arm
+    fm.precision = "bf16"
     return fm, tok
 
 
@@ -44,7 +40,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    models = {name: build(*arm) for name, arm in ARMS.items()}
+    models = {name: build_bf16(*arm) for name, arm in ARMS.items()}
     train = encode(models["sdpa"][1], load_task("mrpc").train, 128)
     idx = list(range(160))
     res: dict[str, list[float]] = {n: [] for n in ARMS}
