@@ -177,9 +177,16 @@ def run(
     per_round: Optional[int] = _opt("per_round", "Clients sampled each round (without replacement)."),
     rounds: Optional[int] = _opt("rounds", "Federated rounds."),
     partition: Optional[str] = _opt(
-        "partition", "How training data is split: dirichlet (label skew; category skew for instruct) or iid."
+        "partition", "How training data is split: dirichlet (label skew; category skew for instruct), iid, "
+        "pathological (--classes-per-client labels each), shard (--shards-per-client label-sorted shards each), "
+        "size (power-law sizes, labels IID), natural:COLUMN (one client per value of a column of --train)."
     ),
     alpha: Optional[float] = _opt("alpha", "Dirichlet concentration of the label split (smaller: more skew)."),
+    classes_per_client: Optional[int] = _opt("classes_per_client", "Labels each client holds (--partition pathological)."),
+    shards_per_client: Optional[int] = _opt("shards_per_client", "Shards each client gets (--partition shard)."),
+    size_exponent: Optional[float] = _opt(
+        "size_exponent", "Power-law exponent of the client sizes (--partition size; smaller: more skew)."
+    ),
     min_clients: Optional[int] = _opt("min_clients", "Valid updates a round needs; below it the round is skipped."),
     max_norm_ratio: Optional[float] = _opt(
         "max_norm_ratio", "Reject an update whose norm exceeds this many times the round's median (0: off)."
@@ -394,6 +401,39 @@ def plot(
 
 
 _compare_signature()
+
+
+@app.command(name="partition-stats")
+def partition_stats(
+    source: Path = typer.Argument(..., metavar="RUN_OR_CONFIG", help="A run directory, or a YAML/JSON config file."),
+    out: Optional[Path] = typer.Option(
+        None, help="Folder for partition.png.", show_default="the run directory; . for a config file"
+    ),
+    clients: Optional[int] = _opt("clients", "Number of clients."),
+    partition: Optional[str] = _opt("partition", "How training data is split (as in hlora run)."),
+    alpha: Optional[float] = _opt("alpha", "Dirichlet concentration."),
+    classes_per_client: Optional[int] = _opt("classes_per_client", "Labels each client holds (pathological)."),
+    shards_per_client: Optional[int] = _opt("shards_per_client", "Shards each client gets (shard)."),
+    size_exponent: Optional[float] = _opt("size_exponent", "Power-law exponent of the client sizes (size)."),
+    seed: Optional[int] = _opt("seed", "Seed of the split."),
+) -> None:
+    """Print and plot (partition.png) every client's size and label mix under a run's or config's split.
+
+    RUN_OR_CONFIG: a run directory (its config.yaml) or a config file; the options override its split.
+    """
+    from hlora.data.partition_stats import partition_stats as stats
+
+    overrides = {k: v for k, v in locals().items() if k not in ("source", "out", "stats")}
+    if clients is not None:
+        overrides["per_round"] = 1  # the split does not depend on it; a smaller --clients must not clash with it
+    config = source / "config.yaml" if source.is_dir() else source
+    if source.is_dir() and not config.is_file():
+        raise ConfigError(f"{source}: not a run directory (no config.yaml)")
+    cfg = load_config(config, overrides)
+    folder = out if out is not None else (source if source.is_dir() else Path("."))
+    table, png = stats(cfg, folder)
+    print(table)
+    console.print(f"wrote {png}")
 
 
 @app.command()

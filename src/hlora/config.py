@@ -14,6 +14,9 @@ import yaml
 
 from hlora.precision import PRECISIONS
 
+#: the --partition methods (hlora.data.partition.METHODS; natural:COLUMN is written with its column)
+PARTITIONS = ("iid", "dirichlet", "pathological", "shard", "size", "natural:COLUMN")
+
 
 class ConfigError(ValueError):
     """An invalid option or config file (a user mistake, not a bug)."""
@@ -55,8 +58,14 @@ class RunConfig:
     clients: int = 100
     per_round: int = 20
     rounds: int = 40
+    #: how the training set is split (hlora.data.partition): dirichlet (over labels, alpha), iid, pathological
+    #: (classes_per_client labels a client), shard (shards_per_client label-sorted shards a client), size
+    #: (power-law sizes with size_exponent, labels IID), natural:COLUMN (one client per value of a column)
     partition: str = "dirichlet"
     alpha: float = 0.5
+    classes_per_client: int = 2
+    shards_per_client: int = 2
+    size_exponent: float = 1.0
     # robustness: updates that fail the checks are rejected before aggregation
     min_clients: int = 1
     max_norm_ratio: float = 10.0
@@ -189,8 +198,16 @@ class RunConfig:
             raise ConfigError(f"--local-epochs must be at least 1, got {self.local_epochs}")
         if self.alpha <= 0:
             raise ConfigError(f"--alpha (the Dirichlet concentration) must be > 0, got {self.alpha}")
-        if self.partition not in ("iid", "dirichlet"):
-            raise ConfigError(f"--partition must be iid or dirichlet, got {self.partition!r}")
+        if self.partition not in PARTITIONS and not (
+            self.partition.startswith("natural:") and self.partition.partition(":")[2].strip()
+        ):
+            raise ConfigError(f"--partition must be one of {', '.join(PARTITIONS)}, got {self.partition!r}")
+        if self.classes_per_client < 1:
+            raise ConfigError(f"--classes-per-client must be at least 1, got {self.classes_per_client}")
+        if self.shards_per_client < 1:
+            raise ConfigError(f"--shards-per-client must be at least 1, got {self.shards_per_client}")
+        if self.size_exponent <= 0:
+            raise ConfigError(f"--size-exponent (the power law's) must be > 0, got {self.size_exponent}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.lora_alpha <= 0:
@@ -219,6 +236,34 @@ class RunConfig:
                 raise ConfigError(f"--log takes {', '.join(BACKENDS)} (comma-separated), got {backend!r}")
         parse_ranks(self.ranks)
         return self
+
+    def client_parts(self, task, clients: int | None = None) -> list[list[int]]:
+        """The indices of each client's training examples under ``--partition`` (``clients``: --clients).
+
+        ``natural:COLUMN`` reads the column from the task's training file. Parameters that cannot split
+        this data (K above the number of labels, a missing column, ...) are a ConfigError of one line."""
+        from hlora.data import DataError, PartitionError, partition, read_column
+
+        clients = self.clients if clients is None else clients
+        groups = None
+        if self.partition.startswith("natural:"):
+            column = self.partition.partition(":")[2].strip()
+            if task.train_file is None:
+                raise ConfigError(f"--partition natural:{column} reads a column of the training file; "
+                                  f"task {task.name!r} has none (give --train/--dev files)")
+            try:
+                groups = read_column(task.train_file, column)
+            except DataError as e:
+                raise ConfigError(f"--partition natural:{column}: {e}") from None
+            if len(groups) != len(task.train):
+                raise ConfigError(f"--partition natural:{column}: {task.train_file} has {len(groups)} rows "
+                                  f"but {len(task.train)} training examples")
+        try:
+            return partition(task.train.labels, clients, self.partition, self.alpha, self.seed,
+                             classes_per_client=self.classes_per_client, shards_per_client=self.shards_per_client,
+                             size_exponent=self.size_exponent, groups=groups)
+        except PartitionError as e:
+            raise ConfigError(str(e)) from None
 
     def client_lr(self, rnd: int) -> float:
         """The clients' learning rate in round ``rnd`` (``--lr-schedule``), for every engine."""

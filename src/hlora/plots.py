@@ -132,3 +132,40 @@ def plot_groups(
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plot_partition(counts: np.ndarray, label_names: list[str], path: Path, title: str = "") -> Path:
+    """``partition.png``: one stacked bar per client (its examples of each label), clients sorted by size,
+    largest first. ``counts`` is clients x labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = counts.sum(1)
+    order = np.argsort(-sizes, kind="stable")
+    n = len(order)
+    colors = plt.get_cmap("tab10" if len(label_names) <= 10 else "tab20")
+    fig, ax = plt.subplots(figsize=(min(14.0, 4.0 + 0.12 * n), 4.5), dpi=120)
+    x = np.arange(n)
+    bottom = np.zeros(n)
+    for j, name in enumerate(label_names):
+        ax.bar(x, counts[order, j], bottom=bottom, width=0.85 if n < 60 else 1.0, color=colors(j % colors.N),
+               label=str(name), lw=0)
+        bottom += counts[order, j]
+    if n <= 40:
+        ax.set_xticks(x, [str(int(c)) for c in order], fontsize=7)
+        ax.set_xlabel("client (sorted by size)")
+    else:
+        ax.set_xticks([])
+        ax.set_xlabel(f"{n} clients, sorted by size")
+    ax.set_ylabel("training examples")
+    ax.set_title(title or f"{n} clients, {int(sizes.sum())} examples: label mix per client", fontsize=10)
+    ax.legend(title="label", fontsize=8, title_fontsize=8, ncol=max(1, len(label_names) // 20), frameon=False,
+              loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.margins(x=0.01)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from hlora.data.examples import DataError, Encoded, Examples, TaskData, encode
-from hlora.data.files import read_rows
+from hlora.data.files import read_column, read_rows
 from hlora.data.glue import GLUE
 from hlora.data.instruct import EncodedLM, Fields, InstructExamples, encode_instruct, read_instruct
-from hlora.data.partition import partition
+from hlora.data.partition import METHODS as PARTITIONS
+from hlora.data.partition import PartitionError, partition
 
 __all__ = [
     "DataError",
@@ -23,6 +24,9 @@ __all__ = [
     "load_task",
     "read_split",
     "partition",
+    "PartitionError",
+    "PARTITIONS",
+    "read_column",
     "TASKS",
 ]
 
@@ -50,7 +54,7 @@ def load_task(
             raise DataError("--task instruct needs --train and --dev JSONL files")
         train_ex, categories = read_instruct(train, fields or Fields())
         dev_ex, _ = read_instruct(dev, fields or Fields())  # its categories do not matter
-        return TaskData(INSTRUCT, train_ex, dev_ex, categories, kind=INSTRUCT)
+        return TaskData(INSTRUCT, train_ex, dev_ex, categories, kind=INSTRUCT, train_file=str(train))
     if train is not None or dev is not None:
         if train is None or dev is None:
             raise DataError("--train and --dev go together: give both files")
@@ -95,6 +99,7 @@ def _from_files(name, train, dev, text_columns, label_column, label_names, f1_la
         f1_label=None if f1_label is None else index[f1_label],
         text_columns=list(text_columns),
         label_column=label_column,
+        train_file=str(train),
     )
 
 

@@ -51,6 +51,8 @@ class TaskData:
     text_columns: list[str] | None = None
     label_column: str | None = None
     kind: str = "classify"
+    #: the file the training split was read from (``natural:COLUMN`` partitions read a column of it), or None
+    train_file: str | None = None
 
     @property
     def num_labels(self) -> int:

@@ -18,11 +18,33 @@ def read_rows(path: str | Path, text_columns: list[str], label_column: str) -> l
     quote), a header row, and an optional UTF-8 byte-order mark.
     """
     path = Path(path)
+    if path.is_file() and path.suffix.lower() in (".jsonl", ".json"):
+        return _read_jsonl(path, text_columns, label_column)
+    rows = [(line, (values[:-1], values[-1].strip())) for line, values in
+            _read_table(path, text_columns + [label_column])]
+    if not rows:
+        raise DataError(f"{path}: no examples after the header")
+    return rows
+
+
+def read_column(path: str | Path, column: str) -> list[str]:
+    """The values of one column (or JSONL field) for the rows :func:`read_rows` keeps, in the same order."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() in (".jsonl", ".json"):
+        out = []
+        for line, obj in read_json_objects(path):
+            if column not in obj:
+                raise DataError(f"{path} line {line}: no field {column!r}")
+            out.append(str(obj[column]).strip())
+        return out
+    return [values[0].strip() for _, values in _read_table(path, [column])]
+
+
+def _read_table(path: Path, wanted: list[str]) -> list[tuple[int, list[str]]]:
+    """(line number, the ``wanted`` columns' values) for each non-blank row of a .tsv, .csv or .txt file."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        return _read_jsonl(path, text_columns, label_column)
     if suffix not in (".tsv", ".csv", ".txt"):
         raise DataError(f"{path}: unsupported file type {suffix!r} (use .tsv, .csv or .jsonl)")
     delimiter, quoting = ("\t", csv.QUOTE_NONE) if suffix != ".csv" else (",", csv.QUOTE_MINIMAL)
@@ -31,7 +53,6 @@ def read_rows(path: str | Path, text_columns: list[str], label_column: str) -> l
         header = next(reader, None)
         if header is None:
             raise DataError(f"{path}: the file is empty (a header row is expected)")
-        wanted = text_columns + [label_column]
         missing = [c for c in wanted if c not in header]
         if missing:
             raise DataError(
@@ -48,10 +69,7 @@ def read_rows(path: str | Path, text_columns: list[str], label_column: str) -> l
                 raise DataError(
                     f"{path} line {line}: expected {len(header)} fields, found {len(row)}"
                 )
-            values = [row[p] for p in pos]
-            rows.append((line, (values[:-1], values[-1].strip())))
-    if not rows:
-        raise DataError(f"{path}: no examples after the header")
+            rows.append((line, [row[p] for p in pos]))
     return rows
 
 

@@ -21,7 +21,7 @@ from hlora.attacks import Attack, flip_labels
 from hlora.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from hlora.client import train_client
 from hlora.config import ConfigError, RunConfig, draw_ranks, load_config
-from hlora.data import Encoded, EncodedLM, Fields, TaskData, load_task, partition
+from hlora.data import Encoded, EncodedLM, Fields, TaskData, load_task
 from hlora.engine.outputs import finish_run, round_row
 from hlora.factors import init_factors
 from hlora.metrics import MetricsLog, dev_predictions
@@ -129,10 +129,10 @@ def setup(cfg: RunConfig) -> Experiment:
     task = load_task(cfg.task, cfg.train, cfg.dev, cfg.text_columns, cfg.label_column, Fields.of(cfg))
     if cfg.clients > len(task.train):
         raise ConfigError(f"--clients {cfg.clients} exceeds the {len(task.train)} training examples")
+    parts = cfg.client_parts(task)  # a split this data cannot take is refused before the model loads
     model, tokenizer = load_model(cfg, task)
     fm = FederatedModel(model, cfg.target_modules)
     cfg.robust_rule().check_dense(fm.shapes, cfg.per_round)  # median/trimmed: refused where they do not fit
-    parts = partition(task.train.labels, cfg.clients, cfg.partition, cfg.alpha, cfg.seed)
     ranks = draw_ranks(cfg.ranks, cfg.clients, cfg.seed)
     if cfg.client_ranks and cfg.client_ranks != ranks:
         raise ConfigError("the config's client_ranks do not match its --ranks and --seed")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hlora.config import FIELDS, ConfigError, RunConfig, load_config
-from hlora.data import DataError, Examples, TaskData, load_task, partition, read_split
+from hlora.data import DataError, Examples, TaskData, load_task, read_split
 
 
 class NodeConfigError(ConfigError):
@@ -209,5 +209,8 @@ def node_examples(node: NodeSettings, cfg: RunConfig, task: TaskData) -> Example
     if node.num_partitions > len(task.train):
         raise NodeConfigError(f"node-config: num-partitions {node.num_partitions} exceeds the "
                               f"{len(task.train)} training examples")
-    parts = partition(task.train.labels, node.num_partitions, cfg.partition, cfg.alpha, cfg.seed)
+    try:
+        parts = cfg.client_parts(task, node.num_partitions)
+    except ConfigError as e:
+        raise NodeConfigError(f"node-config: {e}") from None
     return task.train.subset(parts[node.partition_id])
