@@ -284,3 +284,16 @@ def test_flower_refuses_rank_policies_and_per_layer_ranks(key):
 
     with pytest.raises(ConfigError, match=f"run-config key '{key}': each node gives its rank .*node-config"):
         run_settings({key: "x"})
+
+
+def test_a_run_with_the_data_policy_gives_ranks_by_partition_size(tiny_args, tmp_path):
+    from hlora import run
+    from hlora.checkpoint import load_checkpoint
+    from tests.test_run import tiny_config
+
+    out = tmp_path / "d"
+    run(tiny_config(tiny_args, out, rounds=1, ranks="2-4", rank_policy="data", partition="dirichlet", alpha=0.3))
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    sizes = [len(p) for p in load_checkpoint(out)[1]["partition"]]
+    assert cfg["rank_policy"] == "data" and cfg["client_ranks"] == data_ranks(2, 4, sizes)
+    assert cfg["client_layer_ranks"] == []
