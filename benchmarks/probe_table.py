@@ -18,7 +18,7 @@ import yaml
 
 from hlora.config import RunConfig, load_config
 
-SKIP = {"out", "client_ranks", "threads", "rounds", "precision", "preset", "train", "dev", "text_columns",
+SKIP = {"out", "client_ranks", "client_layer_ranks", "threads", "rounds", "precision", "preset", "train", "dev", "text_columns",
         "label_column"}
 
 

@@ -42,7 +42,8 @@ def _default(name: str) -> str:
                 "server_lr": "2 with the default avgm, else 1",
                 "head_lr": "0.1 for an sgd head, --lr for adamw",
                 "log_group": "MLflow: hlora, W&B: none; compare: the grid's name",
-                "mlflow_uri": "a file store in OUT/mlruns"}.get(
+                "mlflow_uri": "a file store in OUT/mlruns",
+                "rank_policy": "uniform for LOW-HIGH, list for N,M,..."}.get(
             name, "none"
         )
     if value == []:
@@ -70,6 +71,8 @@ class RichReporter:
             shown = f"{ranks[0]}..{ranks[-1]}"
         else:
             shown = ",".join(map(str, ranks))
+        if cfg.layer_ranks:
+            shown += " (" + ", ".join(f"{p} {spec}" for p, spec in cfg.layer_ranks.items()) + ")"
         again = f", resuming at round {first_round}" if first_round > 1 else ""
         console.print(
             f"{self.prefix}[bold]hlora[/] {cfg.strategy} on {cfg.task}: {cfg.clients} clients, "
@@ -151,6 +154,13 @@ def run(
     model: Optional[str] = _opt("model", "Base model: minilm (bundled), or a Hugging Face id or path."),
     target_modules: Optional[str] = _opt("target_modules", "Adapted linear layers, comma-separated names."),
     ranks: Optional[str] = _opt("ranks", "Client LoRA ranks: LOW-HIGH (uniform draw), N, or N,M,... (cyclic)."),
+    rank_policy: Optional[str] = _opt(
+        "rank_policy", "How clients get ranks: uniform, list, data (grows with the client's examples), file."
+    ),
+    rank_file: Optional[Path] = _opt("rank_file", "CSV of client,rank rows (--rank-policy file)."),
+    layer_ranks: Optional[str] = _opt(
+        "layer_ranks", "Per-layer ranks, PATTERN:SPEC,... (e.g. query:2-4,value:8); other layers keep --ranks."
+    ),
     lora_alpha: Optional[float] = _opt("lora_alpha", "LoRA alpha; a client's scaling is alpha / rank."),
     dtype: Optional[str] = _opt(
         "dtype", "Base model weights, --task instruct only: float32 or bfloat16 (adapters stay float32)."

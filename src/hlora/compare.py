@@ -115,7 +115,7 @@ def cell_configs(
 
 
 # Fields a cell may differ in from the grid's settings without being another experiment.
-_IGNORED = ("out", "client_ranks", "threads", "log", "log_group", "log_name", "mlflow_uri")
+_IGNORED = ("out", "client_ranks", "client_layer_ranks", "threads", "log", "log_group", "log_name", "mlflow_uri")
 
 
 def _check_same_settings(method: Method, cfg: RunConfig) -> None:

@@ -44,6 +44,14 @@ class RunConfig:
     model: str = "minilm"
     target_modules: list[str] | None = None
     ranks: str = "2-8"
+    #: how clients get their ranks (hlora.ranks): uniform (LOW-HIGH, seeded), list (N,M,... cyclic), data (grows
+    #: with the client's examples, between LOW and HIGH), file (--rank-file); None: uniform for LOW-HIGH, list else
+    rank_policy: str | None = None
+    #: a CSV of client,rank rows (--rank-policy file)
+    rank_file: str | None = None
+    #: per-layer ranks: {module pattern: rank spec}, e.g. {"query": "2-4", "value": "8"}; modules not named keep
+    #: --ranks
+    layer_ranks: dict[str, str] | None = None
     lora_alpha: float = 16.0
     dtype: str = "float32"
     #: the base model's dropout probability (hidden and attention) in local training; None: the checkpoint's
@@ -129,8 +137,10 @@ class RunConfig:
     log_group: str | None = None
     log_name: str | None = None
     mlflow_uri: str | None = None
-    # filled in by the run: each client's rank (one rank per client for every adapted layer)
+    # filled in by the run: each client's rank (its --ranks rank, for every layer no --layer-ranks pattern names)
     client_ranks: list[int] = field(default_factory=list)
+    #: filled in by the run with --layer-ranks: each client's rank per pattern ([] without --layer-ranks)
+    client_layer_ranks: list[dict[str, int]] = field(default_factory=list)
 
     def validate(self) -> "RunConfig":
         if self.clients < 1:
@@ -235,6 +245,7 @@ class RunConfig:
             if backend not in BACKENDS:
                 raise ConfigError(f"--log takes {', '.join(BACKENDS)} (comma-separated), got {backend!r}")
         parse_ranks(self.ranks)
+        self.check_ranks()
         return self
 
     def client_parts(self, task, clients: int | None = None) -> list[list[int]]:
@@ -264,6 +275,26 @@ class RunConfig:
                              size_exponent=self.size_exponent, groups=groups)
         except PartitionError as e:
             raise ConfigError(str(e)) from None
+
+    def check_ranks(self) -> None:
+        """--rank-policy, --rank-file and --layer-ranks agree with --ranks (the file is read: its mistakes
+        show at once)."""
+        from hlora.ranks import RANK_POLICIES, check_spec, layer_policy, parse_layer_ranks, policy_of, read_rank_file
+
+        if self.rank_policy is not None and self.rank_policy not in RANK_POLICIES:
+            raise ConfigError(f"--rank-policy must be one of {', '.join(RANK_POLICIES)}, got {self.rank_policy!r}")
+        if self.rank_file is not None and self.rank_policy not in (None, "file"):
+            raise ConfigError(f"--rank-file gives the ranks of --rank-policy file, not {self.rank_policy}")
+        policy = policy_of(self)
+        if policy == "file":
+            if not self.rank_file:
+                raise ConfigError("--rank-policy file needs --rank-file PATH (a CSV of client,rank rows)")
+            read_rank_file(self.rank_file, self.clients)
+        else:
+            check_spec(self.ranks, policy, "--ranks")
+        self.layer_ranks = parse_layer_ranks(self.layer_ranks) or None
+        for pattern, spec in (self.layer_ranks or {}).items():
+            check_spec(spec, layer_policy(self, spec), f"--layer-ranks {pattern}:")
 
     def client_lr(self, rnd: int) -> float:
         """The clients' learning rate in round ``rnd`` (``--lr-schedule``), for every engine."""
@@ -362,6 +393,8 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> RunConfig
         values["task"] = Path(str(values["train"])).stem
     if "ranks" in values:
         values["ranks"] = str(values["ranks"])
+    if values.get("rank_file") is not None:
+        values["rank_file"] = str(values["rank_file"])
     values = {k: _coerce(k, v) for k, v in values.items()}
     try:
         return RunConfig(**values).validate()

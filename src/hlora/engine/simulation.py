@@ -20,7 +20,7 @@ import torch
 from hlora.attacks import Attack, flip_labels
 from hlora.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from hlora.client import train_client
-from hlora.config import ConfigError, RunConfig, draw_ranks, load_config
+from hlora.config import ConfigError, RunConfig, load_config
 from hlora.data import Encoded, EncodedLM, Fields, TaskData, load_task
 from hlora.engine.outputs import finish_run, round_row
 from hlora.factors import init_factors
@@ -28,6 +28,7 @@ from hlora.metrics import MetricsLog, dev_predictions
 from hlora.model import FederatedModel
 from hlora.objectives import Objective, label_counts, offset_from_counts
 from hlora.precision import resolve_precision
+from hlora.ranks import check_patterns, client_ranks, module_ranks
 from hlora.server import client_seed, server_round
 from hlora.strategies import ClientSpec, GlobalState, Strategy, Update, get_strategy
 from hlora.tasks import is_lm, load_model, peft_task_type, score, tokenize
@@ -82,7 +83,16 @@ class Experiment:
 
     @property
     def max_rank(self) -> int:
-        return max(self.cfg.client_ranks)
+        """The largest rank of any client in any module (the rank of the shared initialisation)."""
+        return max(r for c in self.clients for r in c.ranks.values())
+
+    def pooled_ranks(self) -> dict[str, int]:
+        """The centralized site's rank per module: the largest any client holds there."""
+        return {m: max(c.ranks[m] for c in self.clients) for m in self.fm.shapes}
+
+    def all_ranks(self) -> list[int]:
+        """Every rank some client holds in some module, ascending."""
+        return sorted({r for c in self.clients for r in c.ranks.values()})
 
     def initial_state(self) -> GlobalState:
         init = init_factors(self.fm.shapes, self.max_rank, torch.Generator().manual_seed(self.cfg.seed))
@@ -112,8 +122,9 @@ def default_out(cfg: RunConfig) -> Path:
 def check_strategy(cfg: RunConfig) -> Strategy:
     """The configured strategy, checked against the clients' ranks before any data or model is loaded."""
     strategy = get_strategy(cfg.strategy, **cfg.strategy_options)
-    ranks = draw_ranks(cfg.ranks, cfg.clients, cfg.seed)
-    strategy.check([ClientSpec(i, {"*": r}, cfg.lora_alpha, 1) for i, r in enumerate(ranks)])
+    ranks, layers = client_ranks(cfg)  # the data policy's sizes are not known yet: setup checks again
+    strategy.check([ClientSpec(i, {"*": r, **(layers[i] if layers else {})}, cfg.lora_alpha, 1)
+                    for i, r in enumerate(ranks)])
     return strategy
 
 
@@ -133,16 +144,23 @@ def setup(cfg: RunConfig) -> Experiment:
     model, tokenizer = load_model(cfg, task)
     fm = FederatedModel(model, cfg.target_modules)
     cfg.robust_rule().check_dense(fm.shapes, cfg.per_round)  # median/trimmed: refused where they do not fit
-    ranks = draw_ranks(cfg.ranks, cfg.clients, cfg.seed)
+    ranks, layers = client_ranks(cfg, [len(p) for p in parts])
     if cfg.client_ranks and cfg.client_ranks != ranks:
         raise ConfigError("the config's client_ranks do not match its --ranks and --seed")
-    cfg.client_ranks = ranks
-    width = min(min(shape) for shape in fm.shapes.values())
-    if max(ranks) > width:
-        raise ConfigError(f"rank {max(ranks)} is above the width {width} of the adapted layers")
+    if cfg.client_layer_ranks and cfg.client_layer_ranks != layers:
+        raise ConfigError("the config's client_layer_ranks do not match its --layer-ranks and --seed")
+    cfg.client_ranks, cfg.client_layer_ranks = ranks, layers
+    modules = list(fm.shapes)
+    check_patterns(modules, list(cfg.layer_ranks or {}))
     clients = [
-        ClientSpec(i, dict.fromkeys(fm.shapes, r), cfg.lora_alpha, len(parts[i])) for i, r in enumerate(ranks)
+        ClientSpec(i, module_ranks(modules, r, layers[i] if layers else {}), cfg.lora_alpha, len(parts[i]))
+        for i, r in enumerate(ranks)
     ]
+    for c in clients:  # the largest rank above a layer's width, the first such client and layer
+        m = max(c.ranks, key=lambda m: c.ranks[m] - min(fm.shapes[m]))
+        if c.ranks[m] > min(fm.shapes[m]):
+            raise ConfigError(f"rank {c.ranks[m]} is above the width {min(fm.shapes[m])} of the adapted layers "
+                              f"(client {c.id}, {m})")
     strategy.check(clients)
     train = tokenize(task, tokenizer, task.train, cfg.max_length)
     dev = tokenize(task, tokenizer, task.dev, cfg.max_length)
@@ -272,7 +290,7 @@ def _rounds(
         sampled = sorted(sampler.choice(cfg.clients, cfg.per_round, replace=False).tolist())
         if strategy.pools_clients:  # centralized: the round's data pooled at one site
             pooled = sorted(i for c in sampled for i in exp.parts[c])
-            spec = ClientSpec(-1, dict.fromkeys(fm.shapes, exp.max_rank), cfg.lora_alpha, len(pooled))
+            spec = ClientSpec(-1, exp.pooled_ranks(), cfg.lora_alpha, len(pooled))
             jobs = [(spec, pooled)]
         else:
             jobs = [(exp.clients[c], exp.parts[c]) for c in sampled]
@@ -304,8 +322,8 @@ def _rounds(
         state = outcome.state
         scored = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
         row = round_row(
-            rnd, outcome, strategy=strategy, evaluate=exp.evaluate if scored else None, client_ranks=cfg.client_ranks,
-            clients=sampled, ranks=[spec.ranks[next(iter(spec.ranks))] for spec, _ in jobs], started=t0,
+            rnd, outcome, strategy=strategy, evaluate=exp.evaluate if scored else None, client_ranks=exp.all_ranks(),
+            clients=sampled, ranks=[max(spec.ranks.values()) for spec, _ in jobs], started=t0,
         )
         if exp.attack is not None:  # which attackers were sampled, and which clients were rejected
             row.update(exp.attack.row(sampled, outcome.rejected))

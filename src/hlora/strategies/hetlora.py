@@ -17,7 +17,8 @@ that tail carries less than ``prune_threshold`` times an average rank's share of
     ||s b_r a_r^T|| < gamma * ||s B A|| / r     (summed over modules),
 
 the client drops its last rank: its update is truncated to r - 1 and it trains rank r - 1 from then on
-(never below 1).
+(never below 1). With per-layer ranks the rule runs over the modules above rank 1: each of them drops its
+last rank (a module at rank 1 keeps it), and the client's pruned ranks are kept per module.
 """
 
 from __future__ import annotations
@@ -72,8 +73,9 @@ class HetLoRA(FedIT):
 
     def dispatch(self, state: GlobalState, client: ClientSpec, rng: torch.Generator) -> Payload:
         pruned = state.extra.get("pruned", {}).get(client.id)
-        if pruned is not None:
-            client = replace(client, ranks={m: min(r, pruned) for m, r in client.ranks.items()})
+        if pruned is not None:  # one rank (every module alike), or a rank per module (per-layer ranks)
+            cap = pruned if isinstance(pruned, dict) else dict.fromkeys(client.ranks, pruned)
+            client = replace(client, ranks={m: min(r, cap.get(m, r)) for m, r in client.ranks.items()})
         payload = super().dispatch(state, client, rng)
         if self.prune:
             payload.tail_penalty = self.prune_decay
@@ -85,10 +87,12 @@ class HetLoRA(FedIT):
         pruned = dict(state.extra.get("pruned", {}))
         kept = []
         for u in updates:
-            r = max(f.rank for f in u.lora.values())
-            if r > 1 and tail_ratio(u.lora) < self.prune_threshold:
-                pruned[u.client] = r - 1
-                u = replace(u, lora={m: Factor(f.B[:, :-1], f.A[:-1], f.scale) for m, f in u.lora.items()})
+            prunable = {m: f for m, f in u.lora.items() if f.rank > 1}
+            if prunable and tail_ratio(prunable) < self.prune_threshold:
+                lora = {m: Factor(f.B[:, :-1], f.A[:-1], f.scale) if m in prunable else f for m, f in u.lora.items()}
+                ranks = {m: f.rank for m, f in lora.items()}
+                pruned[u.client] = next(iter(ranks.values())) if len(set(ranks.values())) == 1 else ranks
+                u = replace(u, lora=lora)
             kept.append(u)
         new = super().aggregate(state, kept)
         new.extra = {**state.extra, "pruned": pruned}

@@ -31,8 +31,9 @@ FLOWER_DEFAULTS: dict[str, Any] = {
     "save-updates": False,
     "labels": "",
 }
-#: RunConfig fields that do not come from the run-config (the nodes report their ranks)
-NOT_IN_RUN_CONFIG = {"ranks", "client_ranks"}
+#: RunConfig fields that do not come from the run-config (the nodes report their ranks: one rank per node, for
+#: every adapted layer; rank policies and per-layer ranks are hlora run's)
+NOT_IN_RUN_CONFIG = {"ranks", "client_ranks", "rank_policy", "rank_file", "layer_ranks", "client_layer_ranks"}
 
 
 @dataclass
@@ -71,7 +72,8 @@ def run_settings(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerOption
                                   "would change nothing; set the keys themselves")
             overrides[name] = value
         elif name in NOT_IN_RUN_CONFIG:
-            raise ConfigError(f"run-config key {key!r}: each node gives its rank in its --node-config")
+            raise ConfigError(f"run-config key {key!r}: each node gives its rank (one, for every adapted layer) in "
+                              f"its --node-config")
         else:
             raise ConfigError(f"unknown run-config key {key!r}")
     cfg = load_config(None, overrides)
