@@ -17,6 +17,7 @@ from hlora.ranks import (
     read_rank_file,
 )
 from hlora.strategies import ClientSpec, StrategyError, Update, get_strategy, names
+from tests.test_strategies import local_update
 
 # draw_ranks' values before rank policies existed (commit df658a9): runs and results depend on them
 BEFORE = {("2-8", 12, 0): [5, 8, 8, 5, 4, 7, 3, 8, 8, 2, 2, 3], ("2-8", 12, 3): [8, 3, 6, 4, 7, 4, 3, 4, 7, 5, 5, 8],
@@ -150,17 +151,6 @@ SHAPES = {"q": (20, 16), "v": (12, 18)}
 def per_module_init(rank=8):
     init = init_factors(SHAPES, rank, torch.Generator().manual_seed(0))
     return {m: Factor(f.B.double(), f.A.double(), 1.0) for m, f in init.items()}
-
-
-def local_update(payload, c, seed):
-    g = torch.Generator().manual_seed(100 + seed + c.id)
-    out = {}
-    for m, f in payload.lora.items():
-        B = f.B if not payload.train_B else f.B + torch.randn(f.B.shape, generator=g, dtype=f.B.dtype)
-        A = f.A if not payload.train_A else f.A + torch.randn(f.A.shape, generator=g, dtype=f.A.dtype)
-        out[m] = Factor(B, A, f.scale)
-    return Update(c.id, out, {"h": torch.full((3,), float(c.id), dtype=torch.float64)}, c.num_examples,
-                  dict(payload.info))
 
 
 MIXED = [ClientSpec(0, {"q": 2, "v": 6}, 16.0, 10), ClientSpec(1, {"q": 5, "v": 1}, 16.0, 30),

@@ -33,18 +33,20 @@ def spec(i, r, alpha=16.0, n=10):
 
 def trained_updates(strategy, state, specs, seed=0):
     """Dispatch to each client, then 'train': perturb its trainable factors (keeping what is frozen)."""
-    updates = []
-    for c in specs:
-        payload = strategy.dispatch(state, c, torch.Generator().manual_seed(seed + c.id))
-        g = torch.Generator().manual_seed(100 + seed + c.id)
-        out = {}
-        for m, f in payload.lora.items():
-            B = f.B if not payload.train_B else f.B + torch.randn(f.B.shape, generator=g, dtype=f.B.dtype)
-            A = f.A if not payload.train_A else f.A + torch.randn(f.A.shape, generator=g, dtype=f.A.dtype)
-            out[m] = Factor(B, A, f.scale)
-        head = {"h": torch.full((3,), float(c.id), dtype=torch.float64)}
-        updates.append(Update(c.id, out, head, c.num_examples, dict(payload.info)))
-    return updates
+    return [local_update(strategy.dispatch(state, c, torch.Generator().manual_seed(seed + c.id)), c, seed)
+            for c in specs]
+
+
+def local_update(payload, c, seed):
+    """Client c's 'training' of its payload: Gaussian steps on the trainable factors, a head of its id."""
+    g = torch.Generator().manual_seed(100 + seed + c.id)
+    out = {}
+    for m, f in payload.lora.items():
+        B = f.B if not payload.train_B else f.B + torch.randn(f.B.shape, generator=g, dtype=f.B.dtype)
+        A = f.A if not payload.train_A else f.A + torch.randn(f.A.shape, generator=g, dtype=f.A.dtype)
+        out[m] = Factor(B, A, f.scale)
+    head = {"h": torch.full((3,), float(c.id), dtype=torch.float64)}
+    return Update(c.id, out, head, c.num_examples, dict(payload.info))
 
 
 def padded_average(updates, weights):
