@@ -24,7 +24,7 @@ from hlora.client import train_client
 from hlora.config import load_config
 from hlora.data import encode, load_task, partition
 from hlora.engine import simulation
-from hlora.model import FederatedModel, load_classifier, set_attention, set_dropout
+from hlora.model import FederatedModel, configure, load_classifier
 from hlora.server import client_seed
 from hlora.strategies import get_strategy
 from tests.flower_cluster import Cluster
@@ -114,8 +114,7 @@ def check_run(out: Path, tiny_model, tiny_mrpc, sites, rounds: int = 2) -> None:
     strategy = get_strategy("hlora")
     data = client_data(tiny_model, tiny_mrpc, sites)
     model, _ = load_classifier(tiny_model, 2, 0)
-    set_dropout(model, cfg["dropout"])  # the nodes' dropout and attention, as config.yaml records them
-    set_attention(model, cfg["attention"])
+    configure(model, cfg["dropout"], cfg["attention"])  # the nodes' dropout and attention, as config.yaml has them
     fm = FederatedModel(model)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the nodes (threads=1)

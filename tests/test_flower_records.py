@@ -27,7 +27,7 @@ from hlora.engine.flower.records import (
 )
 from hlora.engine.flower.settings import NodeConfigError, node_settings, run_settings
 from hlora.factors import Factor, init_factors
-from hlora.model import FederatedModel, load_classifier, set_attention, set_dropout
+from hlora.model import FederatedModel, configure, load_classifier
 from hlora.objectives import Objective, logit_offset, offset_from_counts
 from hlora.server import client_seed
 from hlora.strategies import ClientSpec, Update, get_strategy
@@ -220,8 +220,7 @@ def test_client_app_answers_a_query_or_says_what_is_wrong(tiny_run_config, tiny_
 def test_client_app_trains_exactly_as_the_simulation(tiny_run_config, tiny_model, tiny_mrpc):
     task = load_task("mrpc", *tiny_mrpc, ["#1 String", "#2 String"], "Quality")
     model, tok = load_classifier(tiny_model, 2, 0)
-    set_dropout(model, RunConfig().dropout)  # what the node applies at the run-config's defaults
-    set_attention(model, RunConfig().attention)
+    configure(model, RunConfig().dropout, RunConfig().attention)  # what the node applies at the defaults
     fm = FederatedModel(model)
     strategy = get_strategy("hlora")
     state = strategy.init_state(init_factors(fm.shapes, 8, torch.Generator().manual_seed(0)), fm.head_state())
@@ -261,8 +260,7 @@ def test_client_app_trains_with_the_simulations_objective_and_steps(tiny_run_con
     task = load_task("mrpc", *tiny_mrpc, ["#1 String", "#2 String"], "Quality")
     labels = task.train.labels
     model, tok = load_classifier(tiny_model, 2, 0)
-    set_dropout(model, RunConfig().dropout)  # what the node applies at the run-config's defaults
-    set_attention(model, RunConfig().attention)
+    configure(model, RunConfig().dropout, RunConfig().attention)  # what the node applies at the defaults
     fm = FederatedModel(model)
     strategy = get_strategy("hlora")
     state = strategy.init_state(init_factors(fm.shapes, 8, torch.Generator().manual_seed(0)), fm.head_state())

@@ -206,6 +206,14 @@ def set_attention(model: nn.Module, name: str) -> str:
     return chosen
 
 
+def configure(model: nn.Module, dropout: float | None, attention: str) -> str:
+    """The run's dropout and attention on a freshly loaded base (every engine); returns the attention
+    chosen (``auto`` resolved), for config.yaml. Dropout matters only in training: evaluation runs in eval
+    mode."""
+    set_dropout(model, dropout)
+    return set_attention(model, attention)
+
+
 def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 

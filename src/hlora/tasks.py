@@ -13,7 +13,7 @@ from hlora.config import RunConfig
 from hlora.data import TaskData, encode, encode_instruct
 from hlora.factors import Adapter
 from hlora.metrics import evaluate, evaluate_lm
-from hlora.model import DEFAULT_MODEL, FederatedModel, ModelError, load_causal_lm, load_classifier, set_attention, set_dropout
+from hlora.model import DEFAULT_MODEL, FederatedModel, ModelError, configure, load_causal_lm, load_classifier
 
 INSTRUCT = "instruct"
 
@@ -36,8 +36,7 @@ def load_model(cfg: RunConfig, task: TaskData):
         model, tokenizer = load_causal_lm(cfg.model, cfg.seed, cfg.dtype, cfg.gradient_checkpointing)
     else:
         model, tokenizer = load_classifier(cfg.model, task.num_labels, cfg.seed)
-    set_dropout(model, cfg.dropout)
-    cfg.attention = set_attention(model, cfg.attention)  # the choice goes into config.yaml
+    cfg.attention = configure(model, cfg.dropout, cfg.attention)  # the choice goes into config.yaml
     return model, tokenizer
 
 

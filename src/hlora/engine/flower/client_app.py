@@ -35,7 +35,7 @@ from hlora.data import DataError, Encoded, TaskData, encode
 from hlora.engine.flower.records import RecordError, TrainSettings, record_to_payload, update_to_record
 from hlora.engine.flower.settings import node_examples, node_settings, run_settings, shared_task
 from hlora.factors import init_factors
-from hlora.model import FederatedModel, ModelError, load_classifier, set_attention, set_dropout
+from hlora.model import FederatedModel, ModelError, configure, load_classifier
 from hlora.objectives import Objective, label_counts, offset_from_counts
 from hlora.precision import resolve_precision
 from hlora.strategies import Payload, StrategyError
@@ -81,8 +81,7 @@ def load_site(context: Context) -> Site:
     task = shared_task(cfg, options.labels, with_dev=False)
     examples = node_examples(node, cfg, task)
     model, tokenizer = load_classifier(node.model or cfg.model, task.num_labels, cfg.seed)
-    set_dropout(model, cfg.dropout)
-    set_attention(model, cfg.attention)  # auto: the node's own device decides
+    configure(model, cfg.dropout, cfg.attention)  # attention auto: the node's own device decides
     fm = FederatedModel(model, cfg.target_modules)
     width = min(min(shape) for shape in fm.shapes.values())
     if node.rank > width:

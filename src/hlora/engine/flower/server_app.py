@@ -50,7 +50,7 @@ from hlora.engine.outputs import finish_run, round_row
 from hlora.engine.simulation import default_out, prepare_out
 from hlora.factors import Adapter, init_factors
 from hlora.metrics import MetricsLog, dev_predictions, evaluate
-from hlora.model import FederatedModel, load_classifier, set_attention
+from hlora.model import FederatedModel, configure, load_classifier
 from hlora.precision import resolve_precision
 from hlora.server import RoundOutcome, client_seed, server_round
 from hlora.strategies import ClientSpec, GlobalState, Payload, Strategy, Update, get_strategy
@@ -203,7 +203,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     cfg.out = str(out)
     task = shared_task(cfg, options.labels, with_dev=True)
     model, tokenizer = load_classifier(cfg.model, task.num_labels, cfg.seed)
-    set_attention(model, cfg.attention)  # the server only evaluates: dropout does not apply
+    configure(model, cfg.dropout, cfg.attention)  # the server only evaluates: its dropout never runs
     fm = FederatedModel(model, cfg.target_modules)
     cfg.robust_rule().check_dense(fm.shapes, cfg.per_round)  # median/trimmed: refused where they do not fit
     dev = encode(tokenizer, task.dev, cfg.max_length) if len(task.dev) else None
