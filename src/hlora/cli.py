@@ -39,6 +39,8 @@ def _default(name: str) -> str:
                 "server_opt": "avgm for hlora/flexlora on classification, avg otherwise",
                 "robust_m": "K - f", "robust_trim": "f / K", "robust_clip": "--robust-clip-ratio x the round's median",
                 "attack_lambda": "1 for signflip and noise, 5 for scale",
+                "dp_clip": "off", "dp_noise": "from --dp-epsilon-target", "dp_epsilon_target": "none",
+                "dp_delta": "1 / clients^1.1",
                 "server_lr": "2 with the default avgm, else 1",
                 "head_lr": "0.1 for an sgd head, --lr for adamw",
                 "log_group": "MLflow: hlora, W&B: none; compare: the grid's name",
@@ -220,6 +222,18 @@ def run(
     ),
     attackers: Optional[float] = _opt("attackers", "Fraction of the clients that attack (a seeded subset)."),
     attack_lambda: Optional[float] = _opt("attack_lambda", "The attack's factor L (signflip: -L, scale: x L, noise)."),
+    dp_clip: Optional[float] = _opt(
+        "dp_clip", "Client-level DP (DP-FedAvg; hlora, flexlora): clip each client's change to this L2 norm C "
+        "(0: off)."
+    ),
+    dp_noise: Optional[float] = _opt("dp_noise", "DP noise multiplier z: N(0, (z C / per-round)^2) on the average."),
+    dp_epsilon_target: Optional[float] = _opt(
+        "dp_epsilon_target", "DP: choose z so that epsilon after --rounds is at most this (instead of --dp-noise)."
+    ),
+    dp_delta: Optional[float] = _opt("dp_delta", "DP delta of the reported epsilon."),
+    dp_dense_mb: Optional[float] = _opt(
+        "dp_dense_mb", "Memory (MB) DP may take for one module's dense noisy change and its SVD."
+    ),
     preset: Optional[str] = _opt(
         "preset", "A named set of training defaults under the file and options: paper (the papers' training: "
         "2 local epochs of plain cross-entropy with AdamW at batch 16, n_k/n weights, the strategy's own rule)."

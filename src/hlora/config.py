@@ -93,6 +93,15 @@ class RunConfig:
     attack: str = "none"
     attackers: float = 0.0
     attack_lambda: float | None = None
+    #: client-level differential privacy (hlora.privacy; DP-FedAvg): clip (None or 0: off) bounds each client's
+    #: change; noise is z (the noise multiplier), or None with epsilon_target (z then chosen by the accountant
+    #: and recorded here); delta (None: 1 / clients^1.1); dense_mb: the memory one module's dense noisy change
+    #: and its SVD may take
+    dp_clip: float | None = None
+    dp_noise: float | None = None
+    dp_epsilon_target: float | None = None
+    dp_delta: float | None = None
+    dp_dense_mb: float = 2048.0
     # local training
     local_epochs: int = 2
     #: a fixed number of optimizer steps per client per round, cycling its data (overrides local_epochs)
@@ -244,6 +253,12 @@ class RunConfig:
         for backend in self.log:
             if backend not in BACKENDS:
                 raise ConfigError(f"--log takes {', '.join(BACKENDS)} (comma-separated), got {backend!r}")
+        try:
+            dp = self.privacy().check(strategy=self.strategy, clients=self.clients, per_round=self.per_round,
+                                      rounds=self.rounds, robust=self.robust, client_weights=self.client_weights)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.dp_noise, self.dp_delta = dp.noise, dp.delta  # the resolved z and delta (config.yaml keeps them)
         parse_ranks(self.ranks)
         self.check_ranks()
         return self
@@ -309,6 +324,11 @@ class RunConfig:
 
         return Robust(self.robust, self.robust_f, self.robust_m, self.robust_trim, self.robust_clip,
                       self.robust_clip_ratio, self.robust_dense_mb)
+
+    def privacy(self):
+        from hlora.privacy import DP
+
+        return DP(self.dp_clip, self.dp_noise, self.dp_epsilon_target, self.dp_delta, self.dp_dense_mb)
 
     def server_optimizer(self):
         from hlora.server_opt import ServerOpt

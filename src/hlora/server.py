@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hlora.robust import Robust, clip_update
+from hlora.privacy import DP, clip_scales, noise_generator, private_step
+from hlora.robust import Robust, Verdict, clip_update
 from hlora.server_opt import ServerOpt
 from hlora.strategies import ClientSpec, GlobalState, Payload, Strategy, Update
 from hlora.validate import norm_outliers, update_problem
@@ -28,7 +29,8 @@ Executor = Callable[[list[tuple[ClientSpec, Payload]]], list["Update | Exception
 def client_seed(seed: int, round: int, client: int, stream: int = 0) -> int:
     """A seed per (run, round, client, stream): a client's round never depends on what ran before it.
     Stream 0 drives local training (shuffling, dropout), stream 1 the server's draws for the client, stream 3
-    a simulated attacker's noise (:mod:`hlora.attacks`)."""
+    a simulated attacker's noise (:mod:`hlora.attacks`), stream 4 with client -1 the server's DP noise of the
+    round (:mod:`hlora.privacy`)."""
     return int(np.random.SeedSequence([seed, round, client + 1, stream]).generate_state(1)[0])
 
 
@@ -37,7 +39,7 @@ class RoundOutcome:
     state: GlobalState
     accepted: list[Update]
     rejected: list[dict[str, Any]] = field(default_factory=list)
-    #: clients whose change the robust rule scaled down (normclip): {"client": id, "scale": c}
+    #: clients whose change the robust rule (normclip) or DP clipping scaled down: {"client": id, "scale": c}
     clipped: list[dict[str, Any]] = field(default_factory=list)
     uplink_bytes: int = 0
     downlink_bytes: int = 0
@@ -64,6 +66,7 @@ def server_round(
     server_opt: ServerOpt | None = None,
     client_weights: str = "examples",
     robust: Robust | None = None,
+    dp: DP | None = None,
 ) -> RoundOutcome:
     """Dispatch to ``clients``, let ``execute`` train them, reject bad updates, aggregate the rest.
 
@@ -75,6 +78,11 @@ def server_round(
     ``examples`` weighs client k by p_k = n_k / n (every strategy's rule), ``uniform`` by 1/K (each accepted
     update counts as one example for the aggregation). When every client raises, the first error is raised:
     that is a bug or a setup error, not a client's fault.
+
+    ``dp`` (on: :mod:`hlora.privacy`): every accepted change is clipped to ``dp.clip`` (listed in ``clipped``),
+    each weighs 1 / len(clients) (the sampled clients, not the accepted ones), the noise is drawn from
+    (``seed``, ``round``), and the state steps by :func:`~hlora.privacy.private_step`. The median-relative
+    norm check and the robust rule are skipped: they make a client's weight depend on the others' updates.
     """
     payloads = []
     down = 0
@@ -101,9 +109,14 @@ def server_round(
             out.rejected.append({"client": spec.id, "reason": problem})
     if failures and len(failures) == len(clients):
         raise failures[0]
-    sent = _reject(out, sent, norm_outliers(out.accepted, sent, max_norm_ratio))
+    private = dp is not None and dp.on
+    if not private:
+        sent = _reject(out, sent, norm_outliers(out.accepted, sent, max_norm_ratio))
     t0 = time.perf_counter()  # the robust rule is server work: timed with the aggregation
-    verdict = (robust or Robust()).judge(out.accepted, sent)
+    if private:
+        verdict = Verdict(scales=clip_scales(out.accepted, sent, dp.clip))
+    else:
+        verdict = (robust or Robust()).judge(out.accepted, sent)
     sent = _reject(out, sent, verdict.rejected)
     out.clipped = [{"client": c, "scale": s} for c, s in verdict.scales.items()]
 
@@ -115,9 +128,13 @@ def server_round(
             clip_update(u, p, verdict.scales[u.client], strategy.aggregates_products) if u.client in verdict.scales
             else u for u, p in zip(out.accepted, sent)
         ]
-        if client_weights == "uniform":
-            weighed = [dataclasses.replace(u, num_examples=1) for u in weighed]
-        out.state = (server_opt or ServerOpt()).step(strategy, state, weighed, sent)
+        if private:
+            out.state = private_step(state, weighed, sent, per_round=len(clients), std=dp.std(len(clients)),
+                                     generator=noise_generator(seed, round), opt=server_opt)
+        else:
+            if client_weights == "uniform":
+                weighed = [dataclasses.replace(u, num_examples=1) for u in weighed]
+            out.state = (server_opt or ServerOpt()).step(strategy, state, weighed, sent)
     out.seconds_aggregate = time.perf_counter() - t0
     return out
 

@@ -81,12 +81,14 @@ def finish_run(
     wall_seconds: float,
     task_type: str = "SEQ_CLS",
     predictions: Callable[[Adapter, dict[str, Tensor]], dict[str, list[int]]] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the final global model as a PEFT adapter (``out/adapter``; PEFT ``task_type`` SEQ_CLS or
     CAUSAL_LM), ``dev_predictions.json`` and then ``summary.json`` (a run with a summary is finished).
 
     ``predictions(adapter, head)`` gives the ``predicted`` and ``gold`` dev labels of a classifier (None: an
     LM, or no dev set); it sees the global adapter the last round evaluated (the last round always is).
+    ``extra``: more summary keys (e.g. DP's final ``dp_epsilon``).
     """
     full = strategy.global_adapter(state)
     adapter, _ = truncated(adapter_svd(full), None)
@@ -95,5 +97,5 @@ def finish_run(
         log.predictions(state.round, **predictions(full, state.head))
     return log.summary(
         task=task, strategy=strategy_name, wall_seconds=wall_seconds,
-        adapter_rank=max(f.rank for f in adapter.values()),
+        adapter_rank=max(f.rank for f in adapter.values()), **(extra or {}),
     )

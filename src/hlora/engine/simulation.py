@@ -144,6 +144,7 @@ def setup(cfg: RunConfig) -> Experiment:
     model, tokenizer = load_model(cfg, task)
     fm = FederatedModel(model, cfg.target_modules)
     cfg.robust_rule().check_dense(fm.shapes, cfg.per_round)  # median/trimmed: refused where they do not fit
+    cfg.privacy().check_dense(fm.shapes)  # DP's dense noisy change: likewise
     ranks, layers = client_ranks(cfg, [len(p) for p in parts])
     if cfg.client_ranks and cfg.client_ranks != ranks:
         raise ConfigError("the config's client_ranks do not match its --ranks and --seed")
@@ -284,6 +285,7 @@ def _rounds(
     cfg, strategy, fm = exp.cfg, exp.strategy, exp.fm
     reporter.start(cfg, out, state.round + 1)
     server_opt = cfg.server_optimizer()
+    dp = cfg.privacy()
     t_run = time.perf_counter()
     for rnd in range(state.round + 1, cfg.rounds + 1):
         t0 = time.perf_counter()
@@ -317,7 +319,7 @@ def _rounds(
         outcome = server_round(
             strategy, state, [spec for spec, _ in jobs], execute, round=rnd, seed=cfg.seed,
             min_clients=cfg.min_clients, max_norm_ratio=cfg.max_norm_ratio, server_opt=server_opt,
-            client_weights=cfg.client_weights, robust=cfg.robust_rule(),
+            client_weights=cfg.client_weights, robust=cfg.robust_rule(), dp=dp,
         )
         state = outcome.state
         scored = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
@@ -327,6 +329,8 @@ def _rounds(
         )
         if exp.attack is not None:  # which attackers were sampled, and which clients were rejected
             row.update(exp.attack.row(sampled, outcome.rejected))
+        if dp.on:  # epsilon spent so far at --dp-delta (None: no noise, unbounded)
+            row["dp_epsilon"] = dp.epsilon(cfg.per_round / cfg.clients, rnd)
         log.append(row)
         save_checkpoint(
             out, state, sampler=sampler.bit_generator.state, rows=log.rows, client_ranks=cfg.client_ranks,
@@ -338,6 +342,8 @@ def _rounds(
         out, strategy, state, log, model=cfg.model, task=exp.task.name, strategy_name=cfg.strategy,
         wall_seconds=wall_before + time.perf_counter() - t_run,
         task_type=peft_task_type(cfg), predictions=None if is_lm(cfg) else exp.predictions,
+        extra={"dp_epsilon": dp.epsilon(cfg.per_round / cfg.clients, cfg.rounds), "dp_delta": cfg.dp_delta,
+               "dp_noise": cfg.dp_noise} if dp.on else None,
     )
     reporter.finish(summary)
     return RunResult(out, summary, log.rows)

@@ -1,0 +1,297 @@
+"""Client-level differential privacy in the central model: DP-FedAvg (McMahan et al. 2018).
+
+**The mechanism.** In round t the server samples m = ``--per-round`` clients. Client k's change of
+effective update this round, over every adapted module and the head,
+
+    Delta_k = ( s_k B_k A_k - s_k B0_k A0_k )_modules  (+)  ( h_k - h0_k )
+
+is clipped to L2 norm C (``--dp-clip``): Delta_k <- c_k Delta_k, c_k = min(1, C / ||Delta_k||). The norm
+comes from the factors' Gram matrices (:func:`hlora.robust.change_gram`) and the clip is normclip's
+(:func:`hlora.robust.clip_update`): the clipped client uploads, in effect, X0 + c_k Delta_k, as the
+rank r0 + r factor [c B, (1 - c) B0] [A; A0]. The server releases
+
+    D_t = (1 / m) sum_k c_k Delta_k + N(0, sigma^2 I),     sigma = z C / m     (z: ``--dp-noise``)
+
+**Uniform weights, fixed denominator.** Every client weighs 1/m with m the number *sampled*, not the
+number accepted and not n_k / n. With n_k / n weights a client's influence on the average grows with its
+data size, which is private and unbounded, so no sensitivity holds; with a denominator that counts the
+accepted updates, one client's presence changes every other client's weight. With the fixed 1/m, adding
+or removing one client moves sum_k c_k Delta_k / m by at most C / m: that is the sensitivity the noise
+is calibrated to. A client rejected by the checks (failed training, wrong shapes, NaN) contributes 0.
+For the same reason, the median-relative norm check (``--max-norm-ratio``) and the robust rules are off
+under DP: they let one client's update decide whether *other* clients count.
+
+**Where the noise goes.** Only the product-space strategies (hlora, flexlora: state G = the global update
+as a thin SVD) take it. Their DP step is the server-optimizer rule of :mod:`hlora.server_opt` on the
+noisy change:
+
+    m_t = trunc_c( beta m_{t-1} + D_t ),    G_t = trunc_c( G_{t-1} + eta m_t )    (c: ``--server-rank``)
+
+with avg as eta = 1, beta = 0. It steps from G_{t-1} (the previous release, public) rather than from
+HLoRA's own sum_k p_k trunc_{r_k}(G_{t-1}) + ..., whose first term depends on the sampled clients' ranks:
+one client's presence would move it by a rank-sized piece of G, not by C / m. D_t is dense (the noise
+is full rank): it is formed one module at a time as a d x k float32 matrix, and its truncated SVD
+re-decomposes it (post-processing, no privacy cost). Memory: :data:`DENSE_BYTES_PER_ENTRY` bytes per
+entry at the SVD's peak, refused above ``--dp-dense-mb`` (:meth:`DP.check_dense`). The head gets its own
+N(0, sigma^2) noise on the same D_t.
+
+**Refused**: every factor-space strategy (fedit, ffa, fedplora, hetlora, rolora, lorafair, fedex). They
+average the factors, and the change of B A is not linear in them: noise on averaged factors with a
+sensitivity stated on Delta has no bound (the factor change that realises a product change of norm C can
+be arbitrarily large). FLoRA: its merged update is an exact low-rank sum that clients download as stacks;
+dense noise makes it full rank, which has no stacked form. Centralized: there are no clients to protect.
+
+**Accounting.** dp-accounting's RDP accountant (Mironov 2017; Mironov, Talwar, Zhang 2019) of T
+compositions of the Poisson-subsampled Gaussian mechanism with sampling rate q = per_round / clients and
+noise multiplier z, converted to (epsilon, delta). hlora samples a fixed-size subset without replacement,
+not a Poisson sample: the Poisson analysis is the standard approximation that DP-FedAvg implementations
+use (McMahan et al. 2018; TF Privacy), not an exact bound for the sampling hlora does. The rounds are
+counted whether or not a round was skipped. ``--dp-epsilon-target`` chooses z by dp-accounting's own
+calibration (:func:`dp_accounting.calibrate_dp_mechanism`).
+
+``--dp-delta`` defaults to 1 / clients^1.1: delta must be well below 1 / clients, since a mechanism that
+publishes one random client's data whole is (0, 1 / clients)-DP; the extra power 0.1 keeps it below that
+by a factor that grows with the federation.
+
+**Seeds.** The noise of round t comes from a generator seeded by (seed, t) alone
+(:func:`hlora.server.client_seed`, stream :data:`NOISE_STREAM`), drawn module by module in the state's
+order and then the head: a resumed run draws the same noise.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hlora.factors import Factor
+from hlora.linalg import SVD
+from hlora.robust import change_gram, clip_factors
+from hlora.server_opt import KEY, ServerOpt, global_step
+from hlora.strategies import GlobalState, Payload, StrategyError, Update
+
+#: strategies whose state is the global update itself (a thin SVD): the noisy average can be added to it
+DP_STRATEGIES = ("hlora", "flexlora")
+#: why each other strategy is refused (one line each)
+REFUSED = {
+    "centralized": "the centralized strategy pools the clients' data: there are no client updates to protect",
+    "flora": "FLoRA's merged update is an exact low-rank sum that clients download as stacks; the dense noise "
+             "makes it full rank, which has no stacked form",
+}
+#: the client_seed stream of the server's DP noise (client -1: the server)
+NOISE_STREAM = 4
+#: RDP orders: integer orders (computed in closed form, no fractional-order series to converge) up to 1024
+ORDERS = tuple(range(2, 65)) + (80, 96, 128, 256, 512, 1024)
+#: bytes per entry of one module's dense noisy change at the peak of its float32 SVD: the matrix, the noise,
+#: LAPACK's copy and workspace, U and V^T. Measured 31 to 35 (ru_maxrss, torch.linalg.svd, 1 thread, 1024^2
+#: and 1536^2); rounded up
+DENSE_BYTES_PER_ENTRY = 36
+
+
+class PrivacyError(StrategyError):
+    """DP options that cannot run together (a user mistake)."""
+
+
+@dataclass
+class DP:
+    """The DP settings (``--dp-*``). ``clip`` None or 0: off."""
+
+    clip: float | None = None
+    noise: float | None = None
+    epsilon_target: float | None = None
+    delta: float | None = None
+    dense_mb: float = 2048.0
+
+    @property
+    def on(self) -> bool:
+        return bool(self.clip)
+
+    def check(self, *, strategy: str, clients: int, per_round: int, rounds: int, robust: str = "none",
+              client_weights: str = "uniform") -> "DP":
+        """Refuse what cannot run (raises PrivacyError); fill in the default delta and, with an epsilon
+        target, the noise multiplier that meets it."""
+        if self.clip is not None and self.clip < 0:
+            raise PrivacyError(f"--dp-clip must be >= 0 (0: off), got {self.clip}")
+        if self.dense_mb <= 0:
+            raise PrivacyError(f"--dp-dense-mb must be > 0, got {self.dense_mb}")
+        if not self.on:
+            given = [n for n, v in (("--dp-noise", self.noise), ("--dp-epsilon-target", self.epsilon_target),
+                                    ("--dp-delta", self.delta)) if v is not None]
+            if given:
+                raise PrivacyError(f"{', '.join(given)} need --dp-clip C (the bound on a client's change)")
+            return self
+        if self.noise is not None and self.noise < 0:
+            raise PrivacyError(f"--dp-noise must be >= 0, got {self.noise}")
+        if self.epsilon_target is not None and self.epsilon_target <= 0:
+            raise PrivacyError(f"--dp-epsilon-target must be > 0, got {self.epsilon_target}")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise PrivacyError(f"--dp-delta must be in (0, 1), got {self.delta}")
+        if strategy in REFUSED:
+            raise PrivacyError(f"--dp-clip is not defined for {strategy}: {REFUSED[strategy]}")
+        if strategy not in DP_STRATEGIES:
+            raise PrivacyError(
+                f"--dp-clip is not defined for {strategy}: it averages factors, and the change of B A is not linear "
+                f"in them, so noise on the factors has no sensitivity bound; use {' or '.join(DP_STRATEGIES)}")
+        if robust != "none":
+            raise PrivacyError(f"--dp-clip cannot run with --robust {robust}: a rule that selects or scales clients "
+                               "by the others' updates breaks the sensitivity C / per-round (DP clipping already "
+                               "bounds every client)")
+        if client_weights != "uniform":
+            raise PrivacyError("--dp-clip needs --client-weights uniform: with n_k/n weights a client's influence "
+                               "grows with its private data size, so no sensitivity holds")
+        if self.delta is None:
+            self.delta = default_delta(clients)
+        q = per_round / clients
+        if self.epsilon_target is not None:
+            z = calibrate_noise(q, rounds, self.epsilon_target, self.delta)
+            if self.noise is not None and not math.isclose(self.noise, z, rel_tol=1e-9):
+                raise PrivacyError("give --dp-noise or --dp-epsilon-target, not both")
+            self.noise = z
+        if self.noise is None:
+            raise PrivacyError("--dp-clip needs --dp-noise z or --dp-epsilon-target EPS (--dp-noise 0: clipping "
+                               "only, no privacy)")
+        return self
+
+    def check_dense(self, shapes: dict[str, tuple[int, int]]) -> None:
+        """Refuse where one module's dense noisy change and its SVD would not fit ``dense_mb``."""
+        if not self.on or not shapes:
+            return
+        name, (d, k) = max(shapes.items(), key=lambda kv: kv[1][0] * kv[1][1])
+        need = d * k * DENSE_BYTES_PER_ENTRY
+        if need > self.dense_mb * 2**20:
+            raise PrivacyError(
+                f"--dp-clip adds dense noise to every module and re-decomposes it by SVD: {d} x {k} at {name} "
+                f"needs {need / 2**20:.3g} MB, above --dp-dense-mb {self.dense_mb:g}; raise the budget")
+
+    def std(self, per_round: int) -> float:
+        """sigma = z C / m: the noise's standard deviation on the average of m clipped changes."""
+        return (self.noise or 0.0) * self.clip / per_round
+
+    def epsilon(self, sampling_rate: float, rounds: int) -> float | None:
+        """Epsilon spent after ``rounds`` rounds at ``delta`` (None: unbounded, i.e. no noise)."""
+        eps = spent_epsilon(sampling_rate, self.noise or 0.0, rounds, self.delta)
+        return None if math.isinf(eps) else eps
+
+
+def default_delta(clients: int) -> float:
+    """1 / clients^1.1 (see the module docstring)."""
+    return 1.0 / clients**1.1
+
+
+def _event(q: float, z: float, rounds: int):
+    import dp_accounting
+
+    return dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), rounds)
+
+
+def _accounting():
+    try:
+        import dp_accounting  # noqa: F401
+    except ImportError:
+        raise PrivacyError("--dp-clip needs dp-accounting: pip install 'hlora[privacy]'") from None
+    from dp_accounting.rdp import RdpAccountant
+
+    return lambda: RdpAccountant(list(ORDERS))
+
+
+@functools.lru_cache(maxsize=4096)
+def spent_epsilon(q: float, z: float, rounds: int, delta: float) -> float:
+    """Epsilon at ``delta`` after ``rounds`` Poisson-subsampled Gaussian rounds (rate q, multiplier z), by
+    dp-accounting's RDP accountant; inf without noise, 0 after no round."""
+    if rounds <= 0:
+        return 0.0
+    if z <= 0:
+        return math.inf
+    accountant = _accounting()()
+    accountant.compose(_event(q, z, rounds))
+    return float(accountant.get_epsilon(delta))
+
+
+@functools.lru_cache(maxsize=64)
+def calibrate_noise(q: float, rounds: int, epsilon: float, delta: float) -> float:
+    """The noise multiplier z whose ``spent_epsilon`` after ``rounds`` is at most ``epsilon``, by
+    dp-accounting's calibration (a bracketed search over its accountant)."""
+    import dp_accounting
+
+    make = _accounting()
+    try:
+        z = float(dp_accounting.calibrate_dp_mechanism(make, lambda z: _event(q, z, rounds), epsilon, delta))
+    except Exception as e:  # no z in the library's search bracket reaches the target
+        raise PrivacyError(f"--dp-epsilon-target {epsilon:g} at delta {delta:g}: {e}") from None
+    return z
+
+
+def clip_scales(updates: list[Update], sent: list[Payload], clip: float) -> dict[int, float]:
+    """client id -> c_k < 1 for the clients whose ||Delta_k|| (modules and head, from the factors' Gram
+    matrix) is above ``clip``."""
+    if not updates:
+        return {}
+    norms = change_gram(updates, sent).diagonal().clamp_min(0).sqrt().tolist()
+    return {u.client: c for u, c in zip(updates, clip_factors(norms, clip)) if c < 1}
+
+
+def mean_change(trained: list[Factor], received: list[Factor], m: int, dtype: torch.dtype | None = None) -> Tensor:
+    """(1 / m) sum_k (s_k B_k A_k - s0_k B0_k A0_k) as one dense d x k matrix (accumulated in place)."""
+    dtype = dtype or trained[0].B.dtype
+    D = torch.zeros(trained[0].B.shape[0], trained[0].A.shape[1], dtype=dtype)
+    for f, f0 in zip(trained, received):
+        D.addmm_(f.B.to(dtype), f.A.to(dtype), alpha=f.scale / m)
+        D.addmm_(f0.B.to(dtype), f0.A.to(dtype), alpha=-f0.scale / m)
+    return D
+
+
+def add_noise(x: Tensor, std: float, generator: torch.Generator) -> Tensor:
+    """x + N(0, std^2) in every entry, in place (drawn even at std 0, so the generator's stream stays the
+    same whatever the noise)."""
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    return x.add_(noise, alpha=std)
+
+
+def truncated_svd(M: Tensor, rank: int) -> SVD:
+    """The best rank-``rank`` approximation of a dense matrix (its leading singular triplets)."""
+    U, S, Vt = torch.linalg.svd(M, full_matrices=False)
+    return SVD(U[:, :rank].contiguous(), S[:rank].contiguous(), Vt[:rank].contiguous())
+
+
+def noise_generator(seed: int, round: int) -> torch.Generator:
+    """The round's noise generator: seeded by (seed, round) alone."""
+    from hlora.server import client_seed
+
+    return torch.Generator().manual_seed(client_seed(seed, round, -1, stream=NOISE_STREAM))
+
+
+def private_step(state: GlobalState, updates: list[Update], sent: list[Payload], *, per_round: int, std: float,
+                 generator: torch.Generator, opt: ServerOpt | None = None) -> GlobalState:
+    """The global state after a DP round: ``updates`` are already clipped (answers to ``sent``), each weighs
+    1 / ``per_round``; D_t (plus N(0, std^2)) steps G by the server optimizer's factored rule (module
+    docstring). Product-space state only (a thin SVD per module)."""
+    opt = opt or ServerOpt()
+    momentum = opt.name != "avg" and opt.momentum > 0
+    moments = dict(state.extra.get(KEY, {}))
+    lr = 1.0 if opt.name == "avg" else opt.lr
+    lora, dropped = {}, 0.0
+    for name, G in state.lora.items():
+        D = mean_change([u.lora[name] for u in updates], [p.lora[name] for p in sent], per_round, G.U.dtype) \
+            if updates else torch.zeros(G.U.shape[0], G.Vt.shape[1], dtype=G.U.dtype)
+        add_noise(D, std, generator)
+        if momentum and ("m", name) in moments:
+            D.add_(moments[("m", name)].dense(), alpha=opt.momentum)
+        direction = truncated_svd(D, opt.rank)
+        del D
+        if momentum:
+            moments[("m", name)] = direction
+        lora[name], e = global_step(G, direction, lr, opt.rank)
+        dropped = max(dropped, e)
+    head = {}
+    for n, h in state.head.items():
+        dh = sum(((u.head[n] - p.head[n]) / per_round for u, p in zip(updates, sent)), torch.zeros_like(h))
+        add_noise(dh, std, generator)
+        head[n] = h + dh if opt.name == "avg" else opt._tensor_step(moments, ("h", n), h, h + dh)
+    extra = {**state.extra, "server_energy_dropped": dropped}
+    if opt.name != "avg":
+        extra[KEY] = moments
+    return GlobalState(lora, head, state.init, state.round + 1, extra)

@@ -1,0 +1,285 @@
+"""Client-level differential privacy (hlora.privacy): the noise's scale, the accountant against
+dp-accounting's own, clipping before noise against dense float64 references, a DP run on the tiny model
+and its resume, and the refusals."""
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+dp_accounting = pytest.importorskip("dp_accounting")
+
+from hlora.config import ConfigError  # noqa: E402
+from hlora.factors import Factor  # noqa: E402
+from hlora.privacy import (  # noqa: E402
+    DP,
+    ORDERS,
+    PrivacyError,
+    add_noise,
+    calibrate_noise,
+    default_delta,
+    private_step,
+    spent_epsilon,
+)
+from hlora.server import server_round  # noqa: E402
+from hlora.server_opt import ServerOpt  # noqa: E402
+from hlora.strategies import ClientSpec, Update, get_strategy  # noqa: E402
+from tests.test_cli import run_cli  # noqa: E402
+from tests.test_robust import dense_change  # noqa: E402
+from tests.test_run import tiny_config  # noqa: E402
+from tests.test_server_opt import StopAfter, _strip  # noqa: E402
+
+SHAPES = {"q": (12, 9), "v": (7, 10)}
+
+
+# --- the noise ---------------------------------------------------------------------------------------
+
+
+def test_noise_has_the_stated_std_on_a_large_tensor():
+    dp = DP(clip=0.5, noise=1.3)
+    std = dp.std(per_round=4)
+    assert std == pytest.approx(1.3 * 0.5 / 4)
+    x = add_noise(torch.zeros(1000, 1000), std, torch.Generator().manual_seed(0))
+    assert float(x.mean()) == pytest.approx(0.0, abs=3 * std / 1000)
+    assert float(x.std()) == pytest.approx(std, rel=0.01)
+
+
+def test_a_private_step_adds_noise_of_the_stated_std_to_every_module_and_the_head():
+    """No client moved (every change is 0): the new global update is the truncated noise; at full rank
+    (--server-rank >= min(d, k)) nothing is truncated and its entries have std z C / m."""
+    strategy = get_strategy("hlora")
+    d, k = 300, 200
+    init = {"q": Factor(torch.zeros(d, 4), torch.randn(4, k, generator=torch.Generator().manual_seed(1)), 1.0)}
+    state = strategy.init_state(init, {"w": torch.zeros(50, 100)})
+    specs = [ClientSpec(i, {"q": 4}, 8.0, 10) for i in range(4)]
+    sent = [strategy.dispatch(state, s, torch.Generator()) for s in specs]
+    updates = [Update(s.id, p.lora, p.head, 10) for s, p in zip(specs, sent)]
+    std = DP(clip=2.0, noise=0.9).std(per_round=4)
+    new = private_step(state, updates, sent, per_round=4, std=std, generator=torch.Generator().manual_seed(2),
+                       opt=ServerOpt(rank=min(d, k)))
+    noise = strategy.global_adapter(new)["q"].delta()
+    assert float(noise.std()) == pytest.approx(std, rel=0.02)
+    assert float(new.head["w"].std()) == pytest.approx(std, rel=0.03)
+
+
+def test_the_noise_comes_from_seed_and_round_alone():
+    from hlora.privacy import noise_generator
+
+    a = torch.randn(5, generator=noise_generator(0, 3))
+    assert torch.equal(a, torch.randn(5, generator=noise_generator(0, 3)))
+    assert not torch.equal(a, torch.randn(5, generator=noise_generator(0, 4)))
+    assert not torch.equal(a, torch.randn(5, generator=noise_generator(1, 3)))
+
+
+# --- the accountant ----------------------------------------------------------------------------------
+
+
+def library_epsilon(q, z, rounds, delta, orders=ORDERS):
+    accountant = dp_accounting.rdp.RdpAccountant(list(orders))
+    accountant.compose(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), rounds))
+    return accountant.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("q,z,rounds,delta", [(0.2, 1.1, 40, 1e-5), (0.05, 0.8, 100, 1e-6), (1.0, 2.0, 10, 1e-3)])
+def test_epsilon_is_dp_accountings_own(q, z, rounds, delta):
+    eps = spent_epsilon(q, z, rounds, delta)
+    assert eps == library_epsilon(q, z, rounds, delta)
+    # the integer orders lose little against a finer grid of orders (the optimum lies between them)
+    fine = library_epsilon(q, z, rounds, delta, orders=[1 + x / 20 for x in range(20, 200)] + list(range(11, 257)))
+    assert fine <= eps <= 1.05 * fine
+    assert spent_epsilon(q, z, rounds + 1, delta) > eps  # each round spends more
+    assert spent_epsilon(q, 0.0, rounds, delta) == math.inf and spent_epsilon(q, z, 0, delta) == 0.0
+
+
+@pytest.mark.parametrize("q,rounds,target,delta", [(0.2, 40, 3.0, 1e-5), (0.02, 200, 1.0, 1e-6)])
+def test_the_epsilon_target_gives_a_noise_whose_epsilon_is_at_most_the_target_and_close(q, rounds, target, delta):
+    z = calibrate_noise(q, rounds, target, delta)
+    eps = library_epsilon(q, z, rounds, delta)
+    assert eps <= target and eps >= 0.99 * target
+    dp = DP(clip=1.0, epsilon_target=target, delta=delta).check(
+        strategy="hlora", clients=round(10 / q), per_round=10, rounds=rounds)
+    assert dp.noise == pytest.approx(calibrate_noise(10 / round(10 / q), rounds, target, delta))
+
+
+def test_the_default_delta_is_below_one_over_the_clients():
+    assert default_delta(100) == pytest.approx(100**-1.1) and default_delta(100) < 1 / 100
+    dp = DP(clip=1.0, noise=1.0).check(strategy="hlora", clients=100, per_round=10, rounds=5)
+    assert dp.delta == default_delta(100)
+
+
+# --- clipping, then noise: a round against dense float64 references ----------------------------------
+
+
+def dp_round(strategy_name, C, z, server_opt=None, seed=0):
+    """Five sampled clients on a global update (B0 != 0): client 3 moves 1000x more than the others,
+    client 4 sends NaN (rejected). Float64 factors, so the references hold to rounding."""
+    strategy = get_strategy(strategy_name)
+    g = torch.Generator().manual_seed(3)
+    init = {m: Factor(torch.zeros(d, 4, dtype=torch.float64), torch.randn(4, k, generator=g, dtype=torch.float64),
+                      1.0) for m, (d, k) in SHAPES.items()}
+    start = strategy.init_state(init, {"w": torch.zeros(2, 5, dtype=torch.float64)})
+    first = {m: Factor(torch.randn(d, 4, generator=g, dtype=torch.float64), init[m].A, 2.0)
+             for m, (d, k) in SHAPES.items()}
+    state = strategy.aggregate(start, [Update(0, first, start.head, 1)])
+    clients = [ClientSpec(i, dict.fromkeys(SHAPES, r), 8.0, 5 + 40 * i) for i, r in enumerate([2, 4, 3, 4, 2])]
+    bumps = [1.0, 1.0, 1.0, 1000.0, 1.0]
+
+    def execute(pairs):
+        out = []
+        for (spec, p), bump in zip(pairs, bumps):
+            lora = {m: Factor(f.B + bump * 0.1 * torch.randn(f.B.shape, generator=g, dtype=torch.float64),
+                              f.A + 0.1 * torch.randn(f.A.shape, generator=g, dtype=torch.float64), f.scale)
+                    for m, f in p.lora.items()}
+            if spec.id == 4:
+                lora["q"] = Factor(lora["q"].B * float("nan"), lora["q"].A, lora["q"].scale)
+            out.append(Update(spec.id, lora, {"w": p.head["w"] + 0.1 * bump}, spec.num_examples))
+        return out
+
+    out = server_round(strategy, state, clients, execute, round=1, seed=seed, dp=DP(clip=C, noise=z),
+                       server_opt=server_opt)
+    payloads = [strategy.dispatch(state, spec, torch.Generator()) for spec in clients]
+    return strategy, state, out, payloads
+
+
+def clipped_mean_reference(strategy, state, out, payloads, C, m=5, lr=1.0):
+    """G + lr (1/m) sum_k min(1, C / ||Delta_k||) Delta_k, dense float64, per module and for the head."""
+    sent = {p_id: p for p_id, p in enumerate(payloads)}
+    G = {name: f.delta().double() for name, f in strategy.global_adapter(state).items()}
+    head = {n: t.double().clone() for n, t in state.head.items()}
+    for u in out.accepted:
+        p = sent[u.client]
+        c = min(1.0, C / float(dense_change(u, p).norm()))
+        for name in SHAPES:
+            G[name] += lr * c / m * (u.lora[name].delta().double() - p.lora[name].delta().double())
+        for n in head:
+            head[n] += lr * c / m * (u.head[n].double() - p.head[n].double())
+    return G, head
+
+
+@pytest.mark.parametrize("strategy_name", ["hlora", "flexlora"])
+def test_with_noise_0_a_dp_round_is_the_clipped_uniform_average_of_a_dense_reference(strategy_name):
+    C = 0.8
+    strategy, state, out, payloads = dp_round(strategy_name, C, z=0.0)
+    assert [r["client"] for r in out.rejected] == [4]  # the NaN update; the denominator stays 5
+    assert 3 in [c["client"] for c in out.clipped]
+    G, head = clipped_mean_reference(strategy, state, out, payloads, C)
+    got = strategy.global_adapter(out.state)
+    for name in SHAPES:
+        torch.testing.assert_close(got[name].delta(), G[name], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(out.state.head["w"], head["w"], rtol=1e-9, atol=1e-12)
+
+
+def test_a_server_optimizer_steps_with_the_clipped_average():
+    C = 0.8
+    strategy, state, out, payloads = dp_round("hlora", C, z=0.0, server_opt=ServerOpt("avgm", lr=2.0))
+    G, head = clipped_mean_reference(strategy, state, out, payloads, C, lr=2.0)
+    got = strategy.global_adapter(out.state)
+    for name in SHAPES:
+        torch.testing.assert_close(got[name].delta(), G[name], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(out.state.head["w"], head["w"], rtol=1e-9, atol=1e-12)
+
+
+def test_clipping_comes_before_the_noise():
+    """With noise, the aggregate's distance to the clipped mean is noise-sized (sigma sqrt(entries)), far
+    below the huge client's unclipped change / m."""
+    C, z, m = 0.8, 0.5, 5
+    strategy, state, out, payloads = dp_round("hlora", C, z)
+    G, head = clipped_mean_reference(strategy, state, out, payloads, C)
+    got = strategy.global_adapter(out.state)
+    sq = sum(float(((got[n].delta() - G[n]) ** 2).sum()) for n in SHAPES)
+    sq += float(((out.state.head["w"] - head["w"]) ** 2).sum())
+    entries = sum(d * k for d, k in SHAPES.values()) + 10
+    sigma = z * C / m
+    assert 0.7 * sigma * entries**0.5 < sq**0.5 < 1.3 * sigma * entries**0.5
+    huge = next(u for u in out.accepted if u.client == 3)
+    assert float(dense_change(huge, payloads[3]).norm()) / m > 100 * sq**0.5
+
+
+# --- a DP run on the tiny model, and its resume -------------------------------------------------------
+
+
+def test_a_dp_run_records_epsilon_every_round_and_resumes_to_the_same_rows(tiny_args, tmp_path):
+    from hlora import run
+    from hlora.engine.simulation import resume
+
+    extra = dict(dp_clip=0.05, dp_epsilon_target=20.0)
+    ref = run(tiny_config(tiny_args, tmp_path / "ref", **extra))
+    saved = yaml.safe_load((tmp_path / "ref" / "config.yaml").read_text())
+    q, delta = 2 / 4, 4**-1.1
+    z = calibrate_noise(q, 2, 20.0, delta)
+    assert saved["dp_noise"] == pytest.approx(z) and saved["dp_delta"] == pytest.approx(delta)
+    assert [r["dp_epsilon"] for r in ref.rows] == [spent_epsilon(q, z, t, delta) for t in (1, 2)]
+    assert ref.rows[0]["dp_epsilon"] < ref.rows[1]["dp_epsilon"] <= 20.0
+    assert all(r["clipped"] for r in ref.rows)  # C = 0.05: every client is clipped
+    summary = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    assert summary["dp_epsilon"] == ref.rows[-1]["dp_epsilon"]
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_config(tiny_args, tmp_path / "cut", **extra), StopAfter(1))
+    res = resume(tmp_path / "cut")  # config.yaml holds both the target and the z it resolved to
+    assert _strip(res.rows) == _strip(ref.rows)
+    assert res.summary["dp_epsilon"] == summary["dp_epsilon"]
+
+
+def test_noise_changes_the_run_and_no_noise_reports_no_epsilon(tiny_args, tmp_path):
+    from hlora import run
+
+    clip_only = run(tiny_config(tiny_args, tmp_path / "a", rounds=1, dp_clip=0.05, dp_noise=0.0))
+    noisy = run(tiny_config(tiny_args, tmp_path / "b", rounds=1, dp_clip=0.05, dp_noise=5.0))
+    assert clip_only.rows[0]["dp_epsilon"] is None  # clipping alone: no privacy
+    assert noisy.rows[0]["eval_loss"] != clip_only.rows[0]["eval_loss"]
+
+
+# --- refusals -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--dp-clip", "1", "--dp-noise", "1", "--dp-epsilon-target", "3"],
+         "give --dp-noise or --dp-epsilon-target, not both"),
+        (["--dp-clip", "-1"], "--dp-clip must be >= 0"),
+        (["--dp-clip", "1", "--dp-noise", "-1"], "--dp-noise must be >= 0"),
+        (["--dp-clip", "1", "--dp-epsilon-target", "0"], "--dp-epsilon-target must be > 0"),
+        (["--dp-clip", "1", "--dp-noise", "1", "--dp-delta", "2"], "--dp-delta must be in (0, 1)"),
+        (["--dp-noise", "1"], "--dp-noise need --dp-clip C"),
+        (["--dp-clip", "1"], "--dp-clip needs --dp-noise z or --dp-epsilon-target EPS"),
+        (["--dp-clip", "1", "--dp-noise", "1", "--strategy", "fedit", "--ranks", "8"],
+         "--dp-clip is not defined for fedit: it averages factors"),
+        (["--dp-clip", "1", "--dp-noise", "1", "--strategy", "ffa"], "--dp-clip is not defined for ffa"),
+        (["--dp-clip", "1", "--dp-noise", "1", "--strategy", "flora"], "--dp-clip is not defined for flora"),
+        (["--dp-clip", "1", "--dp-noise", "1", "--strategy", "centralized"],
+         "pools the clients' data: there are no client updates to protect"),
+        (["--dp-clip", "1", "--dp-noise", "1", "--robust", "normclip"], "cannot run with --robust normclip"),
+        (["--dp-clip", "1", "--dp-noise", "1", "--client-weights", "examples"],
+         "--dp-clip needs --client-weights uniform"),
+        (["--dp-clip", "1", "--dp-noise", "1", "--dp-dense-mb", "0"], "--dp-dense-mb must be > 0"),
+    ],
+)
+def test_bad_dp_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
+    code, text = run_cli(["run", *argv, "--out", str(tmp_path / "out")], capsys)
+    assert code == 2
+    assert message in " ".join(text.split())
+    assert "Traceback" not in text and len(text.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_module_above_the_dense_budget_is_refused_before_training(capsys, tmp_path, tiny_args):
+    code, text = run_cli(["run", *tiny_args, "--dp-clip", "1", "--dp-noise", "1", "--dp-dense-mb", "0.01",
+                          "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "32 x 32 at" in text
+    assert "needs 0.0352 MB, above --dp-dense-mb 0.01" in " ".join(text.split())
+    assert not (tmp_path / "o").exists()
+
+
+def test_dp_errors_are_config_errors():
+    with pytest.raises(PrivacyError):
+        DP(clip=1.0).check(strategy="hlora", clients=10, per_round=2, rounds=3)
+    assert issubclass(PrivacyError, ValueError)
+    with pytest.raises(ConfigError, match="--dp-clip needs --dp-noise"):
+        from hlora.config import load_config
+
+        load_config(None, {"dp_clip": 1.0})
