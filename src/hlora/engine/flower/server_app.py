@@ -206,6 +206,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     configure(model, cfg.dropout, cfg.attention)  # the server only evaluates: its dropout never runs
     fm = FederatedModel(model, cfg.target_modules)
     cfg.robust_rule().check_dense(fm.shapes, cfg.per_round)  # median/trimmed: refused where they do not fit
+    cfg.privacy().check_dense(fm.shapes)  # DP's dense noisy change: likewise
     dev = encode(tokenizer, task.dev, cfg.max_length) if len(task.dev) else None
     cfg.precision = fm.precision = server_precision(cfg, fm, dev)
 
@@ -227,7 +228,10 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     cfg.clients = len(clients)
     cfg.client_ranks = [n.rank for n in nodes]
     cfg.ranks = ",".join(map(str, cfg.client_ranks))
+    if cfg.dp_epsilon_target is not None:  # calibrate z again for the clients that answered (q = per-round / them)
+        cfg.dp_noise = None
     cfg.validate()
+    dp = cfg.privacy()
     cfg.save(out / "config.yaml")
     (out / "flower.json").write_text(json.dumps({
         "clients": [{"client": i, "node_id": n.node_id, "rank": n.rank, "lora_alpha": n.lora_alpha,
@@ -251,7 +255,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
             outcome = server_round(strategy, state, specs, execute, round=rnd, seed=cfg.seed,
                                    min_clients=cfg.min_clients, max_norm_ratio=cfg.max_norm_ratio,
                                    server_opt=cfg.server_optimizer(), client_weights=cfg.client_weights,
-                                   robust=cfg.robust_rule())
+                                   robust=cfg.robust_rule(), dp=dp)
         except NodeUnavailable:
             if not all(isinstance(r, NodeUnavailable) for r in execute.results):
                 raise
@@ -268,6 +272,8 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
                         client_ranks=cfg.client_ranks, clients=sampled,
                         ranks=[cfg.client_ranks[c] for c in sampled], started=t0)
         row["nodes"] = [node_ids[c] for c in sampled]
+        if dp.on:  # epsilon spent so far at dp-delta (None: no noise, unbounded)
+            row["dp_epsilon"] = dp.epsilon(cfg.per_round / cfg.clients, rnd)
         metrics.append(row)
         save_checkpoint(out, state, sampler=sampler.bit_generator.state, rows=metrics.rows,
                         client_ranks=cfg.client_ranks, partition=[], wall_seconds=time.perf_counter() - t_run)
@@ -282,7 +288,9 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
 
     summary = finish_run(out, strategy, state, metrics, model=cfg.model, task=task.name,
                          strategy_name=cfg.strategy, wall_seconds=time.perf_counter() - t_run,
-                         predictions=predictions if dev is not None else None)
+                         predictions=predictions if dev is not None else None,
+                         extra={"dp_epsilon": dp.epsilon(cfg.per_round / cfg.clients, cfg.rounds),
+                                "dp_delta": cfg.dp_delta, "dp_noise": cfg.dp_noise} if dp.on else None)
     metrics.tracker.finish()
     log.info("hlora: done; final accuracy %.4f; outputs in %s", summary["final_accuracy"], out)
     return summary
