@@ -198,6 +198,32 @@ def test_clipping_comes_before_the_noise():
     assert float(dense_change(huge, payloads[3]).norm()) / m > 100 * sq**0.5
 
 
+def test_a_dp_round_is_never_skipped_and_without_valid_updates_releases_the_noise_alone():
+    strategy = get_strategy("hlora")
+    g = torch.Generator().manual_seed(5)
+    init = {m: Factor(torch.zeros(d, 2, dtype=torch.float64), torch.randn(2, k, generator=g, dtype=torch.float64),
+                      1.0) for m, (d, k) in SHAPES.items()}
+    start = strategy.init_state(init, {"w": torch.zeros(2, 5, dtype=torch.float64)})
+    state = strategy.aggregate(start, [Update(0, {m: Factor(torch.randn(f.B.shape, generator=g, dtype=torch.float64),
+                                                           f.A, 1.0) for m, f in init.items()}, start.head, 1)])
+    clients = [ClientSpec(i, dict.fromkeys(SHAPES, 2), 8.0, 5) for i in range(3)]
+
+    def broken(pairs):  # every update holds NaN: all rejected
+        return [Update(s.id, {m: Factor(f.B * float("nan"), f.A, f.scale) for m, f in p.lora.items()}, p.head, 5)
+                for s, p in pairs]
+
+    before = {m: f.delta() for m, f in strategy.global_adapter(state).items()}
+    for z in (0.0, 1.0):
+        out = server_round(strategy, state, clients, broken, round=1, seed=0, min_clients=2,
+                           dp=DP(clip=3.0, noise=z))
+        assert len(out.rejected) == 3 and not out.skipped and out.state.round == state.round + 1
+        moved = torch.cat([(f.delta() - before[m]).flatten() for m, f in strategy.global_adapter(out.state).items()])
+        if z == 0:
+            assert float(moved.abs().max()) < 1e-12
+        else:
+            assert float(moved.std()) == pytest.approx(z * 3.0 / 3, rel=0.3)
+
+
 # --- a DP run on the tiny model, and its resume -------------------------------------------------------
 
 

@@ -45,8 +45,8 @@ dense noise makes it full rank, which has no stacked form. Centralized: there ar
 compositions of the Poisson-subsampled Gaussian mechanism with sampling rate q = per_round / clients and
 noise multiplier z, converted to (epsilon, delta). hlora samples a fixed-size subset without replacement,
 not a Poisson sample: the Poisson analysis is the standard approximation that DP-FedAvg implementations
-use (McMahan et al. 2018; TF Privacy), not an exact bound for the sampling hlora does. The rounds are
-counted whether or not a round was skipped. ``--dp-epsilon-target`` chooses z by dp-accounting's own
+use (McMahan et al. 2018; TF Privacy), not an exact bound for the sampling hlora does. Every round is
+counted (under DP a round is never skipped for too few valid updates: see :func:`hlora.server.server_round`). ``--dp-epsilon-target`` chooses z by dp-accounting's own
 calibration (:func:`dp_accounting.calibrate_dp_mechanism`).
 
 ``--dp-delta`` defaults to 1 / clients^1.1: delta must be well below 1 / clients, since a mechanism that
@@ -142,6 +142,7 @@ class DP:
         if client_weights != "uniform":
             raise PrivacyError("--dp-clip needs --client-weights uniform: with n_k/n weights a client's influence "
                                "grows with its private data size, so no sensitivity holds")
+        _accounting()  # dp-accounting is installed (else one line), before anything loads
         if self.delta is None:
             self.delta = default_delta(clients)
         q = per_round / clients

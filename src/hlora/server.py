@@ -83,6 +83,8 @@ def server_round(
     each weighs 1 / len(clients) (the sampled clients, not the accepted ones), the noise is drawn from
     (``seed``, ``round``), and the state steps by :func:`~hlora.privacy.private_step`. The median-relative
     norm check and the robust rule are skipped: they make a client's weight depend on the others' updates.
+    ``min_clients`` is not applied either: whether a round is skipped would depend on how many clients sent
+    valid updates; a round with none releases the noise alone.
     """
     payloads = []
     down = 0
@@ -120,7 +122,7 @@ def server_round(
     sent = _reject(out, sent, verdict.rejected)
     out.clipped = [{"client": c, "scale": s} for c, s in verdict.scales.items()]
 
-    out.skipped = len(out.accepted) < min_clients
+    out.skipped = not private and len(out.accepted) < min_clients  # DP: never (see below)
     if out.skipped:
         out.state = dataclasses.replace(state, round=state.round + 1)
     else:
