@@ -46,8 +46,9 @@ compositions of the Poisson-subsampled Gaussian mechanism with sampling rate q =
 noise multiplier z, converted to (epsilon, delta). hlora samples a fixed-size subset without replacement,
 not a Poisson sample: the Poisson analysis is the standard approximation that DP-FedAvg implementations
 use (McMahan et al. 2018; TF Privacy), not an exact bound for the sampling hlora does. Every round is
-counted (under DP a round is never skipped for too few valid updates: see :func:`hlora.server.server_round`). ``--dp-epsilon-target`` chooses z by dp-accounting's own
-calibration (:func:`dp_accounting.calibrate_dp_mechanism`).
+counted (under DP a round is never skipped for too few valid updates: :func:`hlora.server.server_round`).
+``--dp-epsilon-target`` chooses z by dp-accounting's own calibration
+(:func:`dp_accounting.calibrate_dp_mechanism`).
 
 ``--dp-delta`` defaults to 1 / clients^1.1: delta must be well below 1 / clients, since a mechanism that
 publishes one random client's data whole is (0, 1 / clients)-DP; the extra power 0.1 keeps it below that
