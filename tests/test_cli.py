@@ -66,3 +66,19 @@ def test_help_documents_every_option_with_its_default(capsys):
                  "--dev", "--text-columns", "--label-column", "--out"]:
         assert flag in flat
     assert "[default: (100)]" in flat and "[default: (2-8)]" in flat and "[default: (dirichlet)]" in flat
+
+
+def test_help_groups_every_run_option_in_a_panel(capsys):
+    import inspect
+
+    options = [name for name in inspect.signature(cli.run).parameters if name != "config"]
+    unplaced = [name for name in options if name not in cli._PANEL]
+    assert not unplaced, f"run options with no help panel in cli.PANELS: {unplaced}"
+    for command in ("run", "compare"):
+        code, text = run_cli([command, "--help"], capsys)
+        assert code == 0
+        titles = [line.split("─ ", 1)[1].split(" ─")[0] for line in text.splitlines() if line.startswith("╭─ ")]
+        assert [t for t in titles if t in cli.PANELS] == list(cli.PANELS), titles
+    code, text = run_cli(["run", "--help"], capsys)
+    panel = text[text.index("╭─ Server "):]
+    assert "--server-lr" in panel[:panel.index("╰")]

@@ -53,8 +53,29 @@ def _default(name: str) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
+# `hlora run --help` groups its options in these panels (compare shows the same ones); every run option names
+# its panel here, and tests/test_cli.py fails when one does not.
+PANELS: dict[str, tuple[str, ...]] = {
+    "Data": ("task", "train", "dev", "text_columns", "label_column", "max_length", "prompt_field", "input_field",
+             "response_field", "category_field", "partition", "alpha", "classes_per_client", "shards_per_client",
+             "size_exponent"),
+    "Model": ("model", "target_modules", "ranks", "rank_policy", "rank_file", "layer_ranks", "lora_alpha", "dtype",
+              "dropout", "attention", "gradient_checkpointing", "precision"),
+    "Federation": ("strategy", "strategy_option", "clients", "per_round", "rounds", "client_weights", "min_clients",
+                   "max_norm_ratio"),
+    "Local training": ("preset", "local_epochs", "local_steps", "lr", "lr_schedule", "batch_size", "client_opt",
+                       "adam_eps", "head_opt", "head_lr", "logit_adjust", "prox_mu"),
+    "Server": ("server_opt", "server_lr", "server_momentum", "server_betas", "server_tau", "server_rank"),
+    "Privacy and robustness": ("robust", "robust_f", "robust_m", "robust_trim", "robust_clip", "robust_clip_ratio",
+                               "robust_dense_mb", "attack", "attackers", "attack_lambda"),
+    "Evaluation and outputs": ("gen_samples", "max_new_tokens", "eval_every", "eval_batch_size", "seed", "threads",
+                               "out", "log", "log_group", "mlflow_uri", "resume"),
+}
+_PANEL = {name: panel for panel, names in PANELS.items() for name in names}
+
+
 def _opt(name: str, help: str, *flags: str) -> Any:
-    return typer.Option(None, *flags, help=help, show_default=_default(name))
+    return typer.Option(None, *flags, help=help, show_default=_default(name), rich_help_panel=_PANEL.get(name))
 
 
 class RichReporter:
@@ -178,12 +199,12 @@ def run(
     gradient_checkpointing: Optional[bool] = typer.Option(
         None, "--gradient-checkpointing",
         help="Recompute activations in the backward pass (less memory, more compute); --task instruct only.",
-        show_default="off",
+        show_default="off", rich_help_panel=_PANEL["gradient_checkpointing"],
     ),
     strategy: Optional[str] = _opt("strategy", f"Aggregation method: {', '.join(names())}."),
     strategy_option: Optional[list[str]] = typer.Option(
         None, "--strategy-option", help="A strategy's option KEY=VALUE, repeatable (e.g. norm_weights=true).",
-        show_default="none",
+        show_default="none", rich_help_panel=_PANEL["strategy_option"],
     ),
     clients: Optional[int] = _opt("clients", "Number of clients."),
     per_round: Optional[int] = _opt("per_round", "Clients sampled each round (without replacement)."),
@@ -296,7 +317,7 @@ def run(
     mlflow_uri: Optional[str] = _opt("mlflow_uri", "MLflow tracking URI (a server, or sqlite:///...)."),
     resume: Optional[Path] = typer.Option(
         None, "--resume", help="Continue the run in this directory from its last checkpoint (no other options).",
-        show_default="none",
+        show_default="none", rich_help_panel=_PANEL["resume"],
     ),
 ) -> None:
     """Run a federated fine-tuning experiment (defaults: HLoRA on GLUE MRPC, ranks 2..8).
@@ -314,6 +335,19 @@ def run(
         resume_run(resume, RichReporter())
         return
     run_experiment(load_config(config, overrides), RichReporter())
+
+
+def _by_panel(command: Any) -> None:
+    """Order a command's options by panel (typer draws the panels in the order of their first option)."""
+    import inspect
+
+    order = {panel: i for i, panel in enumerate(PANELS)}
+    sig = inspect.signature(command)
+    params = sorted(sig.parameters.values(), key=lambda p: order.get(_PANEL.get(p.name, ""), -1))
+    command.__signature__ = sig.replace(parameters=params)
+
+
+_by_panel(run)
 
 
 def _overrides(values: dict[str, Any]) -> dict[str, Any]:
