@@ -67,7 +67,8 @@ PANELS: dict[str, tuple[str, ...]] = {
                        "adam_eps", "head_opt", "head_lr", "logit_adjust", "prox_mu"),
     "Server": ("server_opt", "server_lr", "server_momentum", "server_betas", "server_tau", "server_rank"),
     "Privacy and robustness": ("robust", "robust_f", "robust_m", "robust_trim", "robust_clip", "robust_clip_ratio",
-                               "robust_dense_mb", "attack", "attackers", "attack_lambda"),
+                               "robust_dense_mb", "attack", "attackers", "attack_lambda", "dp_clip", "dp_noise",
+                               "dp_epsilon_target", "dp_delta", "dp_dense_mb"),
     "Evaluation and outputs": ("gen_samples", "max_new_tokens", "eval_every", "eval_batch_size", "seed", "threads",
                                "out", "log", "log_group", "mlflow_uri", "resume"),
 }
