@@ -229,9 +229,10 @@ def test_a_dp_round_is_never_skipped_and_without_valid_updates_releases_the_nois
 
 def test_a_dp_run_records_epsilon_every_round_and_resumes_to_the_same_rows(tiny_args, tmp_path):
     from hlora import run
+    from hlora.checkpoint import load_checkpoint
     from hlora.engine.simulation import resume
 
-    extra = dict(dp_clip=0.05, dp_epsilon_target=20.0)
+    extra = dict(dp_clip=0.05, dp_epsilon_target=20.0, server_momentum=0.5)  # the momentum is checkpointed too
     ref = run(tiny_config(tiny_args, tmp_path / "ref", **extra))
     saved = yaml.safe_load((tmp_path / "ref" / "config.yaml").read_text())
     q, delta = 2 / 4, 4**-1.1
@@ -248,6 +249,12 @@ def test_a_dp_run_records_epsilon_every_round_and_resumes_to_the_same_rows(tiny_
     res = resume(tmp_path / "cut")  # config.yaml holds both the target and the z it resolved to
     assert _strip(res.rows) == _strip(ref.rows)
     assert res.summary["dp_epsilon"] == summary["dp_epsilon"]
+    a, _ = load_checkpoint(tmp_path / "cut")
+    b, _ = load_checkpoint(tmp_path / "ref")
+    strategy = get_strategy("hlora")
+    assert a.extra["server_opt"].keys() == b.extra["server_opt"].keys() and a.extra["server_opt"]
+    for m, f in strategy.global_adapter(b).items():
+        assert torch.equal(strategy.global_adapter(a)[m].delta(), f.delta())
 
 
 def test_noise_changes_the_run_and_no_noise_reports_no_epsilon(tiny_args, tmp_path):
