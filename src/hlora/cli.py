@@ -270,6 +270,9 @@ def run(
         "or auto (bf16 where supported and faster)."
     ),
     eval_every: Optional[int] = _opt("eval_every", "Evaluate every K rounds (and always after the last)."),
+    personal_holdout: Optional[float] = _opt(
+        "personal_holdout", "Share of each client's examples held out to score its own model (fedsa only)."
+    ),
     eval_batch_size: Optional[int] = _opt("eval_batch_size", "Evaluation batch size."),
     seed: Optional[int] = _opt("seed", "Seed of the split, ranks, client sampling and training."),
     threads: Optional[int] = _opt("threads", "Torch threads (default: torch's choice)."),
