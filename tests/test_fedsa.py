@@ -14,6 +14,7 @@ from hlora.client_state import ClientStates, personal_round, split_holdout
 from hlora.config import ConfigError
 from hlora.engine.simulation import Reporter, check_strategy, resume, setup
 from hlora.factors import Factor, init_factors
+from hlora.inference import Predictor, load_run
 from hlora.model import FederatedModel, load_classifier
 from hlora.strategies import get_strategy
 from tests.test_run import tiny_config
@@ -183,6 +184,9 @@ def test_a_fedsa_run_reports_personal_accuracy_and_resumes_identically(tiny_args
     kept = ClientStates.from_state_dict(saved["client_states"])
     assert set(kept.entries) == set().union(*sampled)
     assert all(torch.equal(g.B, torch.zeros_like(g.B)) for g in state.lora.values())  # the server holds no B
+
+    # hlora eval / export read the same model the run scored: the mean of the clients' models
+    assert Predictor(load_run(ref.out)).evaluate()["accuracy"] == pytest.approx(ref.summary["final_accuracy"])
 
     cfg = tiny_config(tiny_args, tmp_path / "cut", **extra)
     with pytest.raises(KeyboardInterrupt):

@@ -116,6 +116,8 @@ class RichReporter:
             score += f"  eval_loss {row['eval_loss']:.4f}"
         else:  # not evaluated this round (--eval-every)
             score = "(not evaluated)"
+        if "personal_accuracy" in row:  # a personalised strategy: each client's own model on its held-out share
+            score += f"  personal {row['personal_accuracy']:.4f}"
         console.print(
             f"{self.prefix}round {row['round']:>3}/{self.rounds}  {score}  "
             f"train_loss {float('nan') if row['train_loss'] is None else row['train_loss']:.4f}  "
