@@ -170,6 +170,14 @@ class Strategy(ABC):
         """What a client sends back of its trained update (default: all of it)."""
         return update
 
+    def personal_model(self, state: GlobalState, client: ClientSpec, kept: dict[str, Any] | None) -> Payload:
+        """A personalised strategy: client's own model (``lora``, ``head``), to score it."""
+        raise NotImplementedError(f"{self.name} is not personalised")
+
+    def mean_state(self, state: GlobalState, clients: list[ClientSpec], kept: dict[int, dict[str, Any]]) -> GlobalState:
+        """A personalised strategy: the clients' models as one global state (reported, exported)."""
+        raise NotImplementedError(f"{self.name} is not personalised")
+
     def check(self, clients: list[ClientSpec]) -> None:
         """Refuse clients this method is not defined for (raises StrategyError)."""
 
