@@ -66,8 +66,8 @@ PANELS: dict[str, tuple[str, ...]] = {
     "Server": ("server_opt", "server_lr", "server_momentum", "server_betas", "server_tau", "server_rank"),
     "Privacy and robustness": ("robust", "robust_f", "robust_m", "robust_trim", "robust_clip", "robust_clip_ratio",
                                "robust_dense_mb", "attack", "attackers", "attack_lambda"),
-    "Evaluation and outputs": ("gen_samples", "max_new_tokens", "eval_every", "eval_batch_size", "seed", "threads",
-                               "out", "log", "log_group", "mlflow_uri", "resume"),
+    "Evaluation and outputs": ("gen_samples", "max_new_tokens", "eval_every", "eval_batch_size", "personal_holdout",
+                               "seed", "threads", "out", "log", "log_group", "mlflow_uri", "resume"),
 }
 _PANEL = {name: panel for panel, names in PANELS.items() for name in names}
 
