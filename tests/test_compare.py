@@ -2,12 +2,15 @@
 
 import csv
 import json
+import re
 
 import pytest
 from PIL import Image
 
 from hlora.compare import cell_labels, parse_methods
+from hlora.config import ConfigError
 from hlora.plots import spread_labels
+from tests.conftest import tiny_cli_args
 from tests.test_cli import run_cli
 
 
@@ -23,6 +26,25 @@ def test_a_rank_list_stays_whole_in_a_method():
     ms = parse_methods("hlora:ranks=2,4,8,fedit:ranks=8,flexlora")
     assert [m.label for m in ms] == ["hlora:ranks=2,4,8", "fedit:ranks=8", "flexlora"]
     assert ms[0].overrides == {"ranks": "2,4,8"} or ms[0].overrides == {"ranks": [2, 4, 8]}
+
+
+def test_a_bracketed_value_keeps_its_colons_and_commas(tiny_model, tiny_mrpc, tmp_path):
+    ms = parse_methods("hlora:layer_ranks=[query:2-4,value:8]:lr=0.002,fedit:ranks=8")
+    assert [m.label for m in ms] == ["hlora:layer_ranks=[query:2-4,value:8]:lr=0.002", "fedit:ranks=8"]
+    assert ms[0].overrides == {"layer_ranks": "query:2-4,value:8", "lr": 0.002}
+    assert "/" not in ms[0].slug
+    from hlora.compare import cell_configs
+    from tests.test_run import tiny_config
+
+    shared = tiny_config(tiny_cli_args(tiny_model, tiny_mrpc), tmp_path, threads=1).to_dict()
+    for key in ("out", "strategy", "seed", "client_ranks", "client_layer_ranks"):
+        shared.pop(key)
+    (_, _, cfg), = cell_configs(None, shared, ms[:1], [0], tmp_path / "grid")
+    assert cfg.layer_ranks == {"query": "2-4", "value": "8"}
+    assert all(set(r.values()) <= {2, 3, 4, 8} for r in cfg.client_layer_ranks)
+    for bad, msg in [("hlora:layer_ranks=[query:2", "unclosed '['"), ("hlora:x=]", "unbalanced ']'")]:
+        with pytest.raises(ConfigError, match=re.escape(msg)):
+            parse_methods(bad)
 
 
 @pytest.mark.parametrize("methods, msg", [

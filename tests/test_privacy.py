@@ -284,6 +284,7 @@ def test_noise_changes_the_run_and_no_noise_reports_no_epsilon(tiny_args, tmp_pa
          "--dp-clip is not defined for fedit: it averages factors"),
         (["--dp-clip", "1", "--dp-noise", "1", "--strategy", "ffa"], "--dp-clip is not defined for ffa"),
         (["--dp-clip", "1", "--dp-noise", "1", "--strategy", "flora"], "--dp-clip is not defined for flora"),
+        (["--dp-clip", "1", "--dp-noise", "1", "--strategy", "fedsa"], "--dp-clip is not defined for fedsa"),
         (["--dp-clip", "1", "--dp-noise", "1", "--strategy", "centralized"],
          "pools the clients' data: there are no client updates to protect"),
         (["--dp-clip", "1", "--dp-noise", "1", "--robust", "normclip"], "cannot run with --robust normclip"),

@@ -63,8 +63,8 @@ def global_delta(strategy, state):
 
 
 def test_every_strategy_is_registered():
-    assert set(names()) == {"centralized", "fedex", "fedit", "fedplora", "ffa", "flexlora", "flora", "hetlora",
-                            "hlora", "lorafair", "rolora"}
+    assert set(names()) == {"centralized", "fedex", "fedit", "fedplora", "fedsa", "ffa", "flexlora", "flora",
+                            "hetlora", "hlora", "lorafair", "rolora"}
 
 
 @pytest.mark.parametrize("name", ["hlora", "flexlora", "fedit", "hetlora", "ffa", "fedplora", "flora",

@@ -69,8 +69,8 @@ PANELS: dict[str, tuple[str, ...]] = {
     "Privacy and robustness": ("robust", "robust_f", "robust_m", "robust_trim", "robust_clip", "robust_clip_ratio",
                                "robust_dense_mb", "attack", "attackers", "attack_lambda", "dp_clip", "dp_noise",
                                "dp_epsilon_target", "dp_delta", "dp_dense_mb"),
-    "Evaluation and outputs": ("gen_samples", "max_new_tokens", "eval_every", "eval_batch_size", "seed", "threads",
-                               "out", "log", "log_group", "mlflow_uri", "resume"),
+    "Evaluation and outputs": ("gen_samples", "max_new_tokens", "eval_every", "eval_batch_size", "personal_holdout",
+                               "seed", "threads", "out", "log", "log_group", "mlflow_uri", "resume"),
 }
 _PANEL = {name: panel for panel, names in PANELS.items() for name in names}
 
@@ -140,6 +140,8 @@ class RichReporter:
             score += f"  eval_loss {row['eval_loss']:.4f}"
         else:  # not evaluated this round (--eval-every)
             score = "(not evaluated)"
+        if "personal_accuracy" in row:  # a personalised strategy: each client's own model on its held-out share
+            score += f"  personal {row['personal_accuracy']:.4f}"
         console.print(
             f"{self.prefix}round {row['round']:>3}/{self.rounds}  {score}  "
             f"train_loss {float('nan') if row['train_loss'] is None else row['train_loss']:.4f}  "
@@ -306,6 +308,9 @@ def run(
         "or auto (bf16 where supported and faster)."
     ),
     eval_every: Optional[int] = _opt("eval_every", "Evaluate every K rounds (and always after the last)."),
+    personal_holdout: Optional[float] = _opt(
+        "personal_holdout", "Share of each client's examples held out to score its own model (fedsa only)."
+    ),
     eval_batch_size: Optional[int] = _opt("eval_batch_size", "Evaluation batch size."),
     seed: Optional[int] = _opt("seed", "Seed of the split, ranks, client sampling and training."),
     threads: Optional[int] = _opt("threads", "Torch threads (default: torch's choice)."),

@@ -43,11 +43,27 @@ class Method:
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.label.replace(":", "__").replace("=", "-"))
 
 
+def _split_top(text: str, sep: str) -> list[str]:
+    """Split at ``sep`` outside square brackets: ``a:b=[x:1,y:2]`` at ``:`` -> ``a``, ``b=[x:1,y:2]``."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "[") - (ch == "]")
+        if depth < 0:
+            raise ConfigError(f"--strategies: unbalanced ']' in {text!r}")
+        if ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise ConfigError(f"--strategies: unclosed '[' in {text!r}")
+    return [*parts, text[start:]]
+
+
 def _method_items(spec: str) -> list[str]:
     """Split the methods at commas, but keep a rank list whole: ``hlora:ranks=2,4,8,fedit`` -> ``hlora:ranks=2,4,8``
-    and ``fedit`` (no strategy is named by a number)."""
+    and ``fedit`` (no strategy is named by a number); a bracketed value is one piece:
+    ``hlora:layer_ranks=[query:2-4,value:8]``."""
     items: list[str] = []
-    for part in (x.strip() for x in spec.split(",")):
+    for part in (x.strip() for x in _split_top(spec, ",")):
         if part.isdigit() and items and "=" in items[-1]:
             items[-1] += "," + part
         elif part:
@@ -55,14 +71,26 @@ def _method_items(spec: str) -> list[str]:
     return items
 
 
+def _unbracket(pair: str) -> tuple[str, str] | None:
+    """``key=[text]`` -> (key, text), the text taken as it is (not YAML); anything else -> None."""
+    key, sep, value = pair.partition("=")
+    value = value.strip()
+    if sep and value.startswith("[") and value.endswith("]"):
+        return key.strip().replace("-", "_"), value[1:-1]
+    return None
+
+
 def parse_methods(spec: str) -> list[Method]:
-    """``"hlora,hlora:ranks=8,hetlora:norm_weights=true"`` -> methods (run options or strategy options)."""
+    """``"hlora,hlora:ranks=8,hetlora:norm_weights=true"`` -> methods (run options or strategy options). A value
+    with colons or commas of its own goes in square brackets: ``hlora:layer_ranks=[query:2-4,value:8]``."""
     methods = []
     for item in _method_items(spec):
-        name, *pairs = item.split(":")
+        name, *pairs = _split_top(item, ":")
         run_opts: dict[str, Any] = {}
         strat_opts = {}
-        for key, value in parse_options(pairs).items():
+        raw = dict(filter(None, map(_unbracket, pairs)))
+        options = parse_options([p for p in pairs if _unbracket(p) is None]) | raw
+        for key, value in options.items():
             if key in RUN_FIELDS and key not in ("strategy", "seed", "out", "strategy_options"):
                 run_opts[key] = value
             else:

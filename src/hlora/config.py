@@ -134,6 +134,9 @@ class RunConfig:
     # speed: bf16 autocast of the frozen base (auto: where supported and faster), evaluation interval
     precision: str = "auto"
     eval_every: int = 1
+    #: a personalised strategy (fedsa) holds out this seeded share of each client's examples to score the
+    #: client's own model on (other strategies' splits are untouched)
+    personal_holdout: float = 0.2
     #: a named set of defaults (PRESETS) applied before the config file and the options
     preset: str | None = None
     seed: int = 0
@@ -198,6 +201,8 @@ class RunConfig:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.eval_every < 1:
             raise ConfigError(f"--eval-every must be at least 1, got {self.eval_every}")
+        if not 0 < self.personal_holdout < 1:
+            raise ConfigError(f"--personal-holdout must be in (0, 1), got {self.personal_holdout}")
         if self.preset is not None and self.preset not in PRESETS:
             raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         if self.server_opt is None:  # the measured default where it was measured, the plain rule elsewhere

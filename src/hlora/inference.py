@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from hlora.checkpoint import CHECKPOINT, load_checkpoint
+from hlora.client_state import ClientStates
 from hlora.config import ConfigError, RunConfig, load_config
 from hlora.data import Fields, encode, load_task, read_split
 from hlora.data.examples import Examples
@@ -16,7 +17,7 @@ from hlora.export import adapter_svd, save_peft_adapter, truncated
 from hlora.factors import Adapter
 from hlora.metrics import generate, predict_logits
 from hlora.model import FederatedModel, resolve_model_path
-from hlora.strategies import get_strategy
+from hlora.strategies import ClientSpec, get_strategy
 from hlora.tasks import is_lm, load_model, peft_task_type, score, tokenize
 
 
@@ -45,8 +46,11 @@ def load_run(run_dir: str | Path) -> TrainedRun:
     if not (run_dir / "config.yaml").is_file() or not (run_dir / CHECKPOINT).is_file():
         raise ConfigError(f"{run_dir}: not a run directory with a checkpoint (config.yaml, {CHECKPOINT})")
     cfg = load_config(run_dir / "config.yaml", {})
-    state, _ = load_checkpoint(run_dir)
+    state, saved = load_checkpoint(run_dir)
     strategy = get_strategy(cfg.strategy, **cfg.strategy_options)
+    if strategy.personal:  # the mean of the clients' own models, as the run scored and exported it
+        clients = [ClientSpec(i, {}, cfg.lora_alpha, len(part)) for i, part in enumerate(saved["partition"])]
+        state = strategy.mean_state(state, clients, ClientStates.from_state_dict(saved.get("client_states")).entries)
     return TrainedRun(cfg, strategy.global_adapter(state), state.head, state.round)
 
 

@@ -20,11 +20,12 @@ import torch
 from hlora.attacks import Attack, flip_labels
 from hlora.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from hlora.client import train_client
+from hlora.client_state import ClientStates, personal_round, personal_scores, split_holdout
 from hlora.config import ConfigError, RunConfig, load_config
 from hlora.data import Encoded, EncodedLM, Fields, TaskData, load_task
 from hlora.engine.outputs import finish_run, round_row
 from hlora.factors import init_factors
-from hlora.metrics import MetricsLog, dev_predictions
+from hlora.metrics import MetricsLog, dev_predictions, predict_logits
 from hlora.model import FederatedModel
 from hlora.objectives import Objective, label_counts, offset_from_counts
 from hlora.precision import resolve_precision
@@ -70,6 +71,8 @@ class Experiment:
     #: simulated attackers (--attack), and the training set with flipped labels (--attack labelflip)
     attack: Attack | None = None
     flipped: Encoded | None = None
+    #: each client's held-out examples (a personalised strategy: its own model is scored on them), else None
+    holdout: list[list[int]] | None = None
 
     def objective(self, client: int) -> Objective:
         """Client ``client``'s training loss (``-1``: the pooled, centralized site: the plain loss)."""
@@ -122,6 +125,9 @@ def default_out(cfg: RunConfig) -> Path:
 def check_strategy(cfg: RunConfig) -> Strategy:
     """The configured strategy, checked against the clients' ranks before any data or model is loaded."""
     strategy = get_strategy(cfg.strategy, **cfg.strategy_options)
+    if strategy.personal and cfg.robust != "none":
+        raise ConfigError(f"--robust judges the clients' changes of s B A; strategy {cfg.strategy} sends A only, "
+                          "so the server cannot form them")
     ranks, layers = client_ranks(cfg)  # the data policy's sizes are not known yet: setup checks again
     strategy.check([ClientSpec(i, {"*": r, **(layers[i] if layers else {})}, cfg.lora_alpha, 1)
                     for i, r in enumerate(ranks)])
@@ -141,6 +147,9 @@ def setup(cfg: RunConfig) -> Experiment:
     if cfg.clients > len(task.train):
         raise ConfigError(f"--clients {cfg.clients} exceeds the {len(task.train)} training examples")
     parts = cfg.client_parts(task)  # a split this data cannot take is refused before the model loads
+    holdout = None
+    if strategy.personal:  # each client's own model is scored on a held-out share of its examples
+        parts, holdout = split_holdout(parts, cfg.personal_holdout, cfg.seed)
     model, tokenizer = load_model(cfg, task)
     fm = FederatedModel(model, cfg.target_modules)
     cfg.robust_rule().check_dense(fm.shapes, cfg.per_round)  # median/trimmed: refused where they do not fit
@@ -181,7 +190,8 @@ def setup(cfg: RunConfig) -> Experiment:
         for k in attack.attackers if flipped is not None else []:  # the label mix a flipping attacker trains on
             offsets[k] = offset_from_counts(label_counts(flipped.labels[parts[k]], task.num_labels), federation,
                                             cfg.logit_adjust)
-    exp = Experiment(cfg, task, fm, train, dev, parts, clients, strategy, tokenizer, offsets, attack, flipped)
+    exp = Experiment(cfg, task, fm, train, dev, parts, clients, strategy, tokenizer, offsets, attack, flipped,
+                     holdout)
     cfg.precision = fm.precision = resolve_precision(cfg.precision, lambda mode: _probe_step(exp, mode))
     return exp
 
@@ -219,7 +229,7 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> RunResult:
     sampler = np.random.default_rng([cfg.seed, 2])
     with open_tracking(cfg, out, resume=False) as tracker:
         log = MetricsLog(out, tracker=tracker)
-        return _rounds(exp, out, exp.initial_state(), sampler, log, 0.0, reporter or Reporter())
+        return _rounds(exp, out, exp.initial_state(), sampler, log, 0.0, reporter or Reporter(), ClientStates())
 
 
 def written_before(path: Path) -> dict[str, Any]:
@@ -266,11 +276,12 @@ def resume(out: str | Path, reporter: Reporter | None = None) -> RunResult:
             raise ConfigError(f"--resume {out}: the checkpoint does not belong to this config")
         sampler.bit_generator.state = saved["sampler"]
         rows, wall = saved["rows"], saved["wall_seconds"]
+        states = ClientStates.from_state_dict(saved.get("client_states"))
     else:  # killed during the first round
-        state, rows, wall = exp.initial_state(), [], 0.0
+        state, rows, wall, states = exp.initial_state(), [], 0.0, ClientStates()
     with open_tracking(cfg, out, resume=True) as tracker:  # the same tracked runs, continued
         log = MetricsLog(out, rows, tracker)  # rewrites metrics.jsonl to the checkpoint's rounds
-        return _rounds(exp, out, state, sampler, log, wall, reporter or Reporter())
+        return _rounds(exp, out, state, sampler, log, wall, reporter or Reporter(), states)
 
 
 def _rounds(
@@ -281,6 +292,7 @@ def _rounds(
     log: MetricsLog,
     wall_before: float,
     reporter: Reporter,
+    states: ClientStates,
 ) -> RunResult:
     cfg, strategy, fm = exp.cfg, exp.strategy, exp.fm
     reporter.start(cfg, out, state.round + 1)
@@ -302,8 +314,8 @@ def _rounds(
         def execute(pairs: list[tuple[ClientSpec, Any]]) -> list[Update | Exception]:
             results: list[Update | Exception] = []
             for spec, payload in pairs:
-                try:
-                    update = train_client(
+                def train(payload, spec=spec) -> Update:
+                    return train_client(
                         fm, payload, exp.training_set(spec.id), indices[spec.id], client_id=spec.id,
                         epochs=cfg.local_epochs,
                         lr=cfg.client_lr(rnd), batch_size=cfg.batch_size, seed=client_seed(cfg.seed, rnd, spec.id),
@@ -311,6 +323,10 @@ def _rounds(
                         head_opt=cfg.head_opt, head_lr=cfg.head_lr, client_opt=cfg.client_opt,
                         adam_eps=cfg.adam_eps,
                     )
+
+                try:  # a personalised strategy's client trains with what it kept, and keeps part of the result
+                    update = personal_round(strategy, states, spec.id, payload, train) if strategy.personal \
+                        else train(payload)
                     results.append(exp.attack.tamper(update, payload, rnd) if exp.attack else update)
                 except Exception as e:  # a failing client is dropped from the round; the run goes on
                     results.append(e)
@@ -323,10 +339,15 @@ def _rounds(
         )
         state = outcome.state
         scored = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
+        reported = outcome  # a personalised strategy: the dev set scores the mean of the clients' models
+        if strategy.personal:
+            reported = dataclasses.replace(outcome, state=strategy.mean_state(state, exp.clients, states.entries))
         row = round_row(
-            rnd, outcome, strategy=strategy, evaluate=exp.evaluate if scored else None, client_ranks=exp.all_ranks(),
+            rnd, reported, strategy=strategy, evaluate=exp.evaluate if scored else None, client_ranks=exp.all_ranks(),
             clients=sampled, ranks=[max(spec.ranks.values()) for spec, _ in jobs], started=t0,
         )
+        if strategy.personal and scored:
+            row.update(_personal_scores(exp, state, states))
         if exp.attack is not None:  # which attackers were sampled, and which clients were rejected
             row.update(exp.attack.row(sampled, outcome.rejected))
         if dp.on:  # epsilon spent so far at --dp-delta (None: no noise, unbounded)
@@ -335,11 +356,13 @@ def _rounds(
         save_checkpoint(
             out, state, sampler=sampler.bit_generator.state, rows=log.rows, client_ranks=cfg.client_ranks,
             partition=exp.parts, wall_seconds=wall_before + time.perf_counter() - t_run,
+            **({"client_states": states.state_dict()} if strategy.personal else {}),
         )
         reporter.round_end(row)
 
+    final = strategy.mean_state(state, exp.clients, states.entries) if strategy.personal else state
     summary = finish_run(
-        out, strategy, state, log, model=cfg.model, task=exp.task.name, strategy_name=cfg.strategy,
+        out, strategy, final, log, model=cfg.model, task=exp.task.name, strategy_name=cfg.strategy,
         wall_seconds=wall_before + time.perf_counter() - t_run,
         task_type=peft_task_type(cfg), predictions=None if is_lm(cfg) else exp.predictions,
         extra={"dp_epsilon": dp.epsilon(cfg.per_round / cfg.clients, cfg.rounds), "dp_delta": cfg.dp_delta,
@@ -348,3 +371,18 @@ def _rounds(
     reporter.finish(summary)
     return RunResult(out, summary, log.rows)
 
+
+def _personal_scores(exp: Experiment, state: GlobalState, states: ClientStates) -> dict[str, Any]:
+    """Every client's own model on its held-out examples (a classifier; an LM run has none of these keys)."""
+    if is_lm(exp.cfg) or exp.holdout is None:
+        return {}
+    train = exp.train
+
+    def correct(model, idx: list[int]) -> int:
+        data = Encoded([train.input_ids[i] for i in idx],
+                       None if train.token_type_ids is None else [train.token_type_ids[i] for i in idx],
+                       train.labels[idx], train.pad_id)
+        logits = predict_logits(exp.fm, model.lora, model.head, data, exp.cfg.eval_batch_size)
+        return int((logits.argmax(-1) == data.labels).sum())
+
+    return personal_scores(exp.strategy, state, exp.clients, states, exp.holdout, correct)

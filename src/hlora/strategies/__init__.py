@@ -9,6 +9,7 @@ from hlora.strategies import (  # noqa: F401  (importing a module registers its 
     fedex,
     fedit,
     fedplora,
+    fedsa,
     ffa,
     flexlora,
     flora,

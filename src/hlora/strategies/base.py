@@ -152,6 +152,31 @@ class Strategy(ABC):
     pools_clients: ClassVar[bool] = False
     #: the aggregate is linear in the clients' products s B A, of any rank (not in their factors)
     aggregates_products: ClassVar[bool] = False
+    #: each client keeps part of its model between its rounds (FedSA-LoRA's B): the result is one model per
+    #: client. The engine keeps what :meth:`keep` returns in a client-state store (:mod:`hlora.client_state`)
+    #: and the client puts it back with :meth:`personalise`; the server sees only :meth:`share`.
+    personal: ClassVar[bool] = False
+
+    def personalise(self, payload: Payload, kept: dict[str, Any] | None) -> Payload:
+        """The client's side: what it trains from, given what it kept from its last round (None: never
+        sampled before). Default: the payload as received."""
+        return payload
+
+    def keep(self, update: Update) -> dict[str, Any]:
+        """What a client keeps of its trained update until its next round (default: nothing)."""
+        return {}
+
+    def share(self, update: Update, sent: Payload) -> Update:
+        """What a client sends back of its trained update (default: all of it)."""
+        return update
+
+    def personal_model(self, state: GlobalState, client: ClientSpec, kept: dict[str, Any] | None) -> Payload:
+        """A personalised strategy: client's own model (``lora``, ``head``), to score it."""
+        raise NotImplementedError(f"{self.name} is not personalised")
+
+    def mean_state(self, state: GlobalState, clients: list[ClientSpec], kept: dict[int, dict[str, Any]]) -> GlobalState:
+        """A personalised strategy: the clients' models as one global state (reported, exported)."""
+        raise NotImplementedError(f"{self.name} is not personalised")
 
     def check(self, clients: list[ClientSpec]) -> None:
         """Refuse clients this method is not defined for (raises StrategyError)."""

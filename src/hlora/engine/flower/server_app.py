@@ -196,6 +196,9 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     strategy = get_strategy(cfg.strategy, **cfg.strategy_options)
     if strategy.pools_clients:
         raise ConfigError(f"strategy {cfg.strategy} pools the sites' data in one place: use hlora run")
+    if strategy.personal:
+        raise ConfigError(f"strategy {cfg.strategy} keeps each client's state between rounds, which Flower nodes "
+                          "do not do yet: use hlora run")
     target = Path(cfg.out) if cfg.out else default_out(cfg)
     if any((target / name).exists() for name in ("config.yaml", "metrics.jsonl", "summary.json")):
         raise ConfigError(f"run-config out {target.resolve()} already holds a run; choose another directory")

@@ -1,0 +1,120 @@
+"""Client state that outlives a round: what a personalised strategy's clients keep between their rounds.
+
+A personalised strategy (``Strategy.personal``, e.g. FedSA-LoRA: each client keeps its own B) says what a
+client keeps (``keep``), how it trains from it (``personalise``) and what it sends (``share``); this module
+holds the kept values in one place. The engine owns the store: the embedded simulation keeps every
+client's entry in memory and saves the store in ``checkpoint.pt`` after each round, so a resumed run
+continues with the same client states. A client never sampled before has no entry and starts from what
+the server sends (for FedSA-LoRA the global initial B = 0).
+
+Memory: the entries' tensors (:meth:`ClientStates.nbytes`); for FedSA-LoRA sum_m d_m r_k * 4 bytes a client
+in float32 (about 147 KiB at MiniLM size and rank 8, 8 MiB at 7B shapes; see
+:mod:`hlora.strategies.fedsa`).
+
+Personalised evaluation needs data the client did not train on: :func:`split_holdout` takes a seeded
+share of each client's examples out of its training set (only for a personalised strategy: every other
+run's split is untouched).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from hlora.strategies import Payload, Strategy, Update
+
+#: a client's kept values: nested dicts of tensors (FedSA-LoRA: {"B": {module: B}, "head": {name: W}})
+Entry = dict[str, Any]
+
+
+class ClientStates:
+    """Each client's kept values, by client id; in memory, saved and restored through the checkpoint."""
+
+    def __init__(self, entries: dict[int, Entry] | None = None) -> None:
+        self.entries: dict[int, Entry] = dict(entries or {})
+
+    def get(self, client: int) -> Entry | None:
+        """What ``client`` kept from its last round (None: it was never sampled, or keeps nothing)."""
+        return self.entries.get(client)
+
+    def put(self, client: int, entry: Entry) -> None:
+        if entry:
+            self.entries[client] = entry
+
+    def __contains__(self, client: int) -> bool:
+        return client in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def nbytes(self) -> int:
+        """Bytes of the kept tensors."""
+        return sum(_nbytes(e) for e in self.entries.values())
+
+    def state_dict(self) -> dict[int, Entry]:
+        """For the checkpoint (``torch.save``-able with ``weights_only``: ints, strings, tensors)."""
+        return {int(k): v for k, v in sorted(self.entries.items())}
+
+    @classmethod
+    def from_state_dict(cls, saved: dict[int, Entry] | None) -> "ClientStates":
+        return cls({int(k): v for k, v in (saved or {}).items()})
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    return 0
+
+
+def personal_round(
+    strategy: Strategy, states: ClientStates, client: int, payload: Payload, train: Callable[[Payload], Update]
+) -> Update:
+    """The client's side of a round of a personalised strategy: train from the received payload with what
+    it kept (``personalise``), keep its part of the result (``keep``, whatever the server then does with
+    the update), and return what it sends (``share``). A client whose training raises keeps what it had."""
+    update = train(strategy.personalise(payload, states.get(client)))
+    states.put(client, strategy.keep(update))
+    return strategy.share(update, payload)
+
+
+def split_holdout(parts: list[list[int]], fraction: float, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Each client's examples split into (train, held-out): a seeded ``fraction`` of them (rounded, at least
+    one when the client has two or more, never all) held out for its personalised evaluation.
+
+    The draw of client k depends only on (seed, k) and its examples, not on the other clients."""
+    train, held = [], []
+    for k, part in enumerate(parts):
+        n = len(part)
+        h = 0 if n < 2 else min(n - 1, max(1, round(fraction * n)))
+        order = np.random.default_rng([seed, 5, k]).permutation(n)
+        out = set(order[:h].tolist())
+        train.append([i for j, i in enumerate(part) if j not in out])
+        held.append([i for j, i in enumerate(part) if j in out])
+    return train, held
+
+
+def personal_scores(
+    strategy: Any, state: Any, clients: list[Any], states: ClientStates, held: list[list[int]],
+    correct: Callable[[Payload, list[int]], int],
+) -> dict[str, Any]:
+    """Each client's own model (``strategy.personal_model``) on its held-out examples: ``personal_accuracy``
+    (over all held-out examples, i.e. the clients' accuracies weighted by their held-out counts),
+    ``personal_examples`` and ``client_personal_accuracy`` {client id: accuracy}. ``correct(model, indices)``
+    counts the examples the model gets right."""
+    right = total = 0
+    per_client = {}
+    for spec in clients:
+        idx = held[spec.id]
+        if not idx:
+            continue
+        c = correct(strategy.personal_model(state, spec, states.get(spec.id)), idx)
+        right, total = right + c, total + len(idx)
+        per_client[str(spec.id)] = c / len(idx)
+    if not total:
+        return {}
+    return {"personal_accuracy": right / total, "personal_examples": total, "client_personal_accuracy": per_client}
