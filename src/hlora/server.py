@@ -122,7 +122,7 @@ def server_round(
     sent = _reject(out, sent, verdict.rejected)
     out.clipped = [{"client": c, "scale": s} for c, s in verdict.scales.items()]
 
-    out.skipped = not private and len(out.accepted) < min_clients  # DP: never (see below)
+    out.skipped = not private and len(out.accepted) < min_clients  # DP: never (see the docstring)
     if out.skipped:
         out.state = dataclasses.replace(state, round=state.round + 1)
     else:
