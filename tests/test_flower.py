@@ -29,6 +29,9 @@ from hlora.server import client_seed
 from hlora.strategies import get_strategy
 from tests.flower_cluster import Cluster
 
+#: every test here starts real Flower processes: `pytest -m "not slow"` leaves them out (CI runs them)
+pytestmark = pytest.mark.slow
+
 RANKS = (2, 4, 8)
 TEXT = ["#1 String", "#2 String"]
 
@@ -278,3 +281,73 @@ def test_logit_adjustment_local_steps_and_server_momentum_equal_the_simulation(t
     assert_same_adapter(strategy.global_adapter(mine), strategy.global_adapter(theirs), 1e-5, 1e-6)
     for name, t in theirs.head.items():
         torch.testing.assert_close(mine.head[name], t, rtol=1e-5, atol=1e-6)
+
+
+def simulated(tmp_path: Path, tiny_model, tiny_mrpc, rounds: int, per_round: int, **options) -> list[dict]:
+    """The rows of ``hlora run`` with the settings of :func:`run_config` (clients 0, 1, 2 of ranks 2, 4, 8)."""
+    train, dev = tiny_mrpc
+    cfg = load_config(None, {
+        "task": "mrpc", "train": train, "dev": dev, "text_columns": TEXT, "label_column": "Quality",
+        "model": tiny_model, "max_length": 48, "clients": 3, "per_round": per_round, "rounds": rounds,
+        "local_epochs": 1, "batch_size": 8, "partition": "iid", "ranks": ",".join(map(str, RANKS)), "threads": 1,
+        "out": str(tmp_path / "simulation"),
+        **{k.replace("-", "_"): v for k, v in {**PINNED, **options}.items()},
+    })
+    threads = torch.get_num_threads()
+    try:
+        return simulation.run(cfg).rows
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_same_rows(got: list[dict], expected: list[dict]) -> None:
+    """Round by round, the metrics that do not measure time (losses to float tolerance)."""
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        for key in ("round", "clients", "ranks", "accuracy", "f1", "uplink_bytes", "downlink_bytes", "rejected"):
+            assert a[key] == b[key], (a["round"], key)
+        for key in ("eval_loss", "train_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["round"], key)
+
+
+def test_a_run_resumed_after_a_superlink_crash_gives_the_uninterrupted_metrics(tmp_path, tiny_model, tiny_mrpc):
+    """4 rounds of 2 of the 3 nodes (the sampler's state matters), server momentum and a cosine lr (the
+    checkpoint's state matters). The SuperLink's machine dies after round 2 (SuperLink, SuperExec and
+    ServerApp SIGKILLed; the SuperNodes stay up); a new SuperLink on the same database, then ``flwr run
+    --run-config 'resume="OUT"'`` alone: the resumed run's rows are those of the run that was never
+    interrupted (``hlora run``, which the Flower run equals client for client, as the test above shows)."""
+    options = {"server-opt": "avgm", "server-momentum": 0.9, "lr-schedule": "cosine"}
+    sites = {r: f"rank={r} partition-id={i} num-partitions=3 threads=1" for i, r in enumerate(RANKS)}
+    cluster = Cluster(tmp_path / "flower", database=True)
+    out = tmp_path / "flower-run"
+    try:
+        start(cluster, sites)
+        first = cluster.run(run_config(tiny_model, tiny_mrpc, out, rounds=4, **{"per-round": 2,
+                                                                                "save-updates": False}, **options))
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert time.monotonic() < deadline, f"round 2 never ended; logs in {cluster.root}"
+            time.sleep(0.1)
+        cluster.crash_superlink()
+        done = len(metrics.read_text().splitlines())
+        assert 2 <= done < 4 and not (out / "summary.json").exists()
+        cluster.start_superlink()
+        resumed = cluster.run(f'resume="{out}"', wait=60)
+        assert resumed != first
+        run = cluster.wait(resumed, timeout=300)
+        assert run["status"] == "finished:completed", run
+        again = cluster.wait(cluster.run(f'resume="{out}"'), timeout=120)
+        assert again["status"] == "finished:failed" and "already finished" in again["status-details"]
+    finally:
+        left = cluster.close()
+    assert not left, f"processes left running: {left}"
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert_same_rows(rows, simulated(tmp_path, tiny_model, tiny_mrpc, rounds=4, per_round=2, **options))
+    assert len({tuple(r["clients"]) for r in rows}) > 1  # the sampler's draws differ: its state was restored
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 4 and summary["final_accuracy"] == rows[-1]["accuracy"]
+    flower = json.loads((out / "flower.json").read_text())
+    assert [(c["partition_id"], c["rank"]) for c in flower["clients"]] == list(enumerate(RANKS))
+    assert flower["run_config"]["rounds"] == 4 and flower["run_config"]["model"] == tiny_model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -366,3 +367,25 @@ def test_clients_are_numbered_by_partition_id_when_every_node_holds_one():
     assert [n.node_id for n in in_client_order(own_file)] == [10, 20, 30]
     clash = [*nodes[:2], Node(20, 4, 16.0, 10, 0)]  # two nodes claim partition 0: no partition order
     assert [n.node_id for n in in_client_order(clash)] == [10, 20, 30]
+
+
+def test_a_resumed_run_takes_the_stopped_runs_run_config(tmp_path):
+    from hlora.engine.flower.settings import resumed_run_config
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="no run there"):
+        resumed_run_config({"resume": str(out)})
+    out.mkdir()
+    (out / "config.yaml").write_text("rounds: 4\n")
+    with pytest.raises(ConfigError, match="holds no run-config"):
+        resumed_run_config({"resume": str(out)})
+    saved = {"rounds": 4, "model": "tiny", "round-timeout": 600.0, "out": "runs/x", "resume": ""}
+    (out / "flower.json").write_text(json.dumps({"clients": [], "run_config": saved}))
+    merged, ignored = resumed_run_config({"resume": str(out), "rounds": 5, "model": "tiny",
+                                          "round-timeout": 30.0, "out": "elsewhere"})
+    assert merged == {**saved, "round-timeout": 30.0, "out": str(out.resolve()), "resume": ""}
+    assert ignored == ["rounds"]
+    assert run_settings(merged)[1].resume is None
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already finished"):
+        resumed_run_config({"resume": str(out)})

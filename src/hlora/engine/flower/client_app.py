@@ -22,8 +22,9 @@ from __future__ import annotations
 import json
 import logging
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
@@ -68,13 +69,22 @@ class Site:
 _SITES: dict[tuple[str, str], Site] = {}
 
 
-def load_site(context: Context) -> Site:
-    """The node's model and data, loaded on first use (a ConfigError subclass with a one-line reason)."""
-    key = (json.dumps(dict(context.run_config), sort_keys=True),
-           json.dumps(dict(context.node_config), sort_keys=True))
+def run_config_of(msg: Message, context: Context) -> dict[str, Any]:
+    """The run's run-config: the one the server sends in the message (``run-config``: a resumed run's is
+    the stopped run's), else the one Flower gives the node."""
+    sent = msg.content.config_records.get("run-config")
+    return dict(sent) if sent is not None else dict(context.run_config)
+
+
+def load_site(context: Context, run_config: Mapping[str, Any] | None = None) -> Site:
+    """The node's model and data, loaded on first use (a ConfigError subclass with a one-line reason).
+
+    ``run_config``: the run's (see :func:`run_config_of`; None: the context's)."""
+    run_config = dict(context.run_config if run_config is None else run_config)
+    key = (json.dumps(run_config, sort_keys=True), json.dumps(dict(context.node_config), sort_keys=True))
     if key in _SITES:
         return _SITES[key]
-    cfg, options = run_settings(context.run_config)
+    cfg, options = run_settings(run_config)
     node = node_settings(context.node_config, cfg)
     if node.threads or cfg.threads:
         torch.set_num_threads(node.threads or cfg.threads)
@@ -140,7 +150,7 @@ def query(msg: Message, context: Context) -> Message:
     label counts and precision."""
 
     def answer() -> RecordDict:
-        site = load_site(context)
+        site = load_site(context, run_config_of(msg, context))
         return RecordDict({"site": ConfigRecord({
             "rank": site.rank,
             "lora-alpha": float(site.lora_alpha),
@@ -159,7 +169,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received factors on this site's data; reply with the update."""
 
     def answer() -> RecordDict:
-        site = load_site(context)
+        site = load_site(context, run_config_of(msg, context))
         payload, settings = record_to_payload(msg.content)
         update = train_client(
             site.fm, payload, site.data, list(range(len(site.data))), client_id=settings.client,

@@ -10,6 +10,7 @@ engine's own (:class:`FlowerOptions`).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,7 +31,10 @@ FLOWER_DEFAULTS: dict[str, Any] = {
     "node-timeout": 300.0,
     "save-updates": False,
     "labels": "",
+    "resume": "",
 }
+#: engine keys a resumed run may change (the others are the saved run's: see :func:`resumed_run_config`)
+RESUME_MAY_CHANGE = ("round-timeout", "node-timeout")
 #: RunConfig fields that do not come from the run-config (the nodes report their ranks: one rank per node, for
 #: every adapted layer; rank policies and per-layer ranks are hlora run's)
 NOT_IN_RUN_CONFIG = {"ranks", "client_ranks", "rank_policy", "rank_file", "layer_ranks", "client_layer_ranks"}
@@ -48,6 +52,8 @@ class FlowerOptions:
     save_updates: bool = False
     #: the label names, in index order, for nodes that read their own files (``labels = "0,1"``)
     labels: list[str] | None = None
+    #: the run directory (``out``) of a stopped run to continue from its last checkpoint; None: a new run
+    resume: str | None = None
 
 
 def run_settings(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerOptions]:
@@ -83,6 +89,7 @@ def run_settings(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerOption
             node_timeout=float(own["node-timeout"]),
             save_updates=_flag(own["save-updates"]),
             labels=[s.strip() for s in str(own["labels"]).split(",") if s.strip()] or None,
+            resume=str(own["resume"]).strip() or None,
         )
     except ValueError as e:
         raise ConfigError(f"run-config: {e}") from None
@@ -216,3 +223,29 @@ def node_examples(node: NodeSettings, cfg: RunConfig, task: TaskData) -> Example
     except ConfigError as e:
         raise NodeConfigError(f"node-config: {e}") from None
     return task.train.subset(parts[node.partition_id])
+
+
+#: the file in a Flower run's directory that maps clients to nodes and keeps the run-config (for resume)
+FLOWER_JSON = "flower.json"
+
+
+def resumed_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The run-config of the stopped run that ``resume = "OUT"`` continues: the one it started with (kept
+    in ``OUT/flower.json``), with this run-config's ``round-timeout`` and ``node-timeout``, and ``out`` set
+    to OUT. Returns it and the keys of this run-config that it overrides (ignored, as ``hlora run --resume``
+    takes no other options). A directory that holds no stopped Flower run is refused with one line."""
+    out = Path(str(run_config["resume"])).expanduser().resolve()
+    if not (out / "config.yaml").is_file():
+        raise ConfigError(f"run-config resume {out}: no run there (config.yaml is missing)")
+    if (out / "summary.json").exists():
+        raise ConfigError(f"run-config resume {out}: this run has already finished")
+    try:
+        saved = json.loads((out / FLOWER_JSON).read_text())["run_config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"run-config resume {out}: {FLOWER_JSON} holds no run-config (not a Flower run, "
+                          f"or one written before resume existed)") from None
+    given = {k: v for k, v in run_config.items() if k not in (*RESUME_MAY_CHANGE, "resume", "out")}
+    ignored = sorted(k for k, v in given.items() if saved.get(k, v) != v)
+    merged = {**saved, **{k: run_config[k] for k in RESUME_MAY_CHANGE if k in run_config}, "out": str(out),
+              "resume": ""}
+    return merged, ignored
