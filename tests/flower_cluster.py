@@ -172,7 +172,7 @@ class Cluster:
             if res.returncode == 0 or time.monotonic() > deadline:
                 break
             time.sleep(1)
-        assert res.returncode == 0, res.stdout + res.stderr
+        assert res.returncode == 0 and '"run-id"' in res.stdout, res.stdout + res.stderr
         return json.loads(res.stdout)["run-id"]
 
     def status(self, run_id: str) -> dict:

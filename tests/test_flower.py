@@ -351,3 +351,47 @@ def test_a_run_resumed_after_a_superlink_crash_gives_the_uninterrupted_metrics(t
     flower = json.loads((out / "flower.json").read_text())
     assert [(c["partition_id"], c["rank"]) for c in flower["clients"]] == list(enumerate(RANKS))
     assert flower["run_config"]["rounds"] == 4 and flower["run_config"]["model"] == tiny_model
+
+
+def test_clients_score_the_global_model_on_the_share_they_hold_out(cluster, tiny_model, tiny_mrpc, sites, tmp_path):
+    """evaluate-on both: after each round the server scores the global model on its dev set, and each node on
+    the seeded quarter of its data it holds out (it trains on the rest); the row records each node's score and
+    their average weighted by examples, which equal the in-process evaluation of the checkpoint's model."""
+    from hlora.engine.flower.settings import held_out
+    from hlora.metrics import evaluate
+
+    out = tmp_path / "run"
+    config = run_config(tiny_model, tiny_mrpc, out, **{"evaluate-on": "both", "client-eval-fraction": 0.25,
+                                                       "save-updates": False})
+    run = cluster.wait(cluster.run(config), timeout=300)
+    assert run["status"] == "finished:completed", run
+
+    task = load_task("mrpc", *tiny_mrpc, TEXT, "Quality")
+    shares = partition(task.train.labels, 3, "iid", 0.5, 0)
+    parts = {rank: held_out(task.train.subset(shares[i]), 0.25, 0, -1 if rank == 8 else i)
+             for i, rank in enumerate(RANKS)}  # the rank-8 node reads the same share from its own file
+    flower = json.loads((out / "flower.json").read_text())
+    node_rank = {c["node_id"]: c["rank"] for c in flower["clients"]}
+    assert {c["rank"]: c["num_examples"] for c in flower["clients"]} == {r: len(p[0]) for r, p in parts.items()}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert 0 <= row["accuracy"] <= 1 and "client_eval_failed" not in row
+        evals = row["client_eval"]
+        assert sorted(e["node"] for e in evals) == sorted(node_rank)
+        assert all(e["examples"] == len(parts[node_rank[e["node"]]][1]) for e in evals)
+        n = sum(e["examples"] for e in evals)
+        assert row["client_accuracy"] == pytest.approx(sum(e["accuracy"] * e["examples"] for e in evals) / n)
+        assert row["client_eval_loss"] == pytest.approx(sum(e["eval_loss"] * e["examples"] for e in evals) / n)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_client_accuracy"] == rows[-1]["client_accuracy"]
+    assert summary["final_accuracy"] == rows[-1]["accuracy"]
+
+    state, _ = load_checkpoint(out)  # the last round's global model, which the nodes scored
+    model, tok = load_classifier(tiny_model, 2, 0)
+    fm = FederatedModel(model)
+    adapter = get_strategy("hlora").global_adapter(state)
+    for e in rows[-1]["client_eval"]:
+        expected = evaluate(fm, adapter, state.head, encode(tok, parts[node_rank[e["node"]]][1], 48), 128,
+                            task.f1_label)
+        assert e["accuracy"] == pytest.approx(expected["accuracy"]), e
+        assert e["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-4, abs=1e-6), e

@@ -31,7 +31,7 @@ from hlora.factors import Factor, init_factors
 from hlora.model import FederatedModel, configure, load_classifier
 from hlora.objectives import Objective, logit_offset, offset_from_counts
 from hlora.server import client_seed
-from hlora.strategies import ClientSpec, Update, get_strategy
+from hlora.strategies import ClientSpec, Payload, Update, get_strategy
 
 APP = Path(__file__).resolve().parents[1] / "flower-app" / "pyproject.toml"
 SHAPES = {"layer.0.query": (6, 5), "layer.0.value": (6, 5), "layer.1.query": (6, 5)}
@@ -389,3 +389,47 @@ def test_a_resumed_run_takes_the_stopped_runs_run_config(tmp_path):
     (out / "summary.json").write_text("{}")
     with pytest.raises(ConfigError, match="already finished"):
         resumed_run_config({"resume": str(out)})
+
+
+def test_client_app_scores_the_global_model_on_the_share_it_holds_out(tiny_run_config, tiny_model, tiny_mrpc):
+    """evaluate-on clients: the node holds out a seeded share (trains on the rest) and scores the global model
+    on it as hlora.metrics.evaluate does in-process; by default it holds out nothing. The run-config the server
+    sends in a message wins over the one Flower gives the node (a resumed run's nodes get the stopped run's)."""
+    from hlora.engine.flower.settings import held_out
+    from hlora.metrics import evaluate
+
+    node = {"rank": 4, "partition-id": 1, "num-partitions": 3}
+    task = load_task("mrpc", *tiny_mrpc, ["#1 String", "#2 String"], "Quality")
+    share = task.train.subset(partition(task.train.labels, 3, "dirichlet", 0.5, 0)[1])
+    query = RecordDict({"hlora": ConfigRecord({})})
+    sites = {}
+    for evaluate_on in ("server", "clients"):
+        reply = call_app(node, {**tiny_run_config, "evaluate-on": evaluate_on}, query, "query")
+        sites[evaluate_on] = reply.content.config_records["site"]
+    train, held = held_out(share, 0.2, 0, 1)
+    assert sites["server"]["num-examples"] == len(share) and sites["clients"]["num-examples"] == len(train)
+    assert len(held) == round(0.2 * len(share)) and sorted(train.text_a + held.text_a) == sorted(share.text_a)
+    assert held_out(share, 0.2, 0, 1)[1].text_a == held.text_a and held_out(share, 0.2, 1, 1)[1].text_a != held.text_a
+
+    model, tok = load_classifier(tiny_model, 2, 0)
+    configure(model, RunConfig().dropout, RunConfig().attention)
+    fm = FederatedModel(model)
+    adapter = init_factors(fm.shapes, 4, torch.Generator().manual_seed(3))
+    for f in adapter.values():
+        f.B.normal_(0, 0.5, generator=torch.Generator().manual_seed(4))  # a non-zero update
+    head = {k: v + 0.1 for k, v in fm.head_state().items()}
+    content = payload_to_record(Payload(adapter, head), TrainSettings(1, 2, 0, 0, 0.0, 16))
+    content["run-config"] = ConfigRecord({**tiny_run_config, "evaluate-on": "both"})
+    reply = call_app(node, tiny_run_config, content, "evaluate")  # the context's says server: the message wins
+    assert not reply.has_error(), reply.error
+    got = dict(reply.content.config_records["eval"])
+    expected = evaluate(fm, adapter, head, encode(tok, held, 48), 16, task.f1_label)
+    assert got["client"] == 1 and got["examples"] == len(held)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    reply = call_app(node, tiny_run_config, payload_to_record(Payload(adapter, head), TrainSettings(1, 2, 0, 0, 0.0, 16)),
+                     "evaluate")
+    assert reply.has_error() and "evaluate-on is server" in reply.error.reason
+    with pytest.raises(ConfigError, match="evaluate-on must be one of"):
+        run_settings({"evaluate-on": "nodes"})
+

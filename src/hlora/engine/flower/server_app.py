@@ -13,7 +13,9 @@
    :class:`~hlora.strategies.Update`, or an error reply, an offline node or a missing reply (after
    ``round-timeout``) into an exception that ``server_round`` records as rejected. The round goes on
    with the replies that arrived, when at least ``min-clients`` are valid.
-3. Evaluate the global model on the dev set (every ``eval-every`` rounds and after the last), write
+3. Evaluate the global model on the dev set (every ``eval-every`` rounds and after the last; with
+   ``evaluate-on`` clients or both, every client's node also scores it on the share of its data it holds
+   out: :func:`client_evaluation`), write
    ``metrics.jsonl`` and ``checkpoint.pt``; at the end, ``adapter/``, ``dev_predictions.json`` and
    ``summary.json``, all in ``out`` (see :mod:`hlora.engine.outputs`); with ``log``, the rows and the summary
    in TensorBoard, MLflow or W&B too (:mod:`hlora.tracking`).
@@ -334,30 +336,79 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         state = outcome.state
         for r in outcome.rejected:
             r["node_id"] = node_ids.get(r["client"])
-        scored = dev is not None and (rnd % cfg.eval_every == 0 or rnd == cfg.rounds)
+        due = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
+        scored = dev is not None and options.evaluate_on != "clients" and due
         row = round_row(rnd, outcome, strategy=strategy, evaluate=scorer if scored else None,
                         client_ranks=cfg.client_ranks, clients=sampled,
                         ranks=[cfg.client_ranks[c] for c in sampled], started=t0)
         row["nodes"] = [node_ids[c] for c in sampled]
+        if options.clients_evaluate and due:
+            row.update(client_evaluation(grid, strategy, state, node_ids, rnd, cfg, options, run_config))
         metrics.append(row)
         save_checkpoint(out, state, sampler=sampler.bit_generator.state, rows=metrics.rows,
                         client_ranks=cfg.client_ranks, partition=[], roster=[dataclasses.asdict(n) for n in nodes],
                         wall_seconds=wall_before + time.perf_counter() - t_run)
-        log.info("hlora: round %d/%d accuracy %s train_loss %s rejected %d%s (%.1f s)", rnd, cfg.rounds,
-                 _fmt(row.get("accuracy")), _fmt(row["train_loss"]), len(outcome.rejected),
-                 " skipped" if outcome.skipped else "", row["seconds"])
+        log.info("hlora: round %d/%d accuracy %s client_accuracy %s train_loss %s rejected %d%s (%.1f s)", rnd,
+                 cfg.rounds, _fmt(row.get("accuracy")), _fmt(row.get("client_accuracy")), _fmt(row["train_loss"]),
+                 len(outcome.rejected), " skipped" if outcome.skipped else "", row["seconds"])
+        for f in row.get("client_eval_failed", []):
+            log.warning("hlora: round %d: client %s (node %s) did not evaluate: %s", rnd, f["client"], f["node"],
+                        f["reason"])
         for r in outcome.rejected:
             log.warning("hlora: round %d: client %s (node %s) rejected: %s", rnd, r["client"], r["node_id"],
                         r["reason"])
     def predictions(adapter: Adapter, head: dict[str, Tensor]) -> dict[str, list[int]]:
         return dev_predictions(fm, adapter, head, dev, cfg.eval_batch_size)
 
+    server_scores = dev is not None and options.evaluate_on != "clients"
     summary = finish_run(out, strategy, state, metrics, model=cfg.model, task=task.name,
                          strategy_name=cfg.strategy, wall_seconds=wall_before + time.perf_counter() - t_run,
-                         predictions=predictions if dev is not None else None)
+                         predictions=predictions if server_scores else None)
+    by_clients = [r["client_accuracy"] for r in metrics.rows if "client_accuracy" in r]
+    if by_clients:  # the nodes' score of the global model, next to the server's
+        summary.update(final_client_accuracy=by_clients[-1], best_client_accuracy=max(by_clients))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     metrics.tracker.finish()
     log.info("hlora: done; final accuracy %.4f; outputs in %s", summary["final_accuracy"], out)
     return summary
+
+
+def client_evaluation(
+    grid: Grid, strategy: Strategy, state: GlobalState, node_ids: dict[int, int | None], rnd: int,
+    cfg: RunConfig, options: FlowerOptions, run_config: dict[str, Any],
+) -> dict[str, Any]:
+    """Every client's node scores the global model on the share of its data it holds out (an ``evaluate``
+    message holding the global adapter and head). Returns the row's ``client_accuracy`` and
+    ``client_eval_loss`` (the nodes' scores weighted by their numbers of held-out examples), ``client_eval``
+    (each node's client, node id, examples, accuracy, eval_loss and F1) and, when some did not answer,
+    ``client_eval_failed`` (client, node, reason)."""
+    payload = Payload(strategy.global_adapter(state), state.head)
+    contents = []
+    for c, node in node_ids.items():
+        settings = TrainSettings(client=c, round=rnd, seed=0, local_epochs=0, lr=0.0, batch_size=cfg.eval_batch_size)
+        contents.append((node, with_run_config(payload_to_record(payload, settings), run_config)))
+    replies = exchange(grid, contents, "evaluate", timeout=options.round_timeout, group_id=f"{rnd}-evaluate")
+    scores, failed = [], []
+    for (c, node), reply in zip(node_ids.items(), replies):
+        try:
+            if isinstance(reply, Exception):
+                raise reply
+            got = reply.content.config_records["eval"]
+            if int(got["client"]) != c or int(got["examples"]) < 1:
+                raise NodeFailure(f"node {node} answered for client {got['client']} with {got['examples']} examples")
+            scores.append({"client": c, "node": node, "examples": int(got["examples"]),
+                           **{k: float(got[k]) for k in ("accuracy", "eval_loss", "f1") if k in got}})
+        except Exception as e:  # noqa: BLE001 - a node's failure is recorded, the run goes on
+            failed.append({"client": c, "node": node, "reason": f"{type(e).__name__}: {e}"})
+    row: dict[str, Any] = {}
+    if scores:
+        n = sum(s["examples"] for s in scores)
+        row["client_accuracy"] = sum(s["accuracy"] * s["examples"] for s in scores) / n
+        row["client_eval_loss"] = sum(s["eval_loss"] * s["examples"] for s in scores) / n
+    row["client_eval"] = scores
+    if failed:
+        row["client_eval_failed"] = failed
+    return row
 
 
 def rejoin(roster: list[Node], found: list[Node]) -> list[Node]:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from hlora.config import FIELDS, ConfigError, RunConfig, load_config
 from hlora.data import DataError, Examples, TaskData, load_task, read_split
 
@@ -32,7 +34,11 @@ FLOWER_DEFAULTS: dict[str, Any] = {
     "save-updates": False,
     "labels": "",
     "resume": "",
+    "evaluate-on": "server",
+    "client-eval-fraction": 0.2,
 }
+#: who scores the global model: the server on its dev set, the nodes on a held-out share of their data, or both
+EVALUATE_ON = ("server", "clients", "both")
 #: engine keys a resumed run may change (the others are the saved run's: see :func:`resumed_run_config`)
 RESUME_MAY_CHANGE = ("round-timeout", "node-timeout")
 #: RunConfig fields that do not come from the run-config (the nodes report their ranks: one rank per node, for
@@ -54,6 +60,14 @@ class FlowerOptions:
     labels: list[str] | None = None
     #: the run directory (``out``) of a stopped run to continue from its last checkpoint; None: a new run
     resume: str | None = None
+    #: who scores the global model (:data:`EVALUATE_ON`)
+    evaluate_on: str = "server"
+    #: the share of a node's examples it holds out to score the global model when clients evaluate
+    client_eval_fraction: float = 0.2
+
+    @property
+    def clients_evaluate(self) -> bool:
+        return self.evaluate_on in ("clients", "both")
 
 
 def run_settings(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerOptions]:
@@ -90,9 +104,16 @@ def run_settings(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerOption
             save_updates=_flag(own["save-updates"]),
             labels=[s.strip() for s in str(own["labels"]).split(",") if s.strip()] or None,
             resume=str(own["resume"]).strip() or None,
+            evaluate_on=str(own["evaluate-on"]).strip(),
+            client_eval_fraction=float(own["client-eval-fraction"]),
         )
     except ValueError as e:
         raise ConfigError(f"run-config: {e}") from None
+    if options.evaluate_on not in EVALUATE_ON:
+        raise ConfigError(f"run-config evaluate-on must be one of {', '.join(EVALUATE_ON)}, "
+                          f"got {options.evaluate_on!r}")
+    if not 0 < options.client_eval_fraction < 1:
+        raise ConfigError(f"run-config client-eval-fraction must be in (0, 1), got {options.client_eval_fraction}")
     if options.round_timeout <= 0 or options.node_timeout <= 0:
         raise ConfigError("run-config round-timeout and node-timeout must be > 0 seconds")
     return cfg, options
@@ -249,3 +270,16 @@ def resumed_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], l
     merged = {**saved, **{k: run_config[k] for k in RESUME_MAY_CHANGE if k in run_config}, "out": str(out),
               "resume": ""}
     return merged, ignored
+
+
+def held_out(examples: Examples, fraction: float, seed: int, partition_id: int) -> tuple[Examples, Examples]:
+    """A node's examples split for client evaluation: (what it trains on, what it scores the global model on).
+
+    A seeded ``fraction`` of them (at least one, and at least one left to train on) is held out; the draw
+    depends on the run's seed, the node's partition id (-1: its own file) and its number of examples."""
+    n = len(examples)
+    if n < 2:
+        raise NodeConfigError(f"node-config: {n} example(s): too few to hold some out (run-config evaluate-on)")
+    k = min(n - 1, max(1, round(fraction * n)))
+    order = np.random.default_rng([seed, 5, partition_id + 1, n]).permutation(n)
+    return examples.subset(sorted(order[k:].tolist())), examples.subset(sorted(order[:k].tolist()))
