@@ -14,6 +14,7 @@ import ssl
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -395,3 +396,49 @@ def test_clients_score_the_global_model_on_the_share_they_hold_out(cluster, tiny
                             task.f1_label)
         assert e["accuracy"] == pytest.approx(expected["accuracy"]), e
         assert e["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-4, abs=1e-6), e
+
+
+def test_a_node_that_connects_after_round_1_is_sampled_from_the_next_round_on(tmp_path, tiny_model, tiny_mrpc):
+    """2 nodes (ranks 2 and 8) start the run; once round 1 has begun, a rank-4 node connects, and a rank-16
+    node (above the shared initialisation's rank 8). The rank-4 node becomes client 2 at the next round's
+    start and the seeded sampler draws from 3 clients from then on; the rank-16 node is left out, with its
+    reason in flower.json."""
+    sites = {2: "rank=2 partition-id=0 num-partitions=3 threads=1", 8: "rank=8 partition-id=2 num-partitions=3 threads=1"}
+    cluster = Cluster(tmp_path / "flower")
+    out = tmp_path / "run"
+    try:
+        start(cluster, sites)
+        run_id = cluster.run(run_config(tiny_model, tiny_mrpc, out, rounds=4, seed=3,
+                                        **{"clients": 2, "per-round": 2, "save-updates": False}))
+        deadline = time.monotonic() + 120
+        while not (out / "flower.json").exists():  # the 2 nodes answered: round 1 begins
+            assert time.monotonic() < deadline, f"the run never started; logs in {cluster.root}"
+            time.sleep(0.1)
+        assert not (out / "metrics.jsonl").exists()
+        cluster.start_node("late4", "rank=4 partition-id=1 num-partitions=3 threads=1")
+        cluster.start_node("late16", "rank=16 partition-id=1 num-partitions=3 threads=1")
+        run = cluster.wait(run_id, timeout=400)
+        assert run["status"] == "finished:completed", run
+    finally:
+        left = cluster.close()
+    assert not left, f"processes left running: {left}"
+
+    flower = json.loads((out / "flower.json").read_text())
+    assert [(c["client"], c["rank"], c["partition_id"]) for c in flower["clients"]] == [(0, 2, 0), (1, 8, 2), (2, 4, 1)]
+    joined = flower["clients"][2]["joined"]
+    assert [c["joined"] for c in flower["clients"][:2]] == [1, 1] and joined in (2, 3), joined
+    [refused] = flower["left_out"]
+    assert "rank 16 is above the run's largest rank 8" in refused["reason"]
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["clients"] == 3 and cfg["client_ranks"] == [2, 8, 4]
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    sampler = np.random.default_rng([3, 2])  # the server's: from the clients there are at each round's start
+    expected = [sorted(sampler.choice(2 if rnd < joined else 3, 2, replace=False).tolist()) for rnd in range(1, 5)]
+    assert [r["clients"] for r in rows] == expected
+    assert any(2 in r["clients"] for r in rows[joined - 1:])  # seed 3 samples it at once
+    late_node = flower["clients"][2]["node_id"]
+    for r in rows:
+        assert not r["rejected"] and not r["skipped"] and sorted(r["client_train_loss"]) == [str(c) for c in r["clients"]]
+        assert r["ranks"] == [[2, 8, 4][c] for c in r["clients"]]
+        assert (late_node in r["nodes"]) == (2 in r["clients"])

@@ -433,3 +433,4 @@ def test_client_app_scores_the_global_model_on_the_share_it_holds_out(tiny_run_c
     with pytest.raises(ConfigError, match="evaluate-on must be one of"):
         run_settings({"evaluate-on": "nodes"})
 
+

@@ -58,12 +58,12 @@ from hlora.engine.flower.settings import (
 from hlora.engine.flower.transport import NodeFailure, NodeUnavailable, exchange
 from hlora.engine.outputs import finish_run, round_row
 from hlora.engine.simulation import default_out, prepare_out
-from hlora.factors import Adapter, init_factors
+from hlora.factors import Adapter, Factor, init_factors
 from hlora.metrics import MetricsLog, dev_predictions, evaluate
 from hlora.model import FederatedModel, configure, load_classifier
 from hlora.precision import resolve_precision
 from hlora.server import RoundOutcome, client_seed, server_round
-from hlora.strategies import ClientSpec, GlobalState, Payload, Strategy, Update, get_strategy
+from hlora.strategies import ClientSpec, GlobalState, Payload, Strategy, StrategyError, Update, get_strategy
 from hlora.tracking import check_installed, open_tracking
 
 log = logging.getLogger("flwr.hlora")
@@ -92,6 +92,8 @@ class Node:
     label_counts: list[int] | None = None
     #: the precision it trains at (``auto`` resolved on the node)
     precision: str = "fp32"
+    #: the round from which it is sampled: 1 for the nodes that answered at the start (or ``resume``)
+    joined: int = 1
 
     @classmethod
     def of(cls, record: dict[str, Any]) -> Node:
@@ -291,18 +293,20 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     if len(online) < cfg.per_round:
         why = "; ".join(failed.values()) or "none failed"
         raise ConfigError(f"{len(online)} usable nodes, fewer than per-round {cfg.per_round} ({why})")
-    clients = [ClientSpec(i, dict.fromkeys(fm.shapes, n.rank), n.lora_alpha, n.num_examples)
-               for i, n in enumerate(nodes)]
+    clients = client_specs(nodes, fm)
     strategy.check(clients)
-    node_ids = {i: n.node_id for i, n in enumerate(nodes)}
-    cfg.clients = len(clients)
-    cfg.client_ranks = [n.rank for n in nodes]
-    cfg.ranks = ",".join(map(str, cfg.client_ranks))
-    cfg.validate()
-    cfg.save(out / "config.yaml")
-    write_flower_json(out, run_config, nodes, failed, options)
 
-    counts = federation_counts(nodes) if cfg.logit_adjust else None
+    def roster_changed() -> tuple[dict[int, int | None], list[int] | None]:
+        """The clients are ``nodes``: record them (config.yaml, flower.json); their node ids and label counts."""
+        cfg.clients = len(nodes)
+        cfg.client_ranks = [n.rank for n in nodes]
+        cfg.ranks = ",".join(map(str, cfg.client_ranks))
+        cfg.validate()
+        cfg.save(out / "config.yaml")
+        write_flower_json(out, run_config, nodes, failed, options)
+        return {i: n.node_id for i, n in enumerate(nodes)}, federation_counts(nodes) if cfg.logit_adjust else None
+
+    node_ids, counts = roster_changed()
     sampler = np.random.default_rng([cfg.seed, 2])
     if checkpoint is not None:
         state, saved = checkpoint
@@ -315,8 +319,21 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         init = init_factors(fm.shapes, max(cfg.client_ranks), torch.Generator().manual_seed(cfg.seed))
         state, rows, wall_before = strategy.init_state(init, fm.head_state()), [], 0.0
     metrics = MetricsLog(out, rows if resume else None, tracker=open_tracking(cfg, out, resume=bool(resume)))
+    max_rank = max((f.rank for f in state.init.values() if isinstance(f, Factor)), default=max(cfg.client_ranks))
     for rnd in range(state.round + 1, cfg.rounds + 1):
         t0 = time.perf_counter()
+        if rnd > 1:  # nodes that connected since: sampled from this round on
+            left_out = len(failed)
+            joined = join_late(grid, nodes, failed, list(task.label_names), options, run_config,
+                               bool(cfg.logit_adjust), max_rank, strategy, fm, rnd)
+            if len(failed) > left_out and not joined:
+                write_flower_json(out, run_config, nodes, failed, options)
+            if joined:
+                clients = client_specs(nodes, fm)
+                node_ids, counts = roster_changed()
+                for c in joined:
+                    log.info("hlora: round %d: node %s joins as client %d (rank %d)", rnd, nodes[c].node_id, c,
+                             nodes[c].rank)
         sampled = sorted(sampler.choice(cfg.clients, cfg.per_round, replace=False).tolist())
         specs = [clients[c] for c in sampled]
         execute = GridExecutor(grid, cfg, node_ids, rnd, options.round_timeout, counts, run_config)
@@ -411,6 +428,52 @@ def client_evaluation(
     return row
 
 
+def client_specs(nodes: list[Node], fm: FederatedModel) -> list[ClientSpec]:
+    """Client i is ``nodes[i]``: its rank in every adapted layer, alpha and examples."""
+    return [ClientSpec(i, dict.fromkeys(fm.shapes, n.rank), n.lora_alpha, n.num_examples) for i, n in enumerate(nodes)]
+
+
+def join_late(
+    grid: Grid, nodes: list[Node], failed: dict[int, str], labels: list[str], options: FlowerOptions,
+    run_config: dict[str, Any], need_counts: bool, max_rank: int, strategy: Strategy, fm: FederatedModel,
+    rnd: int,
+) -> list[int]:
+    """Query the nodes that connected since the last look (neither clients nor left out); each usable one
+    becomes a client, with the rank it declares, from round ``rnd`` on: the client of a resumed run whose
+    site it is (:func:`rejoin`), else a new client (appended to ``nodes``). A node is left out (``failed``,
+    with the reason) when its answer is unusable, its rank is above ``max_rank`` (the rank of the shared
+    initialisation, fixed at round 1) or the strategy refuses it. Returns the clients that joined."""
+    known = {n.node_id for n in nodes if n.node_id is not None} | set(failed)
+    ids = sorted(set(grid.get_node_ids()) - known)
+    if not ids:
+        return []
+    found, why = query(grid, ids, labels, options, run_config, need_counts)
+    before = set(failed)
+    failed.update(why)
+    joined = []
+    for node in found:
+        gap = next((i for i, n in enumerate(nodes) if n.node_id is None and n.site() == node.site()), None)
+        if gap is not None:
+            nodes[gap] = dataclasses.replace(node, joined=nodes[gap].joined)
+            joined.append(gap)
+            continue
+        if node.rank > max_rank:
+            failed[node.node_id] = (f"node {node.node_id}: rank {node.rank} is above the run's largest rank "
+                                    f"{max_rank} (its shared initialisation's, fixed at round 1)")
+            continue
+        node = dataclasses.replace(node, joined=rnd)
+        try:
+            strategy.check(client_specs([*nodes, node], fm))
+        except StrategyError as e:
+            failed[node.node_id] = f"node {node.node_id}: {e}"
+            continue
+        nodes.append(node)
+        joined.append(len(nodes) - 1)
+    for node_id in set(failed) - before:
+        log.warning("hlora: round %d: left out: %s", rnd, failed[node_id])
+    return joined
+
+
 def rejoin(roster: list[Node], found: list[Node]) -> list[Node]:
     """The clients of a resumed run: client i is the node whose site (share of data, rank, alpha) is client
     i's in the stopped run (:meth:`Node.site`; the first such node in client order), or, when none has come
@@ -423,7 +486,7 @@ def rejoin(roster: list[Node], found: list[Node]) -> list[Node]:
             nodes.append(dataclasses.replace(saved, node_id=None))
         else:
             free.remove(match)
-            nodes.append(match)
+            nodes.append(dataclasses.replace(match, joined=saved.joined))
     return nodes
 
 
