@@ -434,3 +434,36 @@ def test_client_app_scores_the_global_model_on_the_share_it_holds_out(tiny_run_c
         run_settings({"evaluate-on": "nodes"})
 
 
+#: `hlora run` options that flower-app/pyproject.toml does not list, and why
+NOT_IN_THE_APP = {
+    **dict.fromkeys(("ranks", "rank-policy", "rank-file", "layer-ranks"), "each node gives its rank in --node-config"),
+    **dict.fromkeys(("attack", "attackers", "attack-lambda"), "attacks are simulated by hlora run only"),
+    "preset": "the app lists every key with its value: refused by run_settings",
+    **dict.fromkeys(("prompt-field", "input-field", "response-field", "category-field", "gen-samples",
+                     "max-new-tokens", "dtype", "gradient-checkpointing"), "--task instruct runs in hlora run only"),
+}
+#: `hlora run` options the app spells otherwise
+RENAMED = {"strategy-option": "strategy-options"}  # repeated on the command line, one string in the run-config
+
+
+def test_the_flower_app_keys_are_hlora_run_options():
+    """A run-config key of flower-app/pyproject.toml is an `hlora run` option (same name, dashes) or one of the
+    Flower engine's own keys (settings.FLOWER_DEFAULTS, listed with their defaults); every `hlora run` option
+    is in the app, or in NOT_IN_THE_APP with its reason. An option added to `hlora run` (or a key to the app)
+    without the other fails here until it is added, or listed with the reason it does not apply."""
+    from typer.main import get_command
+
+    from hlora.cli import app as cli
+    from hlora.engine.flower.settings import FLOWER_DEFAULTS
+
+    run = get_command(cli).commands["run"]
+    options = {o[2:] for p in run.params for o in p.opts if o.startswith("--")}
+    keys = tomli.loads(APP.read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(NOT_IN_THE_APP) | set(RENAMED) <= options, "NOT_IN_THE_APP names an option hlora run lost"
+    missing = sorted(options - set(keys) - set(NOT_IN_THE_APP) - set(RENAMED))
+    assert not missing, f"hlora run options missing from flower-app/pyproject.toml: {missing}"
+    unknown = sorted(set(keys) - options - set(FLOWER_DEFAULTS) - set(RENAMED.values()))
+    assert not unknown, f"flower-app/pyproject.toml keys that are no hlora run option: {unknown}"
+    assert not set(NOT_IN_THE_APP) & set(keys), "a key is both in the app and listed as not in it"
+    for key, default in FLOWER_DEFAULTS.items():
+        assert keys.get(key) == default, f"flower-app {key} = {keys.get(key)!r}, the engine's default {default!r}"
