@@ -53,7 +53,11 @@ from hlora.config import ConfigError, RunConfig, load_config
 from hlora.data import Encoded, encode
 from hlora.engine.flower.records import TrainSettings, payload_to_record, record_to_update
 from hlora.engine.flower.settings import (
-    FLOWER_JSON, FlowerOptions, resumed_run_config, run_settings, shared_task,
+    FLOWER_JSON,
+    FlowerOptions,
+    resumed_run_config,
+    run_settings,
+    shared_task,
 )
 from hlora.engine.flower.transport import NodeFailure, NodeUnavailable, exchange
 from hlora.engine.outputs import finish_run, round_row
@@ -281,8 +285,9 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         found, failed = discover(grid, len(roster), list(task.label_names), options, run_config,
                                  need_counts=bool(cfg.logit_adjust))
         nodes = rejoin(roster, found)
-        for extra in (n for n in found if n not in nodes):
-            failed[extra.node_id] = f"node {extra.node_id}: no site of the resumed run has its data and rank"
+        taken = {n.node_id for n in nodes}
+        for extra in (n for n in found if n.node_id not in taken):  # asked again when the next round starts
+            log.info("hlora: node %s is no client of the resumed run: it joins as a new one", extra.node_id)
     else:
         log.info("hlora: waiting for %d nodes; writing to %s", cfg.clients, out)
         nodes, failed = discover(grid, cfg.clients, list(task.label_names), options, run_config,
