@@ -22,6 +22,9 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent
 APP = Path(__file__).resolve().parents[1] / "flower-app"
+#: this checkout's package: Flower's processes (SuperLink, SuperNodes, the apps they start) import it first,
+#: so the tests run this code even where another checkout of hlora is installed
+SRC = Path(__file__).resolve().parents[1] / "src"
 MARK = "HLORA_TEST_CLUSTER"
 
 
@@ -83,7 +86,9 @@ def make_node_keys(folder: Path, name: str) -> tuple[Path, Path]:
 class Cluster:
     """A SuperLink and SuperNodes on 127.0.0.1 with free ports, insecure or with TLS."""
 
-    def __init__(self, root: Path, tls: bool = False, node_auth: bool = False) -> None:
+    def __init__(self, root: Path, tls: bool = False, node_auth: bool = False, database: bool = False) -> None:
+        """``database``: the SuperLink keeps its state (nodes, runs) in ``root/superlink.db``, so it can
+        be restarted without the SuperNodes."""
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.home = root / "flwr-home"
@@ -98,10 +103,12 @@ class Cluster:
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
             "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join([str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])]),
             MARK: self.mark,
         }
         self.certs = make_certificates(root / "certs") if tls else None
         self.node_auth = node_auth
+        self.database = root / "superlink.db" if database else None
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.procs: dict[str, subprocess.Popen] = {}
@@ -128,6 +135,7 @@ class Cluster:
 
     def start_superlink(self) -> None:
         auth = ["--enable-supernode-auth"] if self.node_auth else []
+        auth += ["--database", str(self.database)] if self.database else []
         self._start("superlink", [str(BIN / "flower-superlink"), *self._tls(False), *auth,
                                   "--host", "127.0.0.1", "--port", str(self.port),
                                   "--disable-runtime-dependency-installation"])
@@ -155,10 +163,16 @@ class Cluster:
         return subprocess.run([str(BIN / "flwr"), *args], check=False, env=self.env, cwd=self.root,
                               capture_output=True, text=True, timeout=timeout)
 
-    def run(self, run_config: str) -> str:
-        """``flwr run`` the hlora app with run-config overrides; returns the run id."""
-        res = self.flwr("run", str(APP), "test", "--format", "json", "--run-config", run_config)
-        assert res.returncode == 0, res.stdout + res.stderr
+    def run(self, run_config: str, wait: float = 0) -> str:
+        """``flwr run`` the hlora app with run-config overrides; returns the run id. ``wait``: seconds to
+        retry while the SuperLink does not answer yet (just started)."""
+        deadline = time.monotonic() + wait
+        while True:
+            res = self.flwr("run", str(APP), "test", "--format", "json", "--run-config", run_config)
+            if res.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert res.returncode == 0 and '"run-id"' in res.stdout, res.stdout + res.stderr
         return json.loads(res.stdout)["run-id"]
 
     def status(self, run_id: str) -> dict:
@@ -190,6 +204,20 @@ class Cluster:
         except ProcessLookupError:
             pass
         proc.wait(timeout=30)
+
+    def crash_superlink(self) -> None:
+        """SIGKILL the SuperLink's machine, as a power cut would: the ServerApp processes (``flwr-serverapp``),
+        the SuperExec that started them (``--parent-pid`` of the SuperLink) and the SuperLink's group. The
+        SuperNodes keep running."""
+        pid = self.procs["superlink"].pid
+        marked = set(self.marked())
+        for victim, cmd, _ in _processes():
+            if victim in marked and ("flwr-serverapp" in cmd or f"--parent-pid {pid}" in cmd):
+                try:
+                    os.kill(victim, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.kill("superlink")
 
     def close(self) -> list[tuple[int, str]]:
         """Stop every process this cluster started; return the ones still running (should be none)."""

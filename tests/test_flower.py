@@ -14,6 +14,7 @@ import ssl
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -28,6 +29,9 @@ from hlora.model import FederatedModel, configure, load_classifier
 from hlora.server import client_seed
 from hlora.strategies import get_strategy
 from tests.flower_cluster import Cluster
+
+#: every test here starts real Flower processes: `pytest -m "not slow"` leaves them out (CI runs them)
+pytestmark = pytest.mark.slow
 
 RANKS = (2, 4, 8)
 TEXT = ["#1 String", "#2 String"]
@@ -278,3 +282,163 @@ def test_logit_adjustment_local_steps_and_server_momentum_equal_the_simulation(t
     assert_same_adapter(strategy.global_adapter(mine), strategy.global_adapter(theirs), 1e-5, 1e-6)
     for name, t in theirs.head.items():
         torch.testing.assert_close(mine.head[name], t, rtol=1e-5, atol=1e-6)
+
+
+def simulated(tmp_path: Path, tiny_model, tiny_mrpc, rounds: int, per_round: int, **options) -> list[dict]:
+    """The rows of ``hlora run`` with the settings of :func:`run_config` (clients 0, 1, 2 of ranks 2, 4, 8)."""
+    train, dev = tiny_mrpc
+    cfg = load_config(None, {
+        "task": "mrpc", "train": train, "dev": dev, "text_columns": TEXT, "label_column": "Quality",
+        "model": tiny_model, "max_length": 48, "clients": 3, "per_round": per_round, "rounds": rounds,
+        "local_epochs": 1, "batch_size": 8, "partition": "iid", "ranks": ",".join(map(str, RANKS)), "threads": 1,
+        "out": str(tmp_path / "simulation"),
+        **{k.replace("-", "_"): v for k, v in {**PINNED, **options}.items()},
+    })
+    threads = torch.get_num_threads()
+    try:
+        return simulation.run(cfg).rows
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_same_rows(got: list[dict], expected: list[dict]) -> None:
+    """Round by round, the metrics that do not measure time (losses to float tolerance)."""
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        for key in ("round", "clients", "ranks", "accuracy", "f1", "uplink_bytes", "downlink_bytes", "rejected"):
+            assert a[key] == b[key], (a["round"], key)
+        for key in ("eval_loss", "train_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["round"], key)
+
+
+def test_a_run_resumed_after_a_superlink_crash_gives_the_uninterrupted_metrics(tmp_path, tiny_model, tiny_mrpc):
+    """4 rounds of 2 of the 3 nodes (the sampler's state matters), server momentum and a cosine lr (the
+    checkpoint's state matters). The SuperLink's machine dies after round 2 (SuperLink, SuperExec and
+    ServerApp SIGKILLed; the SuperNodes stay up); a new SuperLink on the same database, then ``flwr run
+    --run-config 'resume="OUT"'`` alone: the resumed run's rows are those of the run that was never
+    interrupted (``hlora run``, which the Flower run equals client for client, as the test above shows)."""
+    options = {"server-opt": "avgm", "server-momentum": 0.9, "lr-schedule": "cosine"}
+    sites = {r: f"rank={r} partition-id={i} num-partitions=3 threads=1" for i, r in enumerate(RANKS)}
+    cluster = Cluster(tmp_path / "flower", database=True)
+    out = tmp_path / "flower-run"
+    try:
+        start(cluster, sites)
+        first = cluster.run(run_config(tiny_model, tiny_mrpc, out, rounds=4, **{"per-round": 2,
+                                                                                "save-updates": False}, **options))
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert time.monotonic() < deadline, f"round 2 never ended; logs in {cluster.root}"
+            time.sleep(0.1)
+        cluster.crash_superlink()
+        done = len(metrics.read_text().splitlines())
+        assert 2 <= done < 4 and not (out / "summary.json").exists()
+        cluster.start_superlink()
+        resumed = cluster.run(f'resume="{out}"', wait=60)
+        assert resumed != first
+        run = cluster.wait(resumed, timeout=300)
+        assert run["status"] == "finished:completed", run
+        again = cluster.wait(cluster.run(f'resume="{out}"'), timeout=120)
+        assert again["status"] == "finished:failed" and "already finished" in again["status-details"]
+    finally:
+        left = cluster.close()
+    assert not left, f"processes left running: {left}"
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert_same_rows(rows, simulated(tmp_path, tiny_model, tiny_mrpc, rounds=4, per_round=2, **options))
+    assert len({tuple(r["clients"]) for r in rows}) > 1  # the sampler's draws differ: its state was restored
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 4 and summary["final_accuracy"] == rows[-1]["accuracy"]
+    flower = json.loads((out / "flower.json").read_text())
+    assert [(c["partition_id"], c["rank"]) for c in flower["clients"]] == list(enumerate(RANKS))
+    assert flower["run_config"]["rounds"] == 4 and flower["run_config"]["model"] == tiny_model
+
+
+def test_clients_score_the_global_model_on_the_share_they_hold_out(cluster, tiny_model, tiny_mrpc, sites, tmp_path):
+    """evaluate-on both: after each round the server scores the global model on its dev set, and each node on
+    the seeded quarter of its data it holds out (it trains on the rest); the row records each node's score and
+    their average weighted by examples, which equal the in-process evaluation of the checkpoint's model."""
+    from hlora.engine.flower.settings import held_out
+    from hlora.metrics import evaluate
+
+    out = tmp_path / "run"
+    config = run_config(tiny_model, tiny_mrpc, out, **{"evaluate-on": "both", "client-eval-fraction": 0.25,
+                                                       "save-updates": False})
+    run = cluster.wait(cluster.run(config), timeout=300)
+    assert run["status"] == "finished:completed", run
+
+    task = load_task("mrpc", *tiny_mrpc, TEXT, "Quality")
+    shares = partition(task.train.labels, 3, "iid", 0.5, 0)
+    parts = {rank: held_out(task.train.subset(shares[i]), 0.25, 0, -1 if rank == 8 else i)
+             for i, rank in enumerate(RANKS)}  # the rank-8 node reads the same share from its own file
+    flower = json.loads((out / "flower.json").read_text())
+    node_rank = {c["node_id"]: c["rank"] for c in flower["clients"]}
+    assert {c["rank"]: c["num_examples"] for c in flower["clients"]} == {r: len(p[0]) for r, p in parts.items()}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert 0 <= row["accuracy"] <= 1 and "client_eval_failed" not in row
+        evals = row["client_eval"]
+        assert sorted(e["node"] for e in evals) == sorted(node_rank)
+        assert all(e["examples"] == len(parts[node_rank[e["node"]]][1]) for e in evals)
+        n = sum(e["examples"] for e in evals)
+        assert row["client_accuracy"] == pytest.approx(sum(e["accuracy"] * e["examples"] for e in evals) / n)
+        assert row["client_eval_loss"] == pytest.approx(sum(e["eval_loss"] * e["examples"] for e in evals) / n)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_client_accuracy"] == rows[-1]["client_accuracy"]
+    assert summary["final_accuracy"] == rows[-1]["accuracy"]
+
+    state, _ = load_checkpoint(out)  # the last round's global model, which the nodes scored
+    model, tok = load_classifier(tiny_model, 2, 0)
+    fm = FederatedModel(model)
+    adapter = get_strategy("hlora").global_adapter(state)
+    for e in rows[-1]["client_eval"]:
+        expected = evaluate(fm, adapter, state.head, encode(tok, parts[node_rank[e["node"]]][1], 48), 128,
+                            task.f1_label)
+        assert e["accuracy"] == pytest.approx(expected["accuracy"]), e
+        assert e["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-4, abs=1e-6), e
+
+
+def test_a_node_that_connects_after_round_1_is_sampled_from_the_next_round_on(tmp_path, tiny_model, tiny_mrpc):
+    """2 nodes (ranks 2 and 8) start the run; once round 1 has begun, a rank-4 node connects, and a rank-16
+    node (above the shared initialisation's rank 8). The rank-4 node becomes client 2 at the next round's
+    start and the seeded sampler draws from 3 clients from then on; the rank-16 node is left out, with its
+    reason in flower.json."""
+    sites = {2: "rank=2 partition-id=0 num-partitions=3 threads=1", 8: "rank=8 partition-id=2 num-partitions=3 threads=1"}
+    cluster = Cluster(tmp_path / "flower")
+    out = tmp_path / "run"
+    try:
+        start(cluster, sites)
+        run_id = cluster.run(run_config(tiny_model, tiny_mrpc, out, rounds=4, seed=3,
+                                        **{"clients": 2, "per-round": 2, "save-updates": False}))
+        deadline = time.monotonic() + 120
+        while not (out / "flower.json").exists():  # the 2 nodes answered: round 1 begins
+            assert time.monotonic() < deadline, f"the run never started; logs in {cluster.root}"
+            time.sleep(0.1)
+        assert not (out / "metrics.jsonl").exists()
+        cluster.start_node("late4", "rank=4 partition-id=1 num-partitions=3 threads=1")
+        cluster.start_node("late16", "rank=16 partition-id=1 num-partitions=3 threads=1")
+        run = cluster.wait(run_id, timeout=400)
+        assert run["status"] == "finished:completed", run
+    finally:
+        left = cluster.close()
+    assert not left, f"processes left running: {left}"
+
+    flower = json.loads((out / "flower.json").read_text())
+    assert [(c["client"], c["rank"], c["partition_id"]) for c in flower["clients"]] == [(0, 2, 0), (1, 8, 2), (2, 4, 1)]
+    joined = flower["clients"][2]["joined"]
+    assert [c["joined"] for c in flower["clients"][:2]] == [1, 1] and joined in (2, 3), joined
+    [refused] = flower["left_out"]
+    assert "rank 16 is above the run's largest rank 8" in refused["reason"]
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["clients"] == 3 and cfg["client_ranks"] == [2, 8, 4]
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    sampler = np.random.default_rng([3, 2])  # the server's: from the clients there are at each round's start
+    expected = [sorted(sampler.choice(2 if rnd < joined else 3, 2, replace=False).tolist()) for rnd in range(1, 5)]
+    assert [r["clients"] for r in rows] == expected
+    assert any(2 in r["clients"] for r in rows[joined - 1:])  # seed 3 samples it at once
+    late_node = flower["clients"][2]["node_id"]
+    for r in rows:
+        assert not r["rejected"] and not r["skipped"] and sorted(r["client_train_loss"]) == [str(c) for c in r["clients"]]
+        assert r["ranks"] == [[2, 8, 4][c] for c in r["clients"]]
+        assert (late_node in r["nodes"]) == (2 in r["clients"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from hlora.factors import Factor, init_factors
 from hlora.model import FederatedModel, configure, load_classifier
 from hlora.objectives import Objective, logit_offset, offset_from_counts
 from hlora.server import client_seed
-from hlora.strategies import ClientSpec, Update, get_strategy
+from hlora.strategies import ClientSpec, Payload, Update, get_strategy
 
 APP = Path(__file__).resolve().parents[1] / "flower-app" / "pyproject.toml"
 SHAPES = {"layer.0.query": (6, 5), "layer.0.value": (6, 5), "layer.1.query": (6, 5)}
@@ -366,3 +367,104 @@ def test_clients_are_numbered_by_partition_id_when_every_node_holds_one():
     assert [n.node_id for n in in_client_order(own_file)] == [10, 20, 30]
     clash = [*nodes[:2], Node(20, 4, 16.0, 10, 0)]  # two nodes claim partition 0: no partition order
     assert [n.node_id for n in in_client_order(clash)] == [10, 20, 30]
+
+
+def test_a_resumed_run_takes_the_stopped_runs_run_config(tmp_path):
+    from hlora.engine.flower.settings import resumed_run_config
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="no run there"):
+        resumed_run_config({"resume": str(out)})
+    out.mkdir()
+    (out / "config.yaml").write_text("rounds: 4\n")
+    with pytest.raises(ConfigError, match="holds no run-config"):
+        resumed_run_config({"resume": str(out)})
+    saved = {"rounds": 4, "model": "tiny", "round-timeout": 600.0, "out": "runs/x", "resume": ""}
+    (out / "flower.json").write_text(json.dumps({"clients": [], "run_config": saved}))
+    merged, ignored = resumed_run_config({"resume": str(out), "rounds": 5, "model": "tiny",
+                                          "round-timeout": 30.0, "out": "elsewhere"})
+    assert merged == {**saved, "round-timeout": 30.0, "out": str(out.resolve()), "resume": ""}
+    assert ignored == ["rounds"]
+    assert run_settings(merged)[1].resume is None
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already finished"):
+        resumed_run_config({"resume": str(out)})
+
+
+def test_client_app_scores_the_global_model_on_the_share_it_holds_out(tiny_run_config, tiny_model, tiny_mrpc):
+    """evaluate-on clients: the node holds out a seeded share (trains on the rest) and scores the global model
+    on it as hlora.metrics.evaluate does in-process; by default it holds out nothing. The run-config the server
+    sends in a message wins over the one Flower gives the node (a resumed run's nodes get the stopped run's)."""
+    from hlora.engine.flower.settings import held_out
+    from hlora.metrics import evaluate
+
+    node = {"rank": 4, "partition-id": 1, "num-partitions": 3}
+    task = load_task("mrpc", *tiny_mrpc, ["#1 String", "#2 String"], "Quality")
+    share = task.train.subset(partition(task.train.labels, 3, "dirichlet", 0.5, 0)[1])
+    query = RecordDict({"hlora": ConfigRecord({})})
+    sites = {}
+    for evaluate_on in ("server", "clients"):
+        reply = call_app(node, {**tiny_run_config, "evaluate-on": evaluate_on}, query, "query")
+        sites[evaluate_on] = reply.content.config_records["site"]
+    train, held = held_out(share, 0.2, 0, 1)
+    assert sites["server"]["num-examples"] == len(share) and sites["clients"]["num-examples"] == len(train)
+    assert len(held) == round(0.2 * len(share)) and sorted(train.text_a + held.text_a) == sorted(share.text_a)
+    assert held_out(share, 0.2, 0, 1)[1].text_a == held.text_a and held_out(share, 0.2, 1, 1)[1].text_a != held.text_a
+
+    model, tok = load_classifier(tiny_model, 2, 0)
+    configure(model, RunConfig().dropout, RunConfig().attention)
+    fm = FederatedModel(model)
+    adapter = init_factors(fm.shapes, 4, torch.Generator().manual_seed(3))
+    for f in adapter.values():
+        f.B.normal_(0, 0.5, generator=torch.Generator().manual_seed(4))  # a non-zero update
+    head = {k: v + 0.1 for k, v in fm.head_state().items()}
+    content = payload_to_record(Payload(adapter, head), TrainSettings(1, 2, 0, 0, 0.0, 16))
+    content["run-config"] = ConfigRecord({**tiny_run_config, "evaluate-on": "both"})
+    reply = call_app(node, tiny_run_config, content, "evaluate")  # the context's says server: the message wins
+    assert not reply.has_error(), reply.error
+    got = dict(reply.content.config_records["eval"])
+    expected = evaluate(fm, adapter, head, encode(tok, held, 48), 16, task.f1_label)
+    assert got["client"] == 1 and got["examples"] == len(held)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    reply = call_app(node, tiny_run_config, payload_to_record(Payload(adapter, head), TrainSettings(1, 2, 0, 0, 0.0, 16)),
+                     "evaluate")
+    assert reply.has_error() and "evaluate-on is server" in reply.error.reason
+    with pytest.raises(ConfigError, match="evaluate-on must be one of"):
+        run_settings({"evaluate-on": "nodes"})
+
+
+#: `hlora run` options that flower-app/pyproject.toml does not list, and why
+NOT_IN_THE_APP = {
+    **dict.fromkeys(("ranks", "rank-policy", "rank-file", "layer-ranks"), "each node gives its rank in --node-config"),
+    **dict.fromkeys(("attack", "attackers", "attack-lambda"), "attacks are simulated by hlora run only"),
+    "preset": "the app lists every key with its value: refused by run_settings",
+    "personal-holdout": "fedsa's held-out share: Flower refuses fedsa (nodes keep no client state yet)",
+    **dict.fromkeys(("prompt-field", "input-field", "response-field", "category-field", "gen-samples",
+                     "max-new-tokens", "dtype", "gradient-checkpointing"), "--task instruct runs in hlora run only"),
+}
+#: `hlora run` options the app spells otherwise
+RENAMED = {"strategy-option": "strategy-options"}  # repeated on the command line, one string in the run-config
+
+
+def test_the_flower_app_keys_are_hlora_run_options():
+    """A run-config key of flower-app/pyproject.toml is an `hlora run` option (same name, dashes) or one of the
+    Flower engine's own keys (settings.FLOWER_DEFAULTS, listed with their defaults); every `hlora run` option
+    is in the app, or in NOT_IN_THE_APP with its reason. An option added to `hlora run` (or a key to the app)
+    without the other fails here until it is added, or listed with the reason it does not apply."""
+    from typer.main import get_command
+
+    from hlora.cli import app as cli
+    from hlora.engine.flower.settings import FLOWER_DEFAULTS
+
+    run = get_command(cli).commands["run"]
+    options = {o[2:] for p in run.params for o in p.opts if o.startswith("--")}
+    keys = tomli.loads(APP.read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(NOT_IN_THE_APP) | set(RENAMED) <= options, "NOT_IN_THE_APP names an option hlora run lost"
+    missing = sorted(options - set(keys) - set(NOT_IN_THE_APP) - set(RENAMED))
+    assert not missing, f"hlora run options missing from flower-app/pyproject.toml: {missing}"
+    unknown = sorted(set(keys) - options - set(FLOWER_DEFAULTS) - set(RENAMED.values()))
+    assert not unknown, f"flower-app/pyproject.toml keys that are no hlora run option: {unknown}"
+    assert not set(NOT_IN_THE_APP) & set(keys), "a key is both in the app and listed as not in it"
+    for key, default in FLOWER_DEFAULTS.items():
+        assert keys.get(key) == default, f"flower-app {key} = {keys.get(key)!r}, the engine's default {default!r}"

@@ -6,6 +6,8 @@ The run-config (shared by every node and the server) gives the task, model and t
 
 * ``query``: answers the site's rank, LoRA alpha, number of training examples, label names, label
   counts (the server sums them into the federation's prior, for logit adjustment) and precision.
+* ``evaluate`` (run-config ``evaluate-on`` clients or both): scores the received global model on the
+  seeded share of its examples the node holds out (``client-eval-fraction``; it trains on the rest).
 * ``train``: trains the received factors with :func:`hlora.client.train_client`, exactly as the
   embedded simulation does (the round's lr, ``local-steps``, the objective: logit adjustment against
   the federation's label counts sent by the server, FedProx), and replies with the update.
@@ -22,8 +24,9 @@ from __future__ import annotations
 import json
 import logging
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
@@ -33,8 +36,9 @@ from hlora.client import train_client
 from hlora.config import ConfigError, RunConfig
 from hlora.data import DataError, Encoded, TaskData, encode
 from hlora.engine.flower.records import RecordError, TrainSettings, record_to_payload, update_to_record
-from hlora.engine.flower.settings import node_examples, node_settings, run_settings, shared_task
+from hlora.engine.flower.settings import held_out, node_examples, node_settings, run_settings, shared_task
 from hlora.factors import init_factors
+from hlora.metrics import evaluate
 from hlora.model import FederatedModel, ModelError, configure, load_classifier
 from hlora.objectives import Objective, label_counts, offset_from_counts
 from hlora.precision import resolve_precision
@@ -61,6 +65,8 @@ class Site:
     partition_id: int = -1
     #: how many of its training examples have each label, in label order
     label_counts: list[int] = field(default_factory=list)
+    #: the share it holds out to score the global model (run-config evaluate-on clients or both), or None
+    heldout: Encoded | None = None
 
 
 #: sites loaded by this process, by (run-config, node-config): a process that serves several
@@ -68,28 +74,40 @@ class Site:
 _SITES: dict[tuple[str, str], Site] = {}
 
 
-def load_site(context: Context) -> Site:
-    """The node's model and data, loaded on first use (a ConfigError subclass with a one-line reason)."""
-    key = (json.dumps(dict(context.run_config), sort_keys=True),
-           json.dumps(dict(context.node_config), sort_keys=True))
+def run_config_of(msg: Message, context: Context) -> dict[str, Any]:
+    """The run's run-config: the one the server sends in the message (``run-config``: a resumed run's is
+    the stopped run's), else the one Flower gives the node."""
+    sent = msg.content.config_records.get("run-config")
+    return dict(sent) if sent is not None else dict(context.run_config)
+
+
+def load_site(context: Context, run_config: Mapping[str, Any] | None = None) -> Site:
+    """The node's model and data, loaded on first use (a ConfigError subclass with a one-line reason).
+
+    ``run_config``: the run's (see :func:`run_config_of`; None: the context's)."""
+    run_config = dict(context.run_config if run_config is None else run_config)
+    key = (json.dumps(run_config, sort_keys=True), json.dumps(dict(context.node_config), sort_keys=True))
     if key in _SITES:
         return _SITES[key]
-    cfg, options = run_settings(context.run_config)
+    cfg, options = run_settings(run_config)
     node = node_settings(context.node_config, cfg)
     if node.threads or cfg.threads:
         torch.set_num_threads(node.threads or cfg.threads)
     task = shared_task(cfg, options.labels, with_dev=False)
     examples = node_examples(node, cfg, task)
+    part = -1 if node.partition_id is None else node.partition_id
+    heldout = None
+    if options.clients_evaluate:  # only then: a run where the server evaluates trains on all of it
+        examples, heldout = held_out(examples, options.client_eval_fraction, cfg.seed, part)
     model, tokenizer = load_classifier(node.model or cfg.model, task.num_labels, cfg.seed)
     configure(model, cfg.dropout, cfg.attention)  # attention auto: the node's own device decides
     fm = FederatedModel(model, cfg.target_modules)
     width = min(min(shape) for shape in fm.shapes.values())
     if node.rank > width:
         raise ConfigError(f"node-config: rank {node.rank} is above the width {width} of the adapted layers")
-    part = -1 if node.partition_id is None else node.partition_id
     counts = label_counts(examples.labels, task.num_labels).tolist()
     site = Site(fm, encode(tokenizer, examples, cfg.max_length), task, node.rank, node.lora_alpha, part,
-                counts)
+                counts, None if heldout is None else encode(tokenizer, heldout, cfg.max_length))
     fm.precision = node_precision(site, cfg, context)
     _SITES[key] = site
     return site
@@ -140,7 +158,7 @@ def query(msg: Message, context: Context) -> Message:
     label counts and precision."""
 
     def answer() -> RecordDict:
-        site = load_site(context)
+        site = load_site(context, run_config_of(msg, context))
         return RecordDict({"site": ConfigRecord({
             "rank": site.rank,
             "lora-alpha": float(site.lora_alpha),
@@ -159,7 +177,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received factors on this site's data; reply with the update."""
 
     def answer() -> RecordDict:
-        site = load_site(context)
+        site = load_site(context, run_config_of(msg, context))
         payload, settings = record_to_payload(msg.content)
         update = train_client(
             site.fm, payload, site.data, list(range(len(site.data))), client_id=settings.client,
@@ -169,6 +187,24 @@ def train(msg: Message, context: Context) -> Message:
             adam_eps=settings.adam_eps,
         )
         return update_to_record(update)
+
+    return _reply(msg, answer)
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Score the received global model (its adapter and head) on the share this site holds out (run-config
+    ``evaluate-on`` clients or both); reply with the accuracy, eval loss (and F1) and the number of examples."""
+
+    def answer() -> RecordDict:
+        site = load_site(context, run_config_of(msg, context))
+        if site.heldout is None:
+            raise ConfigError("this node holds out no examples (run-config evaluate-on is server)")
+        payload, settings = record_to_payload(msg.content)
+        scores = evaluate(site.fm, payload.lora, payload.head, site.heldout, settings.batch_size,
+                          site.task.f1_label)
+        return RecordDict({"eval": ConfigRecord({"client": settings.client, "examples": len(site.heldout),
+                                                 **scores})})
 
     return _reply(msg, answer)
 

@@ -13,12 +13,20 @@
    :class:`~hlora.strategies.Update`, or an error reply, an offline node or a missing reply (after
    ``round-timeout``) into an exception that ``server_round`` records as rejected. The round goes on
    with the replies that arrived, when at least ``min-clients`` are valid.
-3. Evaluate the global model on the dev set (every ``eval-every`` rounds and after the last), write
+3. Evaluate the global model on the dev set (every ``eval-every`` rounds and after the last; with
+   ``evaluate-on`` clients or both, every client's node also scores it on the share of its data it holds
+   out: :func:`client_evaluation`), write
    ``metrics.jsonl`` and ``checkpoint.pt``; at the end, ``adapter/``, ``dev_predictions.json`` and
    ``summary.json``, all in ``out`` (see :mod:`hlora.engine.outputs`); with ``log``, the rows and the summary
    in TensorBoard, MLflow or W&B too (:mod:`hlora.tracking`).
 
-Besides the outputs of ``hlora run``, ``out/flower.json`` maps client ids to node ids, and with
+``resume = "OUT"`` continues a stopped run from its ``checkpoint.pt`` (the global state, the sampler,
+the rows so far and each client's site), with the run-config it started with (kept in ``flower.json``
+and sent to the nodes in every message): the server waits for the run's nodes, gives each client back to
+the node of its site (:func:`rejoin`), and runs the remaining rounds.
+
+Besides the outputs of ``hlora run``, ``out/flower.json`` maps client ids to node ids (and keeps the
+run-config), and with
 ``save-updates = true`` ``out/updates/round-N.pt`` holds each round's previous state, accepted updates
 and new state (``torch.load(..., weights_only=False)``). ``precision = "auto"`` is each machine's own
 choice: ``config.yaml`` records the server's (its evaluation), ``flower.json`` each node's.
@@ -40,20 +48,26 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
-from hlora.checkpoint import save_checkpoint
-from hlora.config import ConfigError, RunConfig
+from hlora.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from hlora.config import ConfigError, RunConfig, load_config
 from hlora.data import Encoded, encode
 from hlora.engine.flower.records import TrainSettings, payload_to_record, record_to_update
-from hlora.engine.flower.settings import FlowerOptions, run_settings, shared_task
+from hlora.engine.flower.settings import (
+    FLOWER_JSON,
+    FlowerOptions,
+    resumed_run_config,
+    run_settings,
+    shared_task,
+)
 from hlora.engine.flower.transport import NodeFailure, NodeUnavailable, exchange
 from hlora.engine.outputs import finish_run, round_row
 from hlora.engine.simulation import default_out, prepare_out
-from hlora.factors import Adapter, init_factors
+from hlora.factors import Adapter, Factor, init_factors
 from hlora.metrics import MetricsLog, dev_predictions, evaluate
 from hlora.model import FederatedModel, configure, load_classifier
 from hlora.precision import resolve_precision
 from hlora.server import RoundOutcome, client_seed, server_round
-from hlora.strategies import ClientSpec, GlobalState, Payload, Strategy, Update, get_strategy
+from hlora.strategies import ClientSpec, GlobalState, Payload, Strategy, StrategyError, Update, get_strategy
 from hlora.tracking import check_installed, open_tracking
 
 log = logging.getLogger("flwr.hlora")
@@ -71,7 +85,8 @@ def main(grid: Grid, context: Context) -> None:
 class Node:
     """A node that answered the query: its id and what it reported."""
 
-    node_id: int
+    #: None: a client of a resumed run whose site has not come back (unreachable)
+    node_id: int | None
     rank: int
     lora_alpha: float
     num_examples: int
@@ -81,10 +96,30 @@ class Node:
     label_counts: list[int] | None = None
     #: the precision it trains at (``auto`` resolved on the node)
     precision: str = "fp32"
+    #: the round from which it is sampled: 1 for the nodes that answered at the start (or ``resume``)
+    joined: int = 1
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> Node:
+        """A node as ``flower.json`` or a checkpoint keeps it."""
+        return cls(**{f.name: record[f.name] for f in dataclasses.fields(cls) if f.name in record})
+
+    def site(self) -> tuple:
+        """What identifies the site behind a node across restarts (its node id may change): its share or
+        data, rank and alpha."""
+        return (self.partition_id, self.rank, self.lora_alpha, self.num_examples, self.label_counts)
+
+
+def with_run_config(content: RecordDict, run_config: dict[str, Any]) -> RecordDict:
+    """A message's content with the run's run-config (``run-config``), which the nodes use rather than the
+    one Flower gives them: a resumed run's is the stopped run's (see :func:`resumed_run_config`)."""
+    content["run-config"] = ConfigRecord(dict(run_config))
+    return content
 
 
 def discover(
-    grid: Grid, expected: int, labels: list[str], options: FlowerOptions, need_counts: bool = False
+    grid: Grid, expected: int, labels: list[str], options: FlowerOptions, run_config: dict[str, Any],
+    need_counts: bool = False,
 ) -> tuple[list[Node], dict[int, str]]:
     """Wait for ``expected`` nodes, query them; return the usable ones in client order and why others are not.
 
@@ -96,8 +131,16 @@ def discover(
             raise ConfigError(f"only {len(ids)} of the {expected} nodes (run-config clients) connected "
                               f"within {options.node_timeout:g} s (run-config node-timeout)")
         time.sleep(1.0)
-    replies = exchange(grid, [(i, RecordDict({"hlora": ConfigRecord({})})) for i in ids], "query",
-                       timeout=options.round_timeout)
+    return query(grid, ids, labels, options, run_config, need_counts)
+
+
+def query(
+    grid: Grid, ids: list[int], labels: list[str], options: FlowerOptions, run_config: dict[str, Any],
+    need_counts: bool = False,
+) -> tuple[list[Node], dict[int, str]]:
+    """Query the nodes ``ids``; return the usable ones in client order and why others are not."""
+    contents = [(i, with_run_config(RecordDict({"hlora": ConfigRecord({})}), run_config)) for i in ids]
+    replies = exchange(grid, contents, "query", timeout=options.round_timeout)
     nodes, failed = [], {}
     for node_id, reply in zip(ids, replies):
         if isinstance(reply, NodeFailure):
@@ -142,11 +185,12 @@ class GridExecutor:
     """
 
     def __init__(
-        self, grid: Grid, cfg: RunConfig, node_ids: dict[int, int], rnd: int, timeout: float,
-        label_counts: list[int] | None = None,
+        self, grid: Grid, cfg: RunConfig, node_ids: dict[int, int | None], rnd: int, timeout: float,
+        label_counts: list[int] | None = None, run_config: dict[str, Any] | None = None,
     ) -> None:
         self.grid, self.cfg, self.node_ids, self.rnd, self.timeout = grid, cfg, node_ids, rnd, timeout
         self.label_counts = label_counts
+        self.run_config = run_config
         self.pairs: list[tuple[ClientSpec, Payload]] = []
         self.results: list[Update | Exception] = []
 
@@ -163,7 +207,10 @@ class GridExecutor:
                 head_opt=self.cfg.head_opt, head_lr=self.cfg.head_lr, client_opt=self.cfg.client_opt,
                 adam_eps=self.cfg.adam_eps,
             )
-            contents.append((self.node_ids[spec.id], payload_to_record(payload, settings)))
+            content = payload_to_record(payload, settings)
+            if self.run_config is not None:
+                with_run_config(content, self.run_config)
+            contents.append((self.node_ids[spec.id], content))
         results: list[Update | Exception] = []
         replies = exchange(self.grid, contents, "train", timeout=self.timeout, group_id=str(self.rnd))
         for (spec, _), reply in zip(pairs, replies):
@@ -185,25 +232,41 @@ class GridExecutor:
 
 
 def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
-    """The whole run; returns the summary (also written to ``out/summary.json``)."""
+    """The whole run; returns the summary (also written to ``out/summary.json``).
+
+    With ``resume = "OUT"``, the stopped run in OUT continues from its last checkpoint (see
+    :func:`resumed_run_config`): the rounds after it are run again and give the metrics the run would have
+    given uninterrupted, when its nodes (the same sites: the same share of data and rank) come back.
+    """
     t_run = time.perf_counter()
+    run_config = dict(run_config)
+    resume = str(run_config.get("resume", "") or "").strip()
+    if resume:
+        run_config, ignored = resumed_run_config(run_config)
+        if ignored:
+            log.warning("hlora: resuming: the stopped run's run-config is used, not this one's %s",
+                        ", ".join(ignored))
     cfg, options = run_settings(run_config)
     check_installed(cfg.log)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    else:
-        cfg.threads = torch.get_num_threads()
+    out = Path(resume).expanduser().resolve() if resume else None
+    saved_cfg = load_config(out / "config.yaml", {}) if out else None
+    threads = (saved_cfg.threads if saved_cfg else None) or cfg.threads
+    if threads:
+        torch.set_num_threads(threads)
+    cfg.threads = threads or torch.get_num_threads()
     strategy = get_strategy(cfg.strategy, **cfg.strategy_options)
     if strategy.pools_clients:
         raise ConfigError(f"strategy {cfg.strategy} pools the sites' data in one place: use hlora run")
     if strategy.personal:
         raise ConfigError(f"strategy {cfg.strategy} keeps each client's state between rounds, which Flower nodes "
                           "do not do yet: use hlora run")
-    target = Path(cfg.out) if cfg.out else default_out(cfg)
-    if any((target / name).exists() for name in ("config.yaml", "metrics.jsonl", "summary.json")):
-        raise ConfigError(f"run-config out {target.resolve()} already holds a run; choose another directory")
-    out = prepare_out(target).resolve()
-    cfg.out = str(out)
+    if out is None:
+        target = Path(cfg.out) if cfg.out else default_out(cfg)
+        if any((target / name).exists() for name in ("config.yaml", "metrics.jsonl", "summary.json")):
+            raise ConfigError(f"run-config out {target.resolve()} already holds a run; choose another directory, "
+                              f'or continue it with resume="{target.resolve()}"')
+        out = prepare_out(target).resolve()
+    cfg.out = run_config["out"] = str(out)
     task = shared_task(cfg, options.labels, with_dev=True)
     model, tokenizer = load_classifier(cfg.model, task.num_labels, cfg.seed)
     configure(model, cfg.dropout, cfg.attention)  # the server only evaluates: its dropout never runs
@@ -211,49 +274,90 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     cfg.robust_rule().check_dense(fm.shapes, cfg.per_round)  # median/trimmed: refused where they do not fit
     cfg.privacy().check_dense(fm.shapes)  # DP's dense noisy change: likewise
     dev = encode(tokenizer, task.dev, cfg.max_length) if len(task.dev) else None
-    cfg.precision = fm.precision = server_precision(cfg, fm, dev)
+    # a resumed run evaluates at the precision it chose at its start
+    cfg.precision = fm.precision = saved_cfg.precision if saved_cfg else server_precision(cfg, fm, dev)
 
     def scorer(adapter: Adapter, head: dict[str, Tensor]) -> dict[str, float]:
         return evaluate(fm, adapter, head, dev, cfg.eval_batch_size, task.f1_label)
-    log.info("hlora: waiting for %d nodes; writing to %s", cfg.clients, out)
 
-    nodes, failed = discover(grid, cfg.clients, list(task.label_names), options,
-                             need_counts=bool(cfg.logit_adjust))
+    checkpoint = load_checkpoint(out) if resume and (out / CHECKPOINT).exists() else None
+    if resume:
+        roster = [Node.of(n) for n in (checkpoint[1]["roster"] if checkpoint else
+                                      json.loads((out / FLOWER_JSON).read_text())["clients"])]
+        log.info("hlora: resuming %s at round %d; waiting for its %d nodes", out,
+                 (checkpoint[0].round if checkpoint else 0) + 1, len(roster))
+        found, failed = discover(grid, len(roster), list(task.label_names), options, run_config,
+                                 need_counts=bool(cfg.logit_adjust))
+        nodes = rejoin(roster, found)
+        taken = {n.node_id for n in nodes}
+        for extra in (n for n in found if n.node_id not in taken):  # asked again when the next round starts
+            log.info("hlora: node %s is no client of the resumed run: it joins as a new one", extra.node_id)
+    else:
+        log.info("hlora: waiting for %d nodes; writing to %s", cfg.clients, out)
+        nodes, failed = discover(grid, cfg.clients, list(task.label_names), options, run_config,
+                                 need_counts=bool(cfg.logit_adjust))
     for reason in failed.values():
         log.warning("hlora: left out: %s", reason)
-    if len(nodes) < cfg.per_round:
+    online = [n for n in nodes if n.node_id is not None]
+    if len(online) < cfg.per_round:
         why = "; ".join(failed.values()) or "none failed"
-        raise ConfigError(f"{len(nodes)} usable nodes, fewer than per-round {cfg.per_round} ({why})")
-    clients = [ClientSpec(i, dict.fromkeys(fm.shapes, n.rank), n.lora_alpha, n.num_examples)
-               for i, n in enumerate(nodes)]
+        raise ConfigError(f"{len(online)} usable nodes, fewer than per-round {cfg.per_round} ({why})")
+    clients = client_specs(nodes, fm)
     strategy.check(clients)
-    node_ids = {i: n.node_id for i, n in enumerate(nodes)}
-    cfg.clients = len(clients)
-    cfg.client_ranks = [n.rank for n in nodes]
-    cfg.ranks = ",".join(map(str, cfg.client_ranks))
-    if cfg.dp_epsilon_target is not None:  # calibrate z again for the clients that answered (q = per-round / them)
-        cfg.dp_noise = None
-    cfg.validate()
-    dp = cfg.privacy()
-    cfg.save(out / "config.yaml")
-    (out / "flower.json").write_text(json.dumps({
-        "clients": [{"client": i, "node_id": n.node_id, "rank": n.rank, "lora_alpha": n.lora_alpha,
-                     "num_examples": n.num_examples, "partition_id": n.partition_id,
-                     "label_counts": n.label_counts, "precision": n.precision} for i, n in enumerate(nodes)],
-        "left_out": [{"node_id": k, "reason": v} for k, v in failed.items()],
-        "round_timeout": options.round_timeout,
-    }, indent=2) + "\n")
+    if out is None:
+        target = Path(cfg.out) if cfg.out else default_out(cfg)
+        if any((target / name).exists() for name in ("config.yaml", "metrics.jsonl", "summary.json")):
+            raise ConfigError(f"run-config out {target.resolve()} already holds a run; choose another directory, "
+                              f'or continue it with resume="{target.resolve()}"')
+        out = prepare_out(target).resolve()
+    cfg.out = run_config["out"] = str(out)
 
-    counts = federation_counts(nodes) if cfg.logit_adjust else None
-    init = init_factors(fm.shapes, max(cfg.client_ranks), torch.Generator().manual_seed(cfg.seed))
-    state = strategy.init_state(init, fm.head_state())
+    def roster_changed() -> tuple[dict[int, int | None], list[int] | None]:
+        """The clients are ``nodes``: record them (config.yaml, flower.json); their node ids and label counts."""
+        cfg.clients = len(nodes)
+        cfg.client_ranks = [n.rank for n in nodes]
+        cfg.ranks = ",".join(map(str, cfg.client_ranks))
+        if cfg.dp_epsilon_target is not None:  # calibrate z for the clients that answered (q = per-round / them)
+            cfg.dp_noise = None
+        cfg.validate()
+        cfg.save(out / "config.yaml")
+        write_flower_json(out, run_config, nodes, failed, options)
+        return {i: n.node_id for i, n in enumerate(nodes)}, federation_counts(nodes) if cfg.logit_adjust else None
+
+    node_ids, counts = roster_changed()
+    # DP: the accountant's sampling rate q = per-round / clients is fixed by the first roster, so a DP run
+    # takes no late joiners (its z and epsilon hold for the clients it started with)
+    dp = cfg.privacy()
     sampler = np.random.default_rng([cfg.seed, 2])
-    metrics = MetricsLog(out, tracker=open_tracking(cfg, out, resume=False))
-    for rnd in range(1, cfg.rounds + 1):
+    if checkpoint is not None:
+        state, saved = checkpoint
+        if saved["client_ranks"] != cfg.client_ranks:
+            raise ConfigError(f"run-config resume {out}: the checkpoint's client ranks {saved['client_ranks']} "
+                              f"are not the nodes' {cfg.client_ranks}")
+        sampler.bit_generator.state = saved["sampler"]
+        rows, wall_before = saved["rows"], saved["wall_seconds"]
+    else:
+        init = init_factors(fm.shapes, max(cfg.client_ranks), torch.Generator().manual_seed(cfg.seed))
+        state, rows, wall_before = strategy.init_state(init, fm.head_state()), [], 0.0
+    metrics = MetricsLog(out, rows if resume else None, tracker=open_tracking(cfg, out, resume=bool(resume)))
+    max_rank = max((f.rank for f in state.init.values() if isinstance(f, Factor)), default=max(cfg.client_ranks))
+    for rnd in range(state.round + 1, cfg.rounds + 1):
         t0 = time.perf_counter()
+        if rnd > 1 and not dp.on:  # nodes that connected since: sampled from this round on
+            left_out = len(failed)
+            joined = join_late(grid, nodes, failed, list(task.label_names), options, run_config,
+                               bool(cfg.logit_adjust), max_rank, strategy, fm, rnd)
+            if len(failed) > left_out and not joined:
+                write_flower_json(out, run_config, nodes, failed, options)
+            if joined:
+                clients = client_specs(nodes, fm)
+                node_ids, counts = roster_changed()
+                for c in joined:
+                    log.info("hlora: round %d: node %s joins as client %d (rank %d)", rnd, nodes[c].node_id, c,
+                             nodes[c].rank)
         sampled = sorted(sampler.choice(cfg.clients, cfg.per_round, replace=False).tolist())
         specs = [clients[c] for c in sampled]
-        execute = GridExecutor(grid, cfg, node_ids, rnd, options.round_timeout, counts)
+        execute = GridExecutor(grid, cfg, node_ids, rnd, options.round_timeout, counts, run_config)
         try:
             outcome = server_round(strategy, state, specs, execute, round=rnd, seed=cfg.seed,
                                    min_clients=cfg.min_clients, max_norm_ratio=cfg.max_norm_ratio,
@@ -270,33 +374,158 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         state = outcome.state
         for r in outcome.rejected:
             r["node_id"] = node_ids.get(r["client"])
-        scored = dev is not None and (rnd % cfg.eval_every == 0 or rnd == cfg.rounds)
+        due = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
+        scored = dev is not None and options.evaluate_on != "clients" and due
         row = round_row(rnd, outcome, strategy=strategy, evaluate=scorer if scored else None,
                         client_ranks=cfg.client_ranks, clients=sampled,
                         ranks=[cfg.client_ranks[c] for c in sampled], started=t0)
         row["nodes"] = [node_ids[c] for c in sampled]
         if dp.on:  # epsilon spent so far at dp-delta (None: no noise, unbounded)
             row["dp_epsilon"] = dp.epsilon(cfg.per_round / cfg.clients, rnd)
+        if options.clients_evaluate and due:
+            row.update(client_evaluation(grid, strategy, state, node_ids, rnd, cfg, options, run_config))
         metrics.append(row)
         save_checkpoint(out, state, sampler=sampler.bit_generator.state, rows=metrics.rows,
-                        client_ranks=cfg.client_ranks, partition=[], wall_seconds=time.perf_counter() - t_run)
-        log.info("hlora: round %d/%d accuracy %s train_loss %s rejected %d%s (%.1f s)", rnd, cfg.rounds,
-                 _fmt(row.get("accuracy")), _fmt(row["train_loss"]), len(outcome.rejected),
-                 " skipped" if outcome.skipped else "", row["seconds"])
+                        client_ranks=cfg.client_ranks, partition=[], roster=[dataclasses.asdict(n) for n in nodes],
+                        wall_seconds=wall_before + time.perf_counter() - t_run)
+        log.info("hlora: round %d/%d accuracy %s client_accuracy %s train_loss %s rejected %d%s (%.1f s)", rnd,
+                 cfg.rounds, _fmt(row.get("accuracy")), _fmt(row.get("client_accuracy")), _fmt(row["train_loss"]),
+                 len(outcome.rejected), " skipped" if outcome.skipped else "", row["seconds"])
+        for f in row.get("client_eval_failed", []):
+            log.warning("hlora: round %d: client %s (node %s) did not evaluate: %s", rnd, f["client"], f["node"],
+                        f["reason"])
         for r in outcome.rejected:
             log.warning("hlora: round %d: client %s (node %s) rejected: %s", rnd, r["client"], r["node_id"],
                         r["reason"])
     def predictions(adapter: Adapter, head: dict[str, Tensor]) -> dict[str, list[int]]:
         return dev_predictions(fm, adapter, head, dev, cfg.eval_batch_size)
 
+    server_scores = dev is not None and options.evaluate_on != "clients"
     summary = finish_run(out, strategy, state, metrics, model=cfg.model, task=task.name,
-                         strategy_name=cfg.strategy, wall_seconds=time.perf_counter() - t_run,
-                         predictions=predictions if dev is not None else None,
+                         strategy_name=cfg.strategy, wall_seconds=wall_before + time.perf_counter() - t_run,
+                         predictions=predictions if server_scores else None,
                          extra={"dp_epsilon": dp.epsilon(cfg.per_round / cfg.clients, cfg.rounds),
                                 "dp_delta": cfg.dp_delta, "dp_noise": cfg.dp_noise} if dp.on else None)
+    by_clients = [r["client_accuracy"] for r in metrics.rows if "client_accuracy" in r]
+    if by_clients:  # the nodes' score of the global model, next to the server's
+        summary.update(final_client_accuracy=by_clients[-1], best_client_accuracy=max(by_clients))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     metrics.tracker.finish()
     log.info("hlora: done; final accuracy %.4f; outputs in %s", summary["final_accuracy"], out)
     return summary
+
+
+def client_evaluation(
+    grid: Grid, strategy: Strategy, state: GlobalState, node_ids: dict[int, int | None], rnd: int,
+    cfg: RunConfig, options: FlowerOptions, run_config: dict[str, Any],
+) -> dict[str, Any]:
+    """Every client's node scores the global model on the share of its data it holds out (an ``evaluate``
+    message holding the global adapter and head). Returns the row's ``client_accuracy`` and
+    ``client_eval_loss`` (the nodes' scores weighted by their numbers of held-out examples), ``client_eval``
+    (each node's client, node id, examples, accuracy, eval_loss and F1) and, when some did not answer,
+    ``client_eval_failed`` (client, node, reason)."""
+    payload = Payload(strategy.global_adapter(state), state.head)
+    contents = []
+    for c, node in node_ids.items():
+        settings = TrainSettings(client=c, round=rnd, seed=0, local_epochs=0, lr=0.0, batch_size=cfg.eval_batch_size)
+        contents.append((node, with_run_config(payload_to_record(payload, settings), run_config)))
+    replies = exchange(grid, contents, "evaluate", timeout=options.round_timeout, group_id=f"{rnd}-evaluate")
+    scores, failed = [], []
+    for (c, node), reply in zip(node_ids.items(), replies):
+        try:
+            if isinstance(reply, Exception):
+                raise reply
+            got = reply.content.config_records["eval"]
+            if int(got["client"]) != c or int(got["examples"]) < 1:
+                raise NodeFailure(f"node {node} answered for client {got['client']} with {got['examples']} examples")
+            scores.append({"client": c, "node": node, "examples": int(got["examples"]),
+                           **{k: float(got[k]) for k in ("accuracy", "eval_loss", "f1") if k in got}})
+        except Exception as e:  # noqa: BLE001 - a node's failure is recorded, the run goes on
+            failed.append({"client": c, "node": node, "reason": f"{type(e).__name__}: {e}"})
+    row: dict[str, Any] = {}
+    if scores:
+        n = sum(s["examples"] for s in scores)
+        row["client_accuracy"] = sum(s["accuracy"] * s["examples"] for s in scores) / n
+        row["client_eval_loss"] = sum(s["eval_loss"] * s["examples"] for s in scores) / n
+    row["client_eval"] = scores
+    if failed:
+        row["client_eval_failed"] = failed
+    return row
+
+
+def client_specs(nodes: list[Node], fm: FederatedModel) -> list[ClientSpec]:
+    """Client i is ``nodes[i]``: its rank in every adapted layer, alpha and examples."""
+    return [ClientSpec(i, dict.fromkeys(fm.shapes, n.rank), n.lora_alpha, n.num_examples) for i, n in enumerate(nodes)]
+
+
+def join_late(
+    grid: Grid, nodes: list[Node], failed: dict[int, str], labels: list[str], options: FlowerOptions,
+    run_config: dict[str, Any], need_counts: bool, max_rank: int, strategy: Strategy, fm: FederatedModel,
+    rnd: int,
+) -> list[int]:
+    """Query the nodes that connected since the last look (neither clients nor left out); each usable one
+    becomes a client, with the rank it declares, from round ``rnd`` on: the client of a resumed run whose
+    site it is (:func:`rejoin`), else a new client (appended to ``nodes``). A node is left out (``failed``,
+    with the reason) when its answer is unusable, its rank is above ``max_rank`` (the rank of the shared
+    initialisation, fixed at round 1) or the strategy refuses it. Returns the clients that joined."""
+    known = {n.node_id for n in nodes if n.node_id is not None} | set(failed)
+    ids = sorted(set(grid.get_node_ids()) - known)
+    if not ids:
+        return []
+    found, why = query(grid, ids, labels, options, run_config, need_counts)
+    before = set(failed)
+    failed.update(why)
+    joined = []
+    for node in found:
+        gap = next((i for i, n in enumerate(nodes) if n.node_id is None and n.site() == node.site()), None)
+        if gap is not None:
+            nodes[gap] = dataclasses.replace(node, joined=nodes[gap].joined)
+            joined.append(gap)
+            continue
+        if node.rank > max_rank:
+            failed[node.node_id] = (f"node {node.node_id}: rank {node.rank} is above the run's largest rank "
+                                    f"{max_rank} (its shared initialisation's, fixed at round 1)")
+            continue
+        node = dataclasses.replace(node, joined=rnd)
+        try:
+            strategy.check(client_specs([*nodes, node], fm))
+        except StrategyError as e:
+            failed[node.node_id] = f"node {node.node_id}: {e}"
+            continue
+        nodes.append(node)
+        joined.append(len(nodes) - 1)
+    for node_id in set(failed) - before:
+        log.warning("hlora: round %d: left out: %s", rnd, failed[node_id])
+    return joined
+
+
+def rejoin(roster: list[Node], found: list[Node]) -> list[Node]:
+    """The clients of a resumed run: client i is the node whose site (share of data, rank, alpha) is client
+    i's in the stopped run (:meth:`Node.site`; the first such node in client order), or, when none has come
+    back, client i's record with no node (``node_id`` None: unreachable until one does)."""
+    free = list(found)
+    nodes = []
+    for saved in roster:
+        match = next((n for n in free if n.site() == saved.site()), None)
+        if match is None:
+            nodes.append(dataclasses.replace(saved, node_id=None))
+        else:
+            free.remove(match)
+            nodes.append(dataclasses.replace(match, joined=saved.joined))
+    return nodes
+
+
+def write_flower_json(
+    out: Path, run_config: dict[str, Any], nodes: list[Node], failed: dict[int, str], options: FlowerOptions
+) -> None:
+    """``OUT/flower.json``: each client's node and what it reported, the nodes left out and why, and the
+    run-config (a resumed run's nodes get it from the server)."""
+    (out / FLOWER_JSON).write_text(json.dumps({
+        "clients": [{"client": i, **dataclasses.asdict(n)} for i, n in enumerate(nodes)],
+        "left_out": [{"node_id": k, "reason": v} for k, v in failed.items()],
+        "round_timeout": options.round_timeout,
+        "run_config": run_config,
+    }, indent=2) + "\n")
 
 
 def server_precision(cfg: RunConfig, fm: FederatedModel, dev: Encoded | None) -> str:

@@ -10,11 +10,14 @@ engine's own (:class:`FlowerOptions`).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from hlora.config import FIELDS, ConfigError, RunConfig, load_config
 from hlora.data import DataError, Examples, TaskData, load_task, read_split
@@ -30,7 +33,14 @@ FLOWER_DEFAULTS: dict[str, Any] = {
     "node-timeout": 300.0,
     "save-updates": False,
     "labels": "",
+    "resume": "",
+    "evaluate-on": "server",
+    "client-eval-fraction": 0.2,
 }
+#: who scores the global model: the server on its dev set, the nodes on a held-out share of their data, or both
+EVALUATE_ON = ("server", "clients", "both")
+#: engine keys a resumed run may change (the others are the saved run's: see :func:`resumed_run_config`)
+RESUME_MAY_CHANGE = ("round-timeout", "node-timeout")
 #: RunConfig fields that do not come from the run-config (the nodes report their ranks: one rank per node, for
 #: every adapted layer; rank policies and per-layer ranks are hlora run's)
 NOT_IN_RUN_CONFIG = {"ranks", "client_ranks", "rank_policy", "rank_file", "layer_ranks", "client_layer_ranks"}
@@ -48,6 +58,16 @@ class FlowerOptions:
     save_updates: bool = False
     #: the label names, in index order, for nodes that read their own files (``labels = "0,1"``)
     labels: list[str] | None = None
+    #: the run directory (``out``) of a stopped run to continue from its last checkpoint; None: a new run
+    resume: str | None = None
+    #: who scores the global model (:data:`EVALUATE_ON`)
+    evaluate_on: str = "server"
+    #: the share of a node's examples it holds out to score the global model when clients evaluate
+    client_eval_fraction: float = 0.2
+
+    @property
+    def clients_evaluate(self) -> bool:
+        return self.evaluate_on in ("clients", "both")
 
 
 def run_settings(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerOptions]:
@@ -83,9 +103,17 @@ def run_settings(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerOption
             node_timeout=float(own["node-timeout"]),
             save_updates=_flag(own["save-updates"]),
             labels=[s.strip() for s in str(own["labels"]).split(",") if s.strip()] or None,
+            resume=str(own["resume"]).strip() or None,
+            evaluate_on=str(own["evaluate-on"]).strip(),
+            client_eval_fraction=float(own["client-eval-fraction"]),
         )
     except ValueError as e:
         raise ConfigError(f"run-config: {e}") from None
+    if options.evaluate_on not in EVALUATE_ON:
+        raise ConfigError(f"run-config evaluate-on must be one of {', '.join(EVALUATE_ON)}, "
+                          f"got {options.evaluate_on!r}")
+    if not 0 < options.client_eval_fraction < 1:
+        raise ConfigError(f"run-config client-eval-fraction must be in (0, 1), got {options.client_eval_fraction}")
     if options.round_timeout <= 0 or options.node_timeout <= 0:
         raise ConfigError("run-config round-timeout and node-timeout must be > 0 seconds")
     return cfg, options
@@ -216,3 +244,42 @@ def node_examples(node: NodeSettings, cfg: RunConfig, task: TaskData) -> Example
     except ConfigError as e:
         raise NodeConfigError(f"node-config: {e}") from None
     return task.train.subset(parts[node.partition_id])
+
+
+#: the file in a Flower run's directory that maps clients to nodes and keeps the run-config (for resume)
+FLOWER_JSON = "flower.json"
+
+
+def resumed_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The run-config of the stopped run that ``resume = "OUT"`` continues: the one it started with (kept
+    in ``OUT/flower.json``), with this run-config's ``round-timeout`` and ``node-timeout``, and ``out`` set
+    to OUT. Returns it and the keys of this run-config that it overrides (ignored, as ``hlora run --resume``
+    takes no other options). A directory that holds no stopped Flower run is refused with one line."""
+    out = Path(str(run_config["resume"])).expanduser().resolve()
+    if not (out / "config.yaml").is_file():
+        raise ConfigError(f"run-config resume {out}: no run there (config.yaml is missing)")
+    if (out / "summary.json").exists():
+        raise ConfigError(f"run-config resume {out}: this run has already finished")
+    try:
+        saved = json.loads((out / FLOWER_JSON).read_text())["run_config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"run-config resume {out}: {FLOWER_JSON} holds no run-config (not a Flower run, "
+                          f"or one written before resume existed)") from None
+    given = {k: v for k, v in run_config.items() if k not in (*RESUME_MAY_CHANGE, "resume", "out")}
+    ignored = sorted(k for k, v in given.items() if saved.get(k, v) != v)
+    merged = {**saved, **{k: run_config[k] for k in RESUME_MAY_CHANGE if k in run_config}, "out": str(out),
+              "resume": ""}
+    return merged, ignored
+
+
+def held_out(examples: Examples, fraction: float, seed: int, partition_id: int) -> tuple[Examples, Examples]:
+    """A node's examples split for client evaluation: (what it trains on, what it scores the global model on).
+
+    A seeded ``fraction`` of them (at least one, and at least one left to train on) is held out; the draw
+    depends on the run's seed, the node's partition id (-1: its own file) and its number of examples."""
+    n = len(examples)
+    if n < 2:
+        raise NodeConfigError(f"node-config: {n} example(s): too few to hold some out (run-config evaluate-on)")
+    k = min(n - 1, max(1, round(fraction * n)))
+    order = np.random.default_rng([seed, 5, partition_id + 1, n]).permutation(n)
+    return examples.subset(sorted(order[k:].tolist())), examples.subset(sorted(order[:k].tolist()))

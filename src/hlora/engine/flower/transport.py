@@ -35,7 +35,7 @@ TTL_MARGIN = 60.0
 
 def exchange(
     grid: Grid,
-    contents: list[tuple[int, RecordDict]],
+    contents: list[tuple[int | None, RecordDict]],
     message_type: str,
     *,
     timeout: float,
@@ -50,6 +50,9 @@ def exchange(
     results: list[Message | NodeFailure | None] = [None] * len(contents)
     messages, positions = [], []
     for i, (node_id, content) in enumerate(contents):
+        if node_id is None:  # a client of a resumed run whose node has not come back
+            results[i] = NodeUnavailable("its node has not come back since the run was resumed")
+            continue
         if node_id not in online:
             results[i] = NodeUnavailable(f"node {node_id} is offline")
             continue
