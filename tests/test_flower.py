@@ -13,6 +13,7 @@ import socket
 import ssl
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -228,15 +229,10 @@ def test_a_node_killed_mid_round_is_recorded_and_the_round_completes(cluster, ti
     assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "summary.json").exists()
 
 
-def test_logit_adjustment_local_steps_and_server_momentum_equal_the_simulation(tmp_path, tiny_model,
-                                                                                 tiny_mrpc):
-    """Every node holds a partition-id, so client i is the simulation's client i (its data, rank and
-    seeds): a Flower run with logit adjustment (the federation's prior from the nodes' label counts),
-    local steps, a cosine lr, FedProx and server momentum computes what ``hlora run`` computes."""
-    # a node holds 16 examples: 2 steps of 8 are 1 of the 2 epochs. Each option moves the final adapter
-    # beyond the tolerances below (checked in-process, dropping one at a time).
-    options = {"logit-adjust": 1.0, "local-steps": 2, "local-epochs": 2, "server-opt": "avgm",
-               "server-momentum": 0.9, "lr-schedule": "cosine", "prox-mu": 0.5}
+def flower_and_simulation(tmp_path: Path, tiny_model, tiny_mrpc, **options) -> tuple[Path, Any]:
+    """A Flower run of three nodes holding partition ids 0..2 (ranks RANKS), and ``hlora run`` of the same
+    settings, whose clients 0..2 are those nodes (their data, ranks and seeds): the Flower run's directory and
+    the simulation's result. ``options``: run-config keys (dashes) on top of :data:`PINNED`."""
     sites = {r: f"rank={r} partition-id={i} num-partitions=3 threads=1" for i, r in enumerate(RANKS)}
     cluster = Cluster(tmp_path / "flower")
     out = tmp_path / "flower-run"
@@ -261,6 +257,19 @@ def test_logit_adjustment_local_steps_and_server_momentum_equal_the_simulation(t
         sim = simulation.run(cfg)
     finally:
         torch.set_num_threads(threads)
+    return out, sim
+
+
+def test_logit_adjustment_local_steps_and_server_momentum_equal_the_simulation(tmp_path, tiny_model,
+                                                                                 tiny_mrpc):
+    """Every node holds a partition-id, so client i is the simulation's client i (its data, rank and
+    seeds): a Flower run with logit adjustment (the federation's prior from the nodes' label counts),
+    local steps, a cosine lr, FedProx and server momentum computes what ``hlora run`` computes."""
+    # a node holds 16 examples: 2 steps of 8 are 1 of the 2 epochs. Each option moves the final adapter
+    # beyond the tolerances below (checked in-process, dropping one at a time).
+    options = {"logit-adjust": 1.0, "local-steps": 2, "local-epochs": 2, "server-opt": "avgm",
+               "server-momentum": 0.9, "lr-schedule": "cosine", "prox-mu": 0.5}
+    out, sim = flower_and_simulation(tmp_path, tiny_model, tiny_mrpc, **options)
 
     flower = json.loads((out / "flower.json").read_text())
     assert [(c["partition_id"], c["rank"]) for c in flower["clients"]] == list(enumerate(RANKS))

@@ -322,40 +322,16 @@ def test_dp_errors_are_config_errors():
 # --- Flower: the same DP round as the simulation --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_dp_run_on_flower_equals_the_simulation(tmp_path, tiny_model, tiny_mrpc):
     """Three nodes holding partition ids are the simulation's clients 0..2; the server clips and draws the
     noise from (seed, round), so a Flower DP run computes what ``hlora run`` computes, epsilon included."""
     pytest.importorskip("flwr")
     from hlora.checkpoint import load_checkpoint
-    from hlora.config import load_config
-    from hlora.engine import simulation
-    from tests.flower_cluster import Cluster
-    from tests.test_flower import PINNED, RANKS, TEXT, assert_same_adapter, run_config, start
+    from tests.test_flower import assert_same_adapter, flower_and_simulation
 
     options = {"dp-clip": 0.05, "dp-noise": 0.5, "client-weights": "uniform", "per-round": 2, "rounds": 2}
-    sites = {r: f"rank={r} partition-id={i} num-partitions=3 threads=1" for i, r in enumerate(RANKS)}
-    cluster = Cluster(tmp_path / "flower")
-    out = tmp_path / "flower-run"
-    try:
-        start(cluster, sites)
-        run = cluster.wait(cluster.run(run_config(tiny_model, tiny_mrpc, out, **options)), timeout=300)
-        assert run["status"] == "finished:completed", run
-    finally:
-        left = cluster.close()
-    assert not left, f"processes left running: {left}"
-
-    train, dev = tiny_mrpc
-    cfg = load_config(None, {
-        "task": "mrpc", "train": train, "dev": dev, "text_columns": TEXT, "label_column": "Quality",
-        "model": tiny_model, "max_length": 48, "clients": 3, "local_epochs": 1, "batch_size": 8,
-        "partition": "iid", "ranks": ",".join(map(str, RANKS)), "threads": 1, "out": str(tmp_path / "simulation"),
-        **{k.replace("-", "_"): v for k, v in {**PINNED, **options}.items()},
-    })
-    threads = torch.get_num_threads()
-    try:
-        sim = simulation.run(cfg)
-    finally:
-        torch.set_num_threads(threads)
+    out, sim = flower_and_simulation(tmp_path, tiny_model, tiny_mrpc, **options)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == len(sim.rows) == 2
     for got, expected in zip(rows, sim.rows):
