@@ -20,8 +20,9 @@ commit_new() {
     for f in metrics.jsonl summary.json config.yaml dev_predictions.json; do
       [ -f "$cell/$f" ] && cp "$cell/$f" "$dest/"
     done
-    git add -- "$dest"
-    git commit -q -m "$docs: cell $method/$seed ($(python -c "import json,sys; s=json.load(open(sys.argv[1])); print(f\"final {100*s['final_accuracy']:.1f}%, best {100*s['best_accuracy']:.1f}%\")" "$cell/summary.json"))" -- "$dest"
+    # a commit can fail while the checkout is mid-merge: undo the copy, and the next pass tries again
+    git add -- "$dest" && git commit -q -m "$docs: cell $method/$seed ($(python -c "import json,sys; s=json.load(open(sys.argv[1])); print(f\"final {100*s['final_accuracy']:.1f}%, best {100*s['best_accuracy']:.1f}%\")" "$cell/summary.json"))" -- "$dest" \
+      || { echo "not committed yet: $dest"; git reset -q -- "$dest"; rm -rf "$dest"; continue; }
     echo "committed $dest"
   done
 }
