@@ -164,13 +164,15 @@ class WorkerPaths:
         identity = json.dumps([node_id, run_id, dict(run_config), dict(node_config)], sort_keys=True, default=str)
         name = hashlib.sha256(identity.encode()).hexdigest()[:20]
         root = options.root()
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
         base = root / name
         paths = cls(base.with_suffix(".sock"), base.with_suffix(".lock"), base.with_suffix(".key"),
                     base.with_suffix(".log"))
         if len(os.fsencode(paths.socket)) > MAX_SOCKET_PATH:
             raise WorkerError(f"node-config worker-dir {str(root)!r} is too long for a Unix socket path "
                               f"(at most {MAX_SOCKET_PATH - 26} characters)")
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if root.stat().st_uid != os.getuid():
+            raise WorkerError(f"the worker directory {root} belongs to another user (node-config worker-dir)")
         return paths
 
 
@@ -206,7 +208,9 @@ def call_worker(options: WorkerOptions, paths: WorkerPaths, request: dict[str, A
             conn.send(request)
             reply = conn.recv()
     except (EOFError, OSError) as e:
-        alive = _alive(pid)
+        deadline = time.monotonic() + 2  # the connection closes a moment before the process is gone
+        while (alive := _alive(pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
         raise WorkerError(f"the node worker (pid {pid}) {'dropped the connection' if alive else 'died'} while "
                           f"serving this {request.get('kind')} message ({type(e).__name__}); the next message "
                           f"starts a new one. Its log: {paths.log}") from None
@@ -368,6 +372,12 @@ class Worker:
             time.sleep(WATCH_SECONDS)
             if not _alive(self.watch, self.watch_start):
                 self.exit(f"process {self.watch} that it watches is gone")
+            try:
+                replaced = os.stat(self.socket_path).st_ino != self.inode
+            except OSError:
+                replaced = True
+            if replaced:  # no client can reach it any more
+                self.exit("its socket was removed or replaced")
             with self.lock:
                 idle = not self.busy and time.monotonic() - self.last >= self.idle
             if idle and time.monotonic() - nudged > 5:
