@@ -169,7 +169,7 @@ class Cluster:
         deadline = time.monotonic() + wait
         while True:
             res = self.flwr("run", str(APP), "test", "--format", "json", "--run-config", run_config)
-            if res.returncode == 0 or time.monotonic() > deadline:
+            if (res.returncode == 0 and '"run-id"' in res.stdout) or time.monotonic() > deadline:
                 break
             time.sleep(1)
         assert res.returncode == 0 and '"run-id"' in res.stdout, res.stdout + res.stderr
@@ -234,6 +234,9 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
+        deadline = time.monotonic() + 5  # a moment for those that watch their parent (node workers)
+        while self.marked() and time.monotonic() < deadline:
+            time.sleep(0.2)
         for pid in self.marked():  # children in sessions of their own, or orphaned
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -112,7 +112,7 @@ def test_the_worker_answers_as_the_in_process_client_app_and_is_reused(run_confi
     deadline = time.monotonic() + 10
     while paths.socket.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not paths.socket.exists() and "exits (signal" in paths.log.read_text()
+    assert not paths.socket.exists() and not paths.authkey.exists() and "exits (signal" in paths.log.read_text()
 
 
 def start_worker(paths: WorkerPaths, watch: int, idle: float) -> subprocess.Popen:

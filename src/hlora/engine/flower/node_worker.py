@@ -341,11 +341,12 @@ def _alive(pid: int, start: int = 0) -> bool:
 class Worker:
     """Serves requests on a socket, one at a time, until idle, orphaned or stopped."""
 
-    def __init__(self, socket_path: Path, authkey: bytes, watch: int, watch_start: int, idle: float) -> None:
+    def __init__(self, socket_path: Path, authkey_file: Path, watch: int, watch_start: int, idle: float) -> None:
         self.socket_path = socket_path
-        self.authkey = authkey
+        self.authkey_file = authkey_file
+        self.authkey = authkey_file.read_bytes()
         self.watch, self.watch_start, self.idle = watch, watch_start, idle
-        self.listener = Listener(str(socket_path), family="AF_UNIX", authkey=authkey)
+        self.listener = Listener(str(socket_path), family="AF_UNIX", authkey=self.authkey)
         os.chmod(socket_path, 0o600)
         self.inode = os.stat(socket_path).st_ino
         self.lock = threading.Lock()
@@ -361,6 +362,9 @@ class Worker:
 
     def exit(self, why: str) -> None:
         self.remove_socket()
+        with contextlib.suppress(OSError):  # its key, unless a new worker's has replaced it
+            if self.authkey_file.read_bytes() == self.authkey:
+                self.authkey_file.unlink()
         wlog.info("node worker %d: exits (%s) after %d message(s)", os.getpid(), why, self.served)
         logging.shutdown()
         os._exit(0)
@@ -449,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--idle", type=float, default=DEFAULT_IDLE, help="exit after this many idle seconds")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    worker = Worker(args.socket, args.authkey_file.read_bytes(), args.watch, args.watch_start, args.idle)
+    worker = Worker(args.socket, args.authkey_file, args.watch, args.watch_start, args.idle)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda s, _f: worker.exit(f"signal {s}"))
     worker.serve_forever()
