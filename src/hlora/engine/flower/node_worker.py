@@ -240,7 +240,7 @@ def _connect(paths: WorkerPaths) -> tuple[Connection, dict[str, Any]] | None:
 def _locked(path: Path):
     import fcntl
 
-    with open(path, "a+b") as f:  # noqa: PTH123
+    with open(path, "a+b") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -259,7 +259,7 @@ def _start(options: WorkerOptions, paths: WorkerPaths) -> tuple[Connection, dict
     command = [sys.executable, "-m", "hlora.engine.flower.node_worker", "--socket", str(paths.socket),
                "--authkey-file", str(paths.authkey), "--watch", str(watch), "--watch-start", str(_start_time(watch)),
                "--idle", repr(options.idle)]
-    with open(paths.log, "ab") as out:  # noqa: PTH123
+    with open(paths.log, "ab") as out:
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, close_fds=True)
     deadline = time.monotonic() + START_TIMEOUT
@@ -386,10 +386,11 @@ class Worker:
                 idle = not self.busy and time.monotonic() - self.last >= self.idle
             if idle and time.monotonic() - nudged > 5:
                 nudged = time.monotonic()
-                with contextlib.suppress(Exception):  # the main loop decides; it may be exiting already
-                    with Client(str(self.socket_path), family="AF_UNIX", authkey=self.authkey) as conn:
-                        conn.recv()
-                        conn.send({"kind": "idle?"})
+                # the main loop decides (a request may come first); it may be exiting already
+                with contextlib.suppress(Exception), \
+                        Client(str(self.socket_path), family="AF_UNIX", authkey=self.authkey) as conn:
+                    conn.recv()
+                    conn.send({"kind": "idle?"})
 
     def serve_forever(self) -> None:
         threading.Thread(target=self.watchdog, daemon=True).start()
@@ -416,7 +417,7 @@ class Worker:
                     answered = True
                     conn.send(self.handle(request))
             except (EOFError, OSError) as e:
-                wwlog.warning("node worker %d: lost a client: %s", os.getpid(), e)
+                wlog.warning("node worker %d: lost a client: %s", os.getpid(), e)
             finally:
                 with self.lock:
                     self.busy = False
