@@ -136,9 +136,16 @@ class Cluster:
     def start_superlink(self) -> None:
         auth = ["--enable-supernode-auth"] if self.node_auth else []
         auth += ["--database", str(self.database)] if self.database else []
-        self._start("superlink", [str(BIN / "flower-superlink"), *self._tls(False), *auth,
-                                  "--host", "127.0.0.1", "--port", str(self.port),
-                                  "--disable-runtime-dependency-installation"])
+        proc = self._start("superlink", [str(BIN / "flower-superlink"), *self._tls(False), *auth,
+                                         "--host", "127.0.0.1", "--port", str(self.port),
+                                         "--disable-runtime-dependency-installation"])
+        deadline = time.monotonic() + 60  # a loaded machine: `flwr run` right away may find no SuperLink yet
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
 
     def start_node(self, name: str, node_config: str) -> None:
         auth = ["--auth-supernode-private-key", str(self.register(name))] if self.node_auth else []

@@ -203,3 +203,8 @@ def test_the_client_app_imports_no_torch_and_reads_the_worker_keys():
             node_worker.worker_options(bad)
     with pytest.raises(WorkerError, match="too long for a Unix socket"):
         WorkerPaths.of(WorkerOptions(True, 1, "/tmp/" + "x" * 120), 7, 1, {}, {})
+    # the ClientApp answers a worker it cannot use with an error reply of one line (the server rejects the client)
+    node = {**NODE, "worker": True, "worker-dir": "/tmp/" + "x" * 120}
+    ctx = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
+    reply = client_app.app(message(RecordDict({"hlora": ConfigRecord({})}), "query"), ctx)
+    assert reply.has_error() and "too long for a Unix socket" in reply.error.reason and "\n" not in reply.error.reason
