@@ -8,6 +8,7 @@ in this process) bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -208,3 +209,27 @@ def test_the_client_app_imports_no_torch_and_reads_the_worker_keys():
     ctx = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
     reply = client_app.app(message(RecordDict({"hlora": ConfigRecord({})}), "query"), ctx)
     assert reply.has_error() and "too long for a Unix socket" in reply.error.reason and "\n" not in reply.error.reason
+
+
+def test_two_messages_at_once_start_one_worker(run_config, worker_dir):
+    """Two ClientApp calls that find no worker at the same time: the lock lets one start it, both use it."""
+    options = WorkerOptions(True, 30, worker_dir)
+    paths = WorkerPaths.of(options, 7, 1, run_config, NODE)
+    query = {"kind": "query", "content": to_plain(RecordDict({"hlora": ConfigRecord({})})), "run_config": run_config,
+             "node_config": NODE, "kept_precision": None}
+    answers: list = []
+    callers = [threading.Thread(target=lambda: answers.append(_call(options, paths, query))) for _ in range(2)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(timeout=120)
+    try:
+        assert len(answers) == 2 and all(not isinstance(a, WorkerError) and a.reason is None for a in answers), answers
+        assert len({a.pid for a in answers}) == 1 and sorted(a.started for a in answers) == [False, True]
+        assert sorted(a.served for a in answers) == [1, 2]
+        assert paths.log.read_text().count(": ready on ") == 1
+    finally:
+        for a in answers:
+            if not isinstance(a, WorkerError):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(a.pid, signal.SIGTERM)

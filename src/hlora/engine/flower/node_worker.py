@@ -346,7 +346,7 @@ class Worker:
         self.authkey_file = authkey_file
         self.authkey = authkey_file.read_bytes()
         self.watch, self.watch_start, self.idle = watch, watch_start, idle
-        self.listener = Listener(str(socket_path), family="AF_UNIX", authkey=self.authkey)
+        self.listener = Listener(str(socket_path), family="AF_UNIX", backlog=16, authkey=self.authkey)
         os.chmod(socket_path, 0o600)
         self.inode = os.stat(socket_path).st_ino
         self.lock = threading.Lock()
