@@ -252,9 +252,11 @@ def _start(options: WorkerOptions, paths: WorkerPaths) -> tuple[Connection, dict
     """Start a worker detached (the lock is held) and wait until it accepts."""
     with contextlib.suppress(FileNotFoundError):
         paths.socket.unlink()  # a stale socket of a worker that was killed
-    fd = os.open(paths.authkey, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fresh = paths.authkey.with_suffix(f".key.{os.getpid()}")
+    fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(os.urandom(32))
+    os.replace(fresh, paths.authkey)  # whole: a ClientApp reading it meanwhile gets the old key or the new
     watch = supernode_pid()
     command = [sys.executable, "-m", "hlora.engine.flower.node_worker", "--socket", str(paths.socket),
                "--authkey-file", str(paths.authkey), "--watch", str(watch), "--watch-start", str(_start_time(watch)),
@@ -284,8 +286,8 @@ def _tail(path: Path, lines: int = 3) -> str:
 
 
 def supernode_pid(pid: int | None = None) -> int:
-    """The process a worker started from ``pid`` (default: this one) outlives no longer than: its nearest
-    ``flower-supernode`` ancestor, else its parent."""
+    """The process that a worker started by ``pid`` (default: this process) watches: the nearest
+    ``flower-supernode`` ancestor of ``pid``, else its parent (a ClientApp that no SuperNode started)."""
     parent = os.getppid() if pid is None else _ppid(pid)
     current = parent
     for _ in range(32):
