@@ -233,3 +233,27 @@ def test_two_messages_at_once_start_one_worker(run_config, worker_dir):
             if not isinstance(a, WorkerError):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(a.pid, signal.SIGTERM)
+
+
+def test_auto_precision_chosen_by_the_worker_is_kept_in_the_run_state(run_config, tiny_model, worker_dir):
+    """precision auto: the worker makes the node's choice on the run's first message; the ClientApp keeps it
+    in the node's run state (as the per-message path does), and a new worker of the run takes it from there."""
+    node = {**NODE, "worker": True, "worker-dir": worker_dir, "worker-idle": 60}
+    config = {**run_config, "precision": "auto"}
+    ctx = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=config)
+    reply = client_app.app(message(RecordDict({"hlora": ConfigRecord({})}), "query"), ctx)
+    assert not reply.has_error(), reply.error
+    chosen = reply.content.config_records["site"]["precision"]
+    assert chosen in ("fp32", "bf16") and ctx.state[client_app.STATE_KEY]["precision"] == chosen
+    paths = WorkerPaths.of(WorkerOptions(True, 60, worker_dir), 7, 1, config, node)
+    os.kill(worker_pids(paths.log)[0], signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while paths.socket.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ctx.state[client_app.STATE_KEY] = ConfigRecord({"precision": "bf16" if chosen == "fp32" else "fp32"})
+    reply = client_app.app(message(RecordDict({"hlora": ConfigRecord({})}), "query"), ctx)  # a new worker
+    assert not reply.has_error(), reply.error
+    assert reply.content.config_records["site"]["precision"] == ctx.state[client_app.STATE_KEY]["precision"]
+    pids = worker_pids(paths.log)
+    assert len(set(pids)) == 2
+    os.kill(pids[-1], signal.SIGTERM)
