@@ -136,9 +136,16 @@ class Cluster:
     def start_superlink(self) -> None:
         auth = ["--enable-supernode-auth"] if self.node_auth else []
         auth += ["--database", str(self.database)] if self.database else []
-        self._start("superlink", [str(BIN / "flower-superlink"), *self._tls(False), *auth,
-                                  "--host", "127.0.0.1", "--port", str(self.port),
-                                  "--disable-runtime-dependency-installation"])
+        proc = self._start("superlink", [str(BIN / "flower-superlink"), *self._tls(False), *auth,
+                                         "--host", "127.0.0.1", "--port", str(self.port),
+                                         "--disable-runtime-dependency-installation"])
+        deadline = time.monotonic() + 60  # a loaded machine: `flwr run` right away may find no SuperLink yet
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
 
     def start_node(self, name: str, node_config: str) -> None:
         auth = ["--auth-supernode-private-key", str(self.register(name))] if self.node_auth else []
@@ -169,7 +176,7 @@ class Cluster:
         deadline = time.monotonic() + wait
         while True:
             res = self.flwr("run", str(APP), "test", "--format", "json", "--run-config", run_config)
-            if res.returncode == 0 or time.monotonic() > deadline:
+            if (res.returncode == 0 and '"run-id"' in res.stdout) or time.monotonic() > deadline:
                 break
             time.sleep(1)
         assert res.returncode == 0 and '"run-id"' in res.stdout, res.stdout + res.stderr
@@ -234,6 +241,9 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
+        deadline = time.monotonic() + 5  # a moment for those that watch their parent (node workers)
+        while self.marked() and time.monotonic() < deadline:
+            time.sleep(0.2)
         for pid in self.marked():  # children in sessions of their own, or orphaned
             try:
                 os.kill(pid, signal.SIGKILL)

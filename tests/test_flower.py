@@ -9,9 +9,13 @@ started (also Flower's own children), checking that none is left.
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -229,16 +233,23 @@ def test_a_node_killed_mid_round_is_recorded_and_the_round_completes(cluster, ti
     assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "summary.json").exists()
 
 
-def flower_and_simulation(tmp_path: Path, tiny_model, tiny_mrpc, **options) -> tuple[Path, Any]:
+def flower_and_simulation(tmp_path: Path, tiny_model, tiny_mrpc, node_config: str = "",
+                          during: Callable[[Path], None] | None = None, **options) -> tuple[Path, Any]:
     """A Flower run of three nodes holding partition ids 0..2 (ranks RANKS), and ``hlora run`` of the same
     settings, whose clients 0..2 are those nodes (their data, ranks and seeds): the Flower run's directory and
-    the simulation's result. ``options``: run-config keys (dashes) on top of :data:`PINNED`."""
-    sites = {r: f"rank={r} partition-id={i} num-partitions=3 threads=1" for i, r in enumerate(RANKS)}
+    the simulation's result. ``options``: run-config keys (dashes) on top of :data:`PINNED`; ``node_config``:
+    more node-config keys for every node (e.g. ``worker=true``); ``during(out)``: called once the run is
+    submitted."""
+    sites = {r: f"rank={r} partition-id={i} num-partitions=3 threads=1 {node_config}".strip()
+             for i, r in enumerate(RANKS)}
     cluster = Cluster(tmp_path / "flower")
     out = tmp_path / "flower-run"
     try:
         start(cluster, sites)
-        run = cluster.wait(cluster.run(run_config(tiny_model, tiny_mrpc, out, **options)), timeout=300)
+        run_id = cluster.run(run_config(tiny_model, tiny_mrpc, out, **options), wait=60)
+        if during is not None:
+            during(out)
+        run = cluster.wait(run_id, timeout=300)
         assert run["status"] == "finished:completed", run
     finally:
         left = cluster.close()
@@ -451,3 +462,56 @@ def test_a_node_that_connects_after_round_1_is_sampled_from_the_next_round_on(tm
         assert not r["rejected"] and not r["skipped"] and sorted(r["client_train_loss"]) == [str(c) for c in r["clients"]]
         assert r["ranks"] == [[2, 8, 4][c] for c in r["clients"]]
         assert (late_node in r["nodes"]) == (2 in r["clients"])
+
+
+def test_node_workers_keep_the_model_loaded_and_the_run_equals_the_simulation(tmp_path, tiny_model, tiny_mrpc):
+    """node-config ``worker=true`` on every node: each node's first ClientApp process starts a worker that
+    loads the model and data once and serves the node's query and both rounds' train messages (one pid per
+    node), except one node whose worker is SIGKILLed between the rounds: its round-2 message starts a new
+    worker. The run gives the simulation's rows and final model (as the per-message nodes do, above). Dropout
+    and logit adjustment are on, so a worker that kept its RNG or objective between rounds would differ. The
+    workers exit when their SuperNodes stop, and none is left."""
+    workers = tmp_path / "w"
+    killed: list[Path] = []
+
+    def kill_a_worker_between_the_rounds(out: Path) -> None:
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 240
+        while not killed:  # round 1 is over; a worker that has not begun round 2 (the nodes poll every few s)
+            assert time.monotonic() < deadline, "round 1 never ended"
+            if metrics.exists() and metrics.read_text().strip():
+                for log in sorted(workers.glob("*.log")):
+                    last = log.read_text().strip().splitlines()[-1]
+                    if "served train (message 2)" in last:
+                        os.kill(int(re.search(r"node worker (\d+):", last).group(1)), signal.SIGKILL)
+                        killed.append(log)
+                        break
+            time.sleep(0.02)
+
+    options = {"logit-adjust": 1.0, "local-steps": 2, "dropout": 0.1, "lr-schedule": "cosine"}
+    out, sim = flower_and_simulation(tmp_path, tiny_model, tiny_mrpc, node_config=f'worker=true worker-dir="{workers}"',
+                                     during=kill_a_worker_between_the_rounds, **options)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert_same_rows(rows, sim.rows)
+    assert all(not r["rejected"] for r in rows)
+    strategy = get_strategy("hlora")
+    mine, _ = load_checkpoint(out)
+    theirs, _ = load_checkpoint(sim.out)
+    assert_same_adapter(strategy.global_adapter(mine), strategy.global_adapter(theirs), 1e-5, 1e-6)
+    for name, t in theirs.head.items():
+        torch.testing.assert_close(mine.head[name], t, rtol=1e-5, atol=1e-6)
+
+    logs = sorted(workers.glob("*.log"))
+    assert len(logs) == 3 and len(killed) == 1, logs  # one log per node (a node's workers share it)
+    for log in logs:
+        text = log.read_text()
+        served = re.findall(r"node worker (\d+): serving (\w+) \(message (\d+)\)", text)
+        pids = [pid for pid, _, _ in served]
+        if log in killed:  # the new worker loaded the site again and served round 2
+            assert [(kind, n) for _, kind, n in served] == [("query", "1"), ("train", "2"), ("train", "1")], text
+            assert pids[0] == pids[1] != pids[2], text
+        else:
+            assert [(kind, n) for _, kind, n in served] == [("query", "1"), ("train", "2"), ("train", "3")], text
+            assert len(set(pids)) == 1, text  # the same process for every message
+        assert "that it watches is gone" in text, text  # it exited with its SuperNode
+    assert not list(workers.glob("*.sock")) and not list(workers.glob("*.key"))  # removed at exit

@@ -17,7 +17,7 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 from hlora.client import train_client
 from hlora.config import ConfigError, RunConfig
 from hlora.data import encode, load_task, partition
-from hlora.engine.flower import client_app
+from hlora.engine.flower import client_app, node_site
 from hlora.engine.flower.records import (
     RecordError,
     TrainSettings,
@@ -300,18 +300,18 @@ def test_auto_precision_is_the_nodes_choice_made_once_per_run(tiny_run_config, m
         calls.append(precision)
         return "bf16"
 
-    monkeypatch.setattr(client_app, "resolve_precision", resolve)
+    monkeypatch.setattr(node_site, "resolve_precision", resolve)
     run_config = {**tiny_run_config, "precision": "auto"}
     ctx = Context(run_id=1, node_id=7, node_config={"rank": 2, "partition-id": 0, "num-partitions": 3},
                   state=RecordDict(), run_config=run_config)
     query = RecordDict({"hlora": ConfigRecord({})})
     for _ in range(2):  # Flower starts a new ClientApp process per message: only the run state remains
-        client_app._SITES.clear()
+        node_site._SITES.clear()
         reply = client_app.app(incoming(query, "query"), ctx)
         assert not reply.has_error(), reply.error
         assert reply.content.config_records["site"]["precision"] == "bf16"
     assert calls == ["auto"] and ctx.state[client_app.STATE_KEY]["precision"] == "bf16"
-    client_app._SITES.clear()
+    node_site._SITES.clear()
 
 
 def test_a_round_whose_nodes_are_all_unreachable_is_skipped_not_fatal():

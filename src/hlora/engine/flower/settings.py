@@ -21,6 +21,7 @@ import numpy as np
 
 from hlora.config import FIELDS, ConfigError, RunConfig, load_config
 from hlora.data import DataError, Examples, TaskData, load_task, read_split
+from hlora.engine.flower.node_worker import WORKER_KEYS, WorkerError, worker_options
 
 
 class NodeConfigError(ConfigError):
@@ -177,7 +178,7 @@ class NodeSettings:
     threads: int | None = None
 
 
-NODE_KEYS = ("rank", "lora-alpha", "data-file", "partition-id", "num-partitions", "model", "threads")
+NODE_KEYS = ("rank", "lora-alpha", "data-file", "partition-id", "num-partitions", "model", "threads", *WORKER_KEYS)
 
 
 def node_settings(node_config: Mapping[str, Any], cfg: RunConfig) -> NodeSettings:
@@ -203,6 +204,10 @@ def node_settings(node_config: Mapping[str, Any], cfg: RunConfig) -> NodeSetting
     if parts is not None and not 0 <= (pid or 0) < parts:
         raise NodeConfigError(f"node-config: partition-id must be in 0..{parts - 1}, got {pid}")
     threads = _int(node_config, "threads") if "threads" in node_config else None
+    try:
+        worker_options(node_config)  # worker, worker-idle, worker-dir: read by the ClientApp itself
+    except WorkerError as e:
+        raise NodeConfigError(str(e)) from None
     model = str(node_config.get("model", "")) or None
     return NodeSettings(rank, alpha, data_file, pid, parts, model, threads or None)
 

@@ -1,0 +1,200 @@
+"""What a node computes for each message kind, on the site it loads once (the heavy half of the ClientApp).
+
+:func:`serve` answers one message (``query``, ``train``, ``evaluate``) given its content and the run's
+run-config and the node's node-config: it loads the node's :class:`Site` (base model with LoRA slots,
+tokenized data, rank) on first use and keeps it in this process (:data:`_SITES`). The ClientApp calls it
+in its own process (node-config ``worker = false``: Flower starts a new process per message, so each
+message loads the site again), or a node worker (:mod:`hlora.engine.flower.node_worker`) calls it for
+every message of a run, with the site loaded once.
+
+Every request starts from the same state as a fresh process would: ``train_client`` installs the
+payload's adapter and head, seeds the shuffling and torch's RNG (dropout) from the message's seed, sets
+train mode and clears the slots after; ``evaluate`` installs the global adapter and head and sets eval
+mode; the torch threads, dropout, attention and precision are the site's, set once at its load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, RecordDict
+
+from hlora.client import train_client
+from hlora.config import ConfigError, RunConfig
+from hlora.data import DataError, Encoded, TaskData, encode
+from hlora.engine.flower.records import RecordError, TrainSettings, record_to_payload, update_to_record
+from hlora.engine.flower.settings import held_out, node_examples, node_settings, run_settings, shared_task
+from hlora.factors import init_factors
+from hlora.metrics import evaluate
+from hlora.model import FederatedModel, ModelError, configure, load_classifier
+from hlora.objectives import Objective, label_counts, offset_from_counts
+from hlora.precision import resolve_precision
+from hlora.strategies import Payload, StrategyError
+
+log = logging.getLogger("flwr.hlora")
+
+#: a user mistake or bad input: the error reply's reason is the message alone (no traceback in the log)
+EXPECTED_ERRORS = (ConfigError, DataError, ModelError, RecordError, StrategyError)
+
+
+@dataclass
+class Site:
+    """What a node loads once: the base model with LoRA slots, its tokenized data, its rank."""
+
+    fm: FederatedModel
+    data: Encoded
+    task: TaskData
+    rank: int
+    lora_alpha: float
+    #: the node's share of a split of the run's task (``partition-id``), or -1 for its own data file
+    partition_id: int = -1
+    #: how many of its training examples have each label, in label order
+    label_counts: list[int] = field(default_factory=list)
+    #: the share it holds out to score the global model (run-config evaluate-on clients or both), or None
+    heldout: Encoded | None = None
+    #: the run-config's precision is ``auto``: ``fm.precision`` is the node's choice, kept for the run
+    auto_precision: bool = False
+
+
+#: sites loaded by this process, by (run-config, node-config): a process that serves several
+#: messages (a node worker, or several nodes in simulation) loads the model and data once
+_SITES: dict[tuple[str, str], Site] = {}
+
+
+def load_site(run_config: Mapping[str, Any], node_config: Mapping[str, Any], kept_precision: str | None = None) -> Site:
+    """The node's model and data, loaded on first use (a ConfigError subclass with a one-line reason).
+
+    ``kept_precision``: the node's choice for ``precision = "auto"`` made on an earlier message of the run
+    (kept in the node's run state), or None: choose now (:func:`node_precision`)."""
+    run_config, node_config = dict(run_config), dict(node_config)
+    key = (json.dumps(run_config, sort_keys=True), json.dumps(node_config, sort_keys=True))
+    if key in _SITES:
+        return _SITES[key]
+    cfg, options = run_settings(run_config)
+    node = node_settings(node_config, cfg)
+    if node.threads or cfg.threads:
+        torch.set_num_threads(node.threads or cfg.threads)
+    task = shared_task(cfg, options.labels, with_dev=False)
+    examples = node_examples(node, cfg, task)
+    part = -1 if node.partition_id is None else node.partition_id
+    heldout = None
+    if options.clients_evaluate:  # only then: a run where the server evaluates trains on all of it
+        examples, heldout = held_out(examples, options.client_eval_fraction, cfg.seed, part)
+    model, tokenizer = load_classifier(node.model or cfg.model, task.num_labels, cfg.seed)
+    configure(model, cfg.dropout, cfg.attention)  # attention auto: the node's own device decides
+    fm = FederatedModel(model, cfg.target_modules)
+    width = min(min(shape) for shape in fm.shapes.values())
+    if node.rank > width:
+        raise ConfigError(f"node-config: rank {node.rank} is above the width {width} of the adapted layers")
+    counts = label_counts(examples.labels, task.num_labels).tolist()
+    site = Site(fm, encode(tokenizer, examples, cfg.max_length), task, node.rank, node.lora_alpha, part,
+                counts, None if heldout is None else encode(tokenizer, heldout, cfg.max_length),
+                auto_precision=cfg.precision == "auto")
+    fm.precision = node_precision(site, cfg, kept_precision)
+    _SITES[key] = site
+    return site
+
+
+def node_precision(site: Site, cfg: RunConfig, kept: str | None = None) -> str:
+    """The run-config's precision; for ``auto``, the node's own choice (a few timed training batches),
+    made on the run's first message and then ``kept`` (in the node's run state, ``context.state``: Flower
+    starts a new ClientApp process for every message)."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    if kept:
+        return kept
+    return resolve_precision("auto", lambda mode: _probe_step(site, cfg, mode))
+
+
+def _probe_step(site: Site, cfg: RunConfig, precision: str, batches: int = 2) -> None:
+    """A few training batches on the site's data at ``precision``, from a fresh adapter of its rank."""
+    site.fm.precision = precision
+    lora = init_factors(site.fm.shapes, site.rank, torch.Generator().manual_seed(0))
+    train_client(site.fm, Payload(lora, site.fm.head_state()), site.data, list(range(len(site.data))),
+                 client_id=-1, epochs=1, lr=cfg.lr, batch_size=cfg.batch_size, seed=0, local_steps=batches)
+
+
+def objective(site: Site, settings: TrainSettings) -> Objective:
+    """The round's training loss: the logit adjustment of this site's label counts against the
+    federation's (``hlora.objectives.logit_offset``, as the simulation computes it) and FedProx."""
+    offset = None
+    if settings.logit_adjust:
+        counts = settings.label_counts
+        if not counts or len(counts) != site.task.num_labels:
+            raise RecordError(f"logit-adjust needs the federation's {site.task.num_labels} label counts; "
+                              f"the train message holds {counts!r}")
+        offset = offset_from_counts(site.label_counts, counts, settings.logit_adjust)
+    return Objective(offset=offset, prox_mu=settings.prox_mu)
+
+
+def answer_query(site: Site, content: RecordDict) -> RecordDict:
+    """This site's rank, LoRA alpha, number of examples, label names, partition id, label counts and
+    precision."""
+    del content
+    return RecordDict({"site": ConfigRecord({
+        "rank": site.rank,
+        "lora-alpha": float(site.lora_alpha),
+        "num-examples": len(site.data),
+        "labels": list(site.task.label_names),
+        "partition-id": site.partition_id,
+        "label-counts": list(site.label_counts),
+        "precision": site.fm.precision,
+    })})
+
+
+def answer_train(site: Site, content: RecordDict) -> RecordDict:
+    """The received factors trained on this site's data: the update."""
+    payload, settings = record_to_payload(content)
+    update = train_client(
+        site.fm, payload, site.data, list(range(len(site.data))), client_id=settings.client,
+        epochs=settings.local_epochs, lr=settings.lr, batch_size=settings.batch_size, seed=settings.seed,
+        local_steps=settings.local_steps, objective=objective(site, settings),
+        head_opt=settings.head_opt, head_lr=settings.head_lr, client_opt=settings.client_opt,
+        adam_eps=settings.adam_eps,
+    )
+    return update_to_record(update)
+
+
+def answer_evaluate(site: Site, content: RecordDict) -> RecordDict:
+    """The received global model's (adapter and head) scores on the share this site holds out."""
+    if site.heldout is None:
+        raise ConfigError("this node holds out no examples (run-config evaluate-on is server)")
+    payload, settings = record_to_payload(content)
+    scores = evaluate(site.fm, payload.lora, payload.head, site.heldout, settings.batch_size, site.task.f1_label)
+    return RecordDict({"eval": ConfigRecord({"client": settings.client, "examples": len(site.heldout), **scores})})
+
+
+ANSWERS = {"query": answer_query, "train": answer_train, "evaluate": answer_evaluate}
+
+
+@dataclass
+class Served:
+    """One message's outcome: the reply's content, or the one-line reason of an error reply; and the
+    precision to keep in the node's run state (``auto`` resolved), if any."""
+
+    content: RecordDict | None
+    reason: str | None = None
+    keep_precision: str | None = None
+
+
+def serve(kind: str, content: RecordDict, run_config: Mapping[str, Any], node_config: Mapping[str, Any],
+          kept_precision: str | None = None) -> Served:
+    """Answer one message of ``kind`` (query, train, evaluate); a problem is an error reason of one line
+    (a user mistake, or a crash whose traceback goes to the log)."""
+    keep = None
+    try:
+        site = load_site(run_config, node_config, kept_precision)
+        keep = site.fm.precision if site.auto_precision else None
+        return Served(ANSWERS[kind](site, content), keep_precision=keep)
+    except EXPECTED_ERRORS as e:
+        reason = str(e)
+    except Exception as e:  # noqa: BLE001 - a bug or a broken environment: traceback in the node log
+        log.error("hlora ClientApp failed:\n%s", traceback.format_exc())
+        reason = f"{type(e).__name__}: {e}"
+    return Served(None, " ".join(reason.split()), keep)
