@@ -200,39 +200,6 @@ def test_a_bad_run_config_fails_the_run_with_its_reason(cluster, tiny_model, tin
     assert run["status"] == "finished:failed" and "already holds a run" in run["status-details"]
 
 
-def test_a_node_killed_mid_round_is_recorded_and_the_round_completes(cluster, tiny_model, tiny_mrpc,
-                                                                       tmp_path):
-    out = tmp_path / "run"
-    victim = "rank8"
-    run_id = cluster.run(run_config(tiny_model, tiny_mrpc, out, rounds=1, **{"min-clients": 2,
-                                                                             "round-timeout": 45.0}))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # round 1 has begun and the victim is training
-        training = any("flwr-clientapp" in cmd for _, cmd in cluster.descendants(victim))
-        if (out / "flower.json").exists() and training:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail(f"the victim never started training; logs in {cluster.root}")
-    cluster.kill(victim)
-    gone = time.monotonic() + 10
-    while cluster.descendants(victim) and time.monotonic() < gone:
-        time.sleep(0.1)
-    assert not cluster.descendants(victim)
-    run = cluster.wait(run_id, timeout=240)
-    assert run["status"] == "finished:completed", run
-    flower = json.loads((out / "flower.json").read_text())
-    dead = next(c for c in flower["clients"] if c["rank"] == 8)
-    [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert not row["skipped"] and row["clients"] == [0, 1, 2]
-    assert [(r["client"], r["node_id"]) for r in row["rejected"]] == [(dead["client"], dead["node_id"])]
-    reason = row["rejected"][0]["reason"]  # our deadline, or the SuperLink's missed-heartbeat notice
-    assert "NodeUnavailable" in reason and ("no reply within 45 s" in reason or "Node Unavailable" in reason)
-    saved = torch.load(out / "updates" / "round-1.pt", weights_only=False)
-    assert sorted(u.client for u in saved["updates"]) == sorted({0, 1, 2} - {dead["client"]})
-    assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "summary.json").exists()
-
-
 def flower_and_simulation(tmp_path: Path, tiny_model, tiny_mrpc, node_config: str = "",
                           during: Callable[[Path], None] | None = None, **options) -> tuple[Path, Any]:
     """A Flower run of three nodes holding partition ids 0..2 (ranks RANKS), and ``hlora run`` of the same
@@ -515,3 +482,37 @@ def test_node_workers_keep_the_model_loaded_and_the_run_equals_the_simulation(tm
             assert len(set(pids)) == 1, text  # the same process for every message
         assert "that it watches is gone" in text, text  # it exited with its SuperNode
     assert not list(workers.glob("*.sock")) and not list(workers.glob("*.key"))  # removed at exit
+
+
+def test_a_node_killed_mid_round_is_recorded_and_the_round_completes(cluster, tiny_model, tiny_mrpc,
+                                                                       tmp_path):
+    """Last in this file: it kills a node of the module's cluster, which later tests of that cluster need."""
+    out = tmp_path / "run"
+    victim = "rank8"
+    run_id = cluster.run(run_config(tiny_model, tiny_mrpc, out, rounds=1, **{"min-clients": 2,
+                                                                             "round-timeout": 45.0}))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # round 1 has begun and the victim is training
+        training = any("flwr-clientapp" in cmd for _, cmd in cluster.descendants(victim))
+        if (out / "flower.json").exists() and training:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the victim never started training; logs in {cluster.root}")
+    cluster.kill(victim)
+    gone = time.monotonic() + 10
+    while cluster.descendants(victim) and time.monotonic() < gone:
+        time.sleep(0.1)
+    assert not cluster.descendants(victim)
+    run = cluster.wait(run_id, timeout=240)
+    assert run["status"] == "finished:completed", run
+    flower = json.loads((out / "flower.json").read_text())
+    dead = next(c for c in flower["clients"] if c["rank"] == 8)
+    [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not row["skipped"] and row["clients"] == [0, 1, 2]
+    assert [(r["client"], r["node_id"]) for r in row["rejected"]] == [(dead["client"], dead["node_id"])]
+    reason = row["rejected"][0]["reason"]  # our deadline, or the SuperLink's missed-heartbeat notice
+    assert "NodeUnavailable" in reason and ("no reply within 45 s" in reason or "Node Unavailable" in reason)
+    saved = torch.load(out / "updates" / "round-1.pt", weights_only=False)
+    assert sorted(u.client for u in saved["updates"]) == sorted({0, 1, 2} - {dead["client"]})
+    assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "summary.json").exists()
