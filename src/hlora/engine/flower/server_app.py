@@ -304,13 +304,6 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"{len(online)} usable nodes, fewer than per-round {cfg.per_round} ({why})")
     clients = client_specs(nodes, fm)
     strategy.check(clients)
-    if out is None:
-        target = Path(cfg.out) if cfg.out else default_out(cfg)
-        if any((target / name).exists() for name in ("config.yaml", "metrics.jsonl", "summary.json")):
-            raise ConfigError(f"run-config out {target.resolve()} already holds a run; choose another directory, "
-                              f'or continue it with resume="{target.resolve()}"')
-        out = prepare_out(target).resolve()
-    cfg.out = run_config["out"] = str(out)
 
     def roster_changed() -> tuple[dict[int, int | None], list[int] | None]:
         """The clients are ``nodes``: record them (config.yaml, flower.json); their node ids and label counts."""
