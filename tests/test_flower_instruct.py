@@ -136,3 +136,74 @@ def test_classifier_only_run_config_keys_are_refused_for_instruct(instruct_run_c
     task = shared_task(cfg, options.labels, with_dev=True)
     assert task.kind == "instruct" and len(task.train) == 96 and len(task.dev) == 12
     assert len(shared_task(cfg, None, with_dev=False).dev) == 0  # a node never reads the dev set
+
+
+class InProcessGrid:
+    """A Grid whose nodes are ClientApps in this process (``exchange`` is patched to call them)."""
+
+    def __init__(self, nodes: dict[int, dict]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.nodes)
+
+
+def test_the_server_app_runs_an_instruct_federation_as_the_simulation(instruct_run_config, tiny_decoder,  # noqa: F811
+                                                                      tmp_path, monkeypatch):
+    """run_federation over 3 in-process nodes (partition ids 0..2, ranks 2, 4, 8; messages cross the wire
+    as bytes): the rows (eval loss, perplexity, ROUGE-L, train loss), summary and final adapter equal those
+    of hlora run with the same settings, and the logit adjustment of the app's default is not applied."""
+    import json
+
+    from flwr.app import Context
+
+    from hlora import load_config, run
+    from hlora.checkpoint import load_checkpoint
+    from hlora.engine.flower import client_app, server_app
+    from hlora.engine.flower.transport import NodeFailure
+    from tests.test_flower_records import incoming
+
+    ranks = (2, 4, 8)
+    grid = InProcessGrid({11 + i: {"rank": r, "partition-id": i, "num-partitions": 3, "threads": 1}
+                          for i, r in enumerate(ranks)})
+    sent: list[str] = []
+
+    def exchange(grid, contents, kind, timeout, group_id=None):
+        replies = []
+        for node_id, content in contents:
+            sent.append(kind)
+            ctx = Context(run_id=1, node_id=node_id, node_config=grid.nodes[node_id], state=RecordDict(),
+                          run_config={})
+            reply = client_app.app(incoming(wire(content), kind), ctx)
+            replies.append(NodeFailure(reply.error.reason) if reply.has_error() else reply)
+        return replies
+
+    monkeypatch.setattr(server_app, "exchange", exchange)
+    options = {"rounds": 2, "local-epochs": 1, "batch-size": 8, "partition": "iid", "lr": 1e-2,
+               "gen-samples": 2, "max-new-tokens": 6, "lr-schedule": "constant", "seed": 0}
+    out = tmp_path / "flower"
+    summary = server_app.run_federation(grid, {**instruct_run_config, **options, "out": str(out)})
+    assert sent == ["query"] * 3 + ["train"] * 6
+
+    model, train, dev = tiny_decoder
+    sim = run(load_config(None, {
+        **{k.replace("-", "_"): v for k, v in {**instruct_run_config, **options}.items()},
+        "ranks": ",".join(map(str, ranks)), "out": str(tmp_path / "simulation")}))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == len(sim.rows) == 2
+    for got, expected in zip(rows, sim.rows):
+        assert "accuracy" not in got and not got["rejected"]
+        for key in ("round", "clients", "ranks", "uplink_bytes", "downlink_bytes"):
+            assert got[key] == expected[key], key
+        for key in ("eval_loss", "perplexity", "train_loss", "rouge_l"):
+            assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
+    assert summary["final_eval_loss"] == rows[-1]["eval_loss"] and "final_rouge_l" in summary
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    assert not (out / "dev_predictions.json").exists()
+    flower = json.loads((out / "flower.json").read_text())
+    assert [c["label_counts"] for c in flower["clients"]] == [None] * 3
+    strategy = get_strategy("hlora")
+    mine, _ = load_checkpoint(out)
+    theirs, _ = load_checkpoint(sim.out)
+    for m, f in strategy.global_adapter(theirs).items():
+        torch.testing.assert_close(strategy.global_adapter(mine)[m].delta(), f.delta(), rtol=1e-5, atol=1e-6)
