@@ -207,3 +207,57 @@ def test_the_server_app_runs_an_instruct_federation_as_the_simulation(instruct_r
     theirs, _ = load_checkpoint(sim.out)
     for m, f in strategy.global_adapter(theirs).items():
         torch.testing.assert_close(strategy.global_adapter(mine)[m].delta(), f.delta(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_node_worker_serves_instruct_as_the_in_process_client_app(instruct_run_config):
+    """worker=true: the query (an empty label list) and a train message of an LM site are answered as the
+    ClientApp answers them in its own process, bit for bit; the worker is stopped after."""
+    import os
+    import shutil
+    import signal
+    import tempfile
+
+    from flwr.app import Context
+
+    from hlora.engine.flower import client_app
+    from hlora.engine.flower.node_worker import WorkerOptions, WorkerPaths
+    from tests.test_node_worker import message, same_content, worker_pids
+
+    node = {"rank": 2, "partition-id": 0, "num-partitions": 3, "threads": 1}
+    folder = tempfile.mkdtemp(prefix="hw-")  # a Unix socket path has at most 107 bytes
+    on = {**node, "worker": True, "worker-dir": folder, "worker-idle": 60}
+    _, _, payload, settings = train_round(instruct_run_config, 2, 0)
+    messages = [(RecordDict({"hlora": ConfigRecord({})}), "query"), (payload_to_record(payload, settings), "train")]
+    try:
+        replies = {}
+        for flag, config in ((True, on), (False, node)):
+            ctx = Context(run_id=1, node_id=7, node_config=config, state=RecordDict(), run_config=instruct_run_config)
+            replies[flag] = [client_app.app(message(c, kind), ctx) for c, kind in messages]
+        for got, expected in zip(replies[True], replies[False]):
+            assert not got.has_error() and not expected.has_error(), (got.error if got.has_error() else expected.error)
+            same_content(got.content, expected.content)
+        assert list(replies[True][0].content.config_records["site"]["labels"]) == []
+        pids = worker_pids(WorkerPaths.of(WorkerOptions(True, 60, folder), 7, 1, instruct_run_config, on).log)
+        assert len(pids) == 2 and len(set(pids)) == 1
+        os.kill(pids[0], signal.SIGTERM)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_servers_auto_precision_times_an_lms_eval_loss(instruct_run_config, monkeypatch):
+    from hlora.engine.flower import server_app
+
+    cfg, options = run_settings({**instruct_run_config, "precision": "auto"})
+    task = shared_task(cfg, options.labels, with_dev=True)
+    model, tokenizer = load_model(cfg, task)
+    fm = FederatedModel(model, cfg.target_modules)
+    dev = node_site.tokenize(task, tokenizer, task.dev, cfg.max_length)
+    timed = []
+
+    def resolve(precision, step):  # the probe runs (eval loss of a few dev batches, no generation)
+        step("fp32")
+        timed.append(precision)
+        return "fp32"
+
+    monkeypatch.setattr(server_app, "resolve_precision", resolve)
+    assert server_app.server_precision(cfg, fm, dev) == "fp32" and timed == ["auto"]

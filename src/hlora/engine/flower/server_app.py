@@ -20,6 +20,10 @@
    ``summary.json``, all in ``out`` (see :mod:`hlora.engine.outputs`); with ``log``, the rows and the summary
    in TensorBoard, MLflow or W&B too (:mod:`hlora.tracking`).
 
+``task = "instruct"`` (a decoder LM on instruction JSONL): the nodes report no labels or label counts, no
+logit adjustment is sent, and the server scores eval loss, perplexity and ROUGE-L (``gen-samples``) on its dev
+file, as :func:`hlora.tasks.score` does for ``hlora run``; the adapter is a ``CAUSAL_LM`` one.
+
 ``resume = "OUT"`` continues a stopped run from its ``checkpoint.pt`` (the global state, the sampler,
 the rows so far and each client's site), with the run-config it started with (kept in ``flower.json``
 and sent to the nodes in every message): the server waits for the run's nodes, gives each client back to
