@@ -278,7 +278,7 @@ def test_logit_adjustment_local_steps_and_server_momentum_equal_the_simulation(t
         torch.testing.assert_close(mine.head[name], t, rtol=1e-5, atol=1e-6)
 
 
-def instruct_data(tiny_decoder) -> dict[str, Any]:
+def instruct_data(tiny_decoder) -> dict[str, Any]:  # noqa: F811
     """The tiny Llama and its synthetic instruction set (tests/test_instruct.py) as run-config keys."""
     model, train, dev = tiny_decoder
     return {"task": "instruct", "train": train, "dev": dev, "model": model,

@@ -106,7 +106,7 @@ def test_a_node_serves_its_own_instruction_file_with_the_run_configs_fields(inst
     site = reply.content.config_records["site"]
     assert (site["num-examples"], site["partition-id"], list(site["labels"])) == (10, -1, [])
 
-    cfg, fm, payload, settings = train_round(run_config, 3, 0, rnd=2)
+    _, fm, payload, settings = train_round(run_config, 3, 0, rnd=2)
     reply = call_app(node, run_config, payload_to_record(payload, settings), "train")
     assert not reply.has_error(), reply.error
     got = record_to_update(wire(reply.content))
@@ -148,8 +148,7 @@ class InProcessGrid:
         return sorted(self.nodes)
 
 
-def test_the_server_app_runs_an_instruct_federation_as_the_simulation(instruct_run_config, tiny_decoder,  # noqa: F811
-                                                                      tmp_path, monkeypatch):
+def test_the_server_app_runs_an_instruct_federation_as_the_simulation(instruct_run_config, tmp_path, monkeypatch):
     """run_federation over 3 in-process nodes (partition ids 0..2, ranks 2, 4, 8; messages cross the wire
     as bytes): the rows (eval loss, perplexity, ROUGE-L, train loss), summary and final adapter equal those
     of hlora run with the same settings, and the logit adjustment of the app's default is not applied."""
@@ -185,7 +184,6 @@ def test_the_server_app_runs_an_instruct_federation_as_the_simulation(instruct_r
     summary = server_app.run_federation(grid, {**instruct_run_config, **options, "out": str(out)})
     assert sent == ["query"] * 3 + ["train"] * 6
 
-    model, train, dev = tiny_decoder
     sim = run(load_config(None, {
         **{k.replace("-", "_"): v for k, v in {**instruct_run_config, **options}.items()},
         "ranks": ",".join(map(str, ranks)), "out": str(tmp_path / "simulation")}))
