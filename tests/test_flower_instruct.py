@@ -148,7 +148,8 @@ class InProcessGrid:
         return sorted(self.nodes)
 
 
-def test_the_server_app_runs_an_instruct_federation_as_the_simulation(instruct_run_config, tmp_path, monkeypatch):
+def test_the_server_app_runs_an_instruct_federation_as_the_simulation(instruct_run_config, tmp_path, monkeypatch,
+                                                                      capsys):
     """run_federation over 3 in-process nodes (partition ids 0..2, ranks 2, 4, 8; messages cross the wire
     as bytes): the rows (eval loss, perplexity, ROUGE-L, train loss), summary and final adapter equal those
     of hlora run with the same settings, and the logit adjustment of the app's default is not applied."""
@@ -160,6 +161,7 @@ def test_the_server_app_runs_an_instruct_federation_as_the_simulation(instruct_r
     from hlora.checkpoint import load_checkpoint
     from hlora.engine.flower import client_app, server_app
     from hlora.engine.flower.transport import NodeFailure
+    from tests.test_cli import run_cli
     from tests.test_flower_records import incoming
 
     ranks = (2, 4, 8)
@@ -205,6 +207,8 @@ def test_the_server_app_runs_an_instruct_federation_as_the_simulation(instruct_r
     theirs, _ = load_checkpoint(sim.out)
     for m, f in strategy.global_adapter(theirs).items():
         torch.testing.assert_close(strategy.global_adapter(mine)[m].delta(), f.delta(), rtol=1e-5, atol=1e-6)
+    code, text = run_cli(["eval", str(out)], capsys)  # hlora eval reads a Flower LM run as a simulated one
+    assert code in (None, 0) and f"eval_loss {rows[-1]['eval_loss']:.4f}" in text
 
 
 def test_a_node_worker_serves_instruct_as_the_in_process_client_app(instruct_run_config):

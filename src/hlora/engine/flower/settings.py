@@ -193,10 +193,12 @@ def instruct_task(cfg: RunConfig, labels: list[str] | None, with_dev: bool) -> T
 
 
 def classification_only(task: TaskData) -> TaskData:
-    """The Flower engine trains sequence classifiers; refuse other kinds of task with one line."""
+    """A named or file task is a classifier (``task = "instruct"`` goes through :func:`instruct_task`);
+    refuse any other kind with one line."""
     kind = getattr(task, "kind", "classify")
     if kind != "classify":
-        raise ConfigError(f"the Flower engine runs classification tasks; a task of kind {kind!r}: hlora run")
+        raise ConfigError(f"the Flower engine runs classification and instruct tasks; a task of kind {kind!r}: "
+                          "hlora run")
     return task
 
 
