@@ -34,6 +34,7 @@ from hlora.model import FederatedModel, configure, load_classifier
 from hlora.server import client_seed
 from hlora.strategies import get_strategy
 from tests.flower_cluster import Cluster
+from tests.test_instruct import tiny_decoder  # noqa: F401 - the session's tiny Llama and instruction set
 
 #: every test here starts real Flower processes: `pytest -m "not slow"` leaves them out (CI runs them)
 pytestmark = pytest.mark.slow
@@ -65,11 +66,14 @@ PINNED = {"precision": "fp32", "lr-schedule": "constant", "logit-adjust": 0.0, "
           "server-opt": "avg", "server-lr": 1.0, "client-weights": "examples"}
 
 
-def run_config(tiny_model, tiny_mrpc, out: Path, **extra) -> str:
+def run_config(tiny_model, tiny_mrpc, out: Path, data: dict[str, Any] | None = None, **extra) -> str:
+    """The run-config of a test run; ``data``: the task, data, model and max-length keys in place of the tiny
+    MRPC's (e.g. :func:`instruct_data`)."""
     train, dev = tiny_mrpc
     values = {
-        "task": "mrpc", "train": train, "dev": dev, "text-columns": ",".join(TEXT), "label-column": "Quality",
-        "model": tiny_model, "max-length": 48, "clients": 3, "per-round": 3, "rounds": 2, "local-epochs": 1,
+        **(data or {"task": "mrpc", "train": train, "dev": dev, "text-columns": ",".join(TEXT),
+                    "label-column": "Quality", "model": tiny_model, "max-length": 48}),
+        "clients": 3, "per-round": 3, "rounds": 2, "local-epochs": 1,
         "batch-size": 8, "partition": "iid", "threads": 1, "out": str(out), "save-updates": True,
         "round-timeout": 120.0, "node-timeout": 60.0, **PINNED, **extra,
     }
@@ -201,19 +205,20 @@ def test_a_bad_run_config_fails_the_run_with_its_reason(cluster, tiny_model, tin
 
 
 def flower_and_simulation(tmp_path: Path, tiny_model, tiny_mrpc, node_config: str = "",
-                          during: Callable[[Path], None] | None = None, **options) -> tuple[Path, Any]:
+                          during: Callable[[Path], None] | None = None, data: dict[str, Any] | None = None,
+                          **options) -> tuple[Path, Any]:
     """A Flower run of three nodes holding partition ids 0..2 (ranks RANKS), and ``hlora run`` of the same
     settings, whose clients 0..2 are those nodes (their data, ranks and seeds): the Flower run's directory and
     the simulation's result. ``options``: run-config keys (dashes) on top of :data:`PINNED`; ``node_config``:
     more node-config keys for every node (e.g. ``worker=true``); ``during(out)``: called once the run is
-    submitted."""
+    submitted; ``data``: the task's keys in place of the tiny MRPC's (:func:`run_config`), in both runs."""
     sites = {r: f"rank={r} partition-id={i} num-partitions=3 threads=1 {node_config}".strip()
              for i, r in enumerate(RANKS)}
     cluster = Cluster(tmp_path / "flower")
     out = tmp_path / "flower-run"
     try:
         start(cluster, sites)
-        run_id = cluster.run(run_config(tiny_model, tiny_mrpc, out, **options), wait=60)
+        run_id = cluster.run(run_config(tiny_model, tiny_mrpc, out, data, **options), wait=60)
         if during is not None:
             during(out)
         run = cluster.wait(run_id, timeout=300)
@@ -224,8 +229,10 @@ def flower_and_simulation(tmp_path: Path, tiny_model, tiny_mrpc, node_config: st
 
     train, dev = tiny_mrpc
     cfg = load_config(None, {
-        "task": "mrpc", "train": train, "dev": dev, "text_columns": TEXT, "label_column": "Quality",
-        "model": tiny_model, "max_length": 48, "clients": 3, "per_round": 3, "rounds": 2, "local_epochs": 1,
+        **({k.replace("-", "_"): v for k, v in data.items()} if data else {
+            "task": "mrpc", "train": train, "dev": dev, "text_columns": TEXT, "label_column": "Quality",
+            "model": tiny_model, "max_length": 48}),
+        "clients": 3, "per_round": 3, "rounds": 2, "local_epochs": 1,
         "batch_size": 8, "partition": "iid", "ranks": ",".join(map(str, RANKS)), "threads": 1,
         "out": str(tmp_path / "simulation"),
         **{k.replace("-", "_"): v for k, v in {**PINNED, **options}.items()},
@@ -269,6 +276,45 @@ def test_logit_adjustment_local_steps_and_server_momentum_equal_the_simulation(t
     assert_same_adapter(strategy.global_adapter(mine), strategy.global_adapter(theirs), 1e-5, 1e-6)
     for name, t in theirs.head.items():
         torch.testing.assert_close(mine.head[name], t, rtol=1e-5, atol=1e-6)
+
+
+def instruct_data(tiny_decoder) -> dict[str, Any]:  # noqa: F811
+    """The tiny Llama and its synthetic instruction set (tests/test_instruct.py) as run-config keys."""
+    model, train, dev = tiny_decoder
+    return {"task": "instruct", "train": train, "dev": dev, "model": model,
+            "target-modules": "q_proj,k_proj,v_proj,o_proj", "max-length": 64, "gen-samples": 2,
+            "max-new-tokens": 6}
+
+
+def test_instruction_tuning_of_a_decoder_lm_equals_the_simulation(tmp_path, tiny_model, tiny_mrpc,
+                                                                  tiny_decoder):  # noqa: F811
+    """--task instruct: the tiny Llama, 3 nodes holding partition ids 0..2 of the training JSONL (ranks 2, 4,
+    8), 2 rounds: the nodes train on their responses (no labels, no logit adjustment: the app's default 1.0
+    is not applied, as in hlora run), the server scores eval loss, perplexity and ROUGE-L on its dev file;
+    the rows and the final adapter are the simulation's, and the adapter is a causal LM's."""
+    out, sim = flower_and_simulation(tmp_path, tiny_model, tiny_mrpc, data=instruct_data(tiny_decoder),
+                                     **{"lr": 1e-2, "logit-adjust": 1.0})
+    flower = json.loads((out / "flower.json").read_text())
+    assert [(c["partition_id"], c["rank"], c["label_counts"]) for c in flower["clients"]] == \
+        [(i, r, None) for i, r in enumerate(RANKS)]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == len(sim.rows) == 2
+    for got, expected in zip(rows, sim.rows):
+        assert "accuracy" not in got and not got["rejected"]
+        for key in ("round", "clients", "ranks", "uplink_bytes", "downlink_bytes", "rejected"):
+            assert got[key] == expected[key], key
+        for key in ("eval_loss", "perplexity", "train_loss", "rouge_l"):
+            assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
+    assert rows[1]["eval_loss"] < rows[0]["eval_loss"]  # it learns
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_eval_loss"] == rows[-1]["eval_loss"] and summary["final_rouge_l"] == rows[-1]["rouge_l"]
+    assert not (out / "dev_predictions.json").exists()
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    strategy = get_strategy("hlora")
+    mine, _ = load_checkpoint(out)
+    theirs, _ = load_checkpoint(sim.out)
+    assert not mine.head and not theirs.head
+    assert_same_adapter(strategy.global_adapter(mine), strategy.global_adapter(theirs), 1e-5, 1e-6)
 
 
 def simulated(tmp_path: Path, tiny_model, tiny_mrpc, rounds: int, per_round: int, **options) -> list[dict]:

@@ -440,8 +440,6 @@ NOT_IN_THE_APP = {
     **dict.fromkeys(("attack", "attackers", "attack-lambda"), "attacks are simulated by hlora run only"),
     "preset": "the app lists every key with its value: refused by run_settings",
     "personal-holdout": "fedsa's held-out share: Flower refuses fedsa (nodes keep no client state yet)",
-    **dict.fromkeys(("prompt-field", "input-field", "response-field", "category-field", "gen-samples",
-                     "max-new-tokens", "dtype", "gradient-checkpointing"), "--task instruct runs in hlora run only"),
 }
 #: `hlora run` options the app spells otherwise
 RENAMED = {"strategy-option": "strategy-options"}  # repeated on the command line, one string in the run-config

@@ -59,6 +59,11 @@ class InstructExamples:
         """The partition's "labels": a Dirichlet split over them is a split by category (task)."""
         return self.categories
 
+    def subset(self, indices: list[int]) -> InstructExamples:
+        """The examples ``indices``, in that order (a node's share of a split)."""
+        return InstructExamples([self.prompts[i] for i in indices], [self.responses[i] for i in indices],
+                                [self.categories[i] for i in indices])
+
 
 @dataclass
 class Fields:

@@ -27,15 +27,16 @@ from flwr.app import ConfigRecord, RecordDict
 
 from hlora.client import train_client
 from hlora.config import ConfigError, RunConfig
-from hlora.data import DataError, Encoded, TaskData, encode
+from hlora.data import DataError, Encoded, EncodedLM, TaskData
 from hlora.engine.flower.records import RecordError, TrainSettings, record_to_payload, update_to_record
 from hlora.engine.flower.settings import held_out, node_examples, node_settings, run_settings, shared_task
 from hlora.factors import init_factors
 from hlora.metrics import evaluate
-from hlora.model import FederatedModel, ModelError, configure, load_classifier
+from hlora.model import FederatedModel, ModelError
 from hlora.objectives import Objective, label_counts, offset_from_counts
 from hlora.precision import resolve_precision
 from hlora.strategies import Payload, StrategyError
+from hlora.tasks import INSTRUCT, load_model, tokenize
 
 log = logging.getLogger("flwr.hlora")
 
@@ -48,13 +49,14 @@ class Site:
     """What a node loads once: the base model with LoRA slots, its tokenized data, its rank."""
 
     fm: FederatedModel
-    data: Encoded
+    #: its training examples, tokenized (``EncodedLM`` for --task instruct: loss on the responses only)
+    data: Encoded | EncodedLM
     task: TaskData
     rank: int
     lora_alpha: float
     #: the node's share of a split of the run's task (``partition-id``), or -1 for its own data file
     partition_id: int = -1
-    #: how many of its training examples have each label, in label order
+    #: how many of its training examples have each label, in label order (none for --task instruct)
     label_counts: list[int] = field(default_factory=list)
     #: the share it holds out to score the global model (run-config evaluate-on clients or both), or None
     heldout: Encoded | None = None
@@ -86,15 +88,18 @@ def load_site(run_config: Mapping[str, Any], node_config: Mapping[str, Any], kep
     heldout = None
     if options.clients_evaluate:  # only then: a run where the server evaluates trains on all of it
         examples, heldout = held_out(examples, options.client_eval_fraction, cfg.seed, part)
-    model, tokenizer = load_classifier(node.model or cfg.model, task.num_labels, cfg.seed)
-    configure(model, cfg.dropout, cfg.attention)  # attention auto: the node's own device decides
+    cfg.model = node.model or cfg.model
+    # a classifier, or for --task instruct a causal LM in dtype (gradient-checkpointing), as hlora run loads
+    # it; dropout and attention set (attention auto: the node's own device decides)
+    model, tokenizer = load_model(cfg, task)
     fm = FederatedModel(model, cfg.target_modules)
     width = min(min(shape) for shape in fm.shapes.values())
     if node.rank > width:
         raise ConfigError(f"node-config: rank {node.rank} is above the width {width} of the adapted layers")
-    counts = label_counts(examples.labels, task.num_labels).tolist()
-    site = Site(fm, encode(tokenizer, examples, cfg.max_length), task, node.rank, node.lora_alpha, part,
-                counts, None if heldout is None else encode(tokenizer, heldout, cfg.max_length),
+    lm = task.kind == INSTRUCT
+    counts = [] if lm else label_counts(examples.labels, task.num_labels).tolist()
+    site = Site(fm, tokenize(task, tokenizer, examples, cfg.max_length), task, node.rank, node.lora_alpha, part,
+                counts, None if heldout is None else tokenize(task, tokenizer, heldout, cfg.max_length),
                 auto_precision=cfg.precision == "auto")
     fm.precision = node_precision(site, cfg, kept_precision)
     _SITES[key] = site
@@ -124,7 +129,7 @@ def objective(site: Site, settings: TrainSettings) -> Objective:
     """The round's training loss: the logit adjustment of this site's label counts against the
     federation's (``hlora.objectives.logit_offset``, as the simulation computes it) and FedProx."""
     offset = None
-    if settings.logit_adjust:
+    if settings.logit_adjust and site.task.kind != INSTRUCT:  # an LM has no labels to adjust (hlora run too)
         counts = settings.label_counts
         if not counts or len(counts) != site.task.num_labels:
             raise RecordError(f"logit-adjust needs the federation's {site.task.num_labels} label counts; "
@@ -135,15 +140,17 @@ def objective(site: Site, settings: TrainSettings) -> Objective:
 
 def answer_query(site: Site, content: RecordDict) -> RecordDict:
     """This site's rank, LoRA alpha, number of examples, label names, partition id, label counts and
-    precision."""
+    precision. A decoder LM (--task instruct) has no labels: ``labels`` is empty and there are no
+    ``label-counts``."""
     del content
+    lm = site.task.kind == INSTRUCT
     return RecordDict({"site": ConfigRecord({
         "rank": site.rank,
         "lora-alpha": float(site.lora_alpha),
         "num-examples": len(site.data),
-        "labels": list(site.task.label_names),
+        "labels": [] if lm else list(site.task.label_names),
         "partition-id": site.partition_id,
-        "label-counts": list(site.label_counts),
+        **({} if lm else {"label-counts": list(site.label_counts)}),
         "precision": site.fm.precision,
     })})
 

@@ -20,6 +20,10 @@
    ``summary.json``, all in ``out`` (see :mod:`hlora.engine.outputs`); with ``log``, the rows and the summary
    in TensorBoard, MLflow or W&B too (:mod:`hlora.tracking`).
 
+``task = "instruct"`` (a decoder LM on instruction JSONL): the nodes report no labels or label counts, no
+logit adjustment is sent, and the server scores eval loss, perplexity and ROUGE-L (``gen-samples``) on its dev
+file, as :func:`hlora.tasks.score` does for ``hlora run``; the adapter is a ``CAUSAL_LM`` one.
+
 ``resume = "OUT"`` continues a stopped run from its ``checkpoint.pt`` (the global state, the sampler,
 the rows so far and each client's site), with the run-config it started with (kept in ``flower.json``
 and sent to the nodes in every message): the server waits for the run's nodes, gives each client back to
@@ -50,7 +54,7 @@ from torch import Tensor
 
 from hlora.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from hlora.config import ConfigError, RunConfig, load_config
-from hlora.data import Encoded, encode
+from hlora.data import Encoded, EncodedLM
 from hlora.engine.flower.records import TrainSettings, payload_to_record, record_to_update
 from hlora.engine.flower.settings import (
     FLOWER_JSON,
@@ -63,11 +67,12 @@ from hlora.engine.flower.transport import NodeFailure, NodeUnavailable, exchange
 from hlora.engine.outputs import finish_run, round_row
 from hlora.engine.simulation import default_out, prepare_out
 from hlora.factors import Adapter, Factor, init_factors
-from hlora.metrics import MetricsLog, dev_predictions, evaluate
-from hlora.model import FederatedModel, configure, load_classifier
+from hlora.metrics import MetricsLog, dev_predictions, evaluate, evaluate_lm
+from hlora.model import FederatedModel
 from hlora.precision import resolve_precision
 from hlora.server import RoundOutcome, client_seed, server_round
 from hlora.strategies import ClientSpec, GlobalState, Payload, Strategy, StrategyError, Update, get_strategy
+from hlora.tasks import is_lm, load_model, peft_task_type, score, tokenize
 from hlora.tracking import check_installed, open_tracking
 
 log = logging.getLogger("flwr.hlora")
@@ -197,13 +202,14 @@ class GridExecutor:
     def __call__(self, pairs: list[tuple[ClientSpec, Payload]]) -> list[Update | Exception]:
         self.pairs = pairs
         contents = []
+        adjust = 0.0 if is_lm(self.cfg) else self.cfg.logit_adjust  # an LM has no labels (as in hlora run)
         for spec, payload in pairs:
             settings = TrainSettings(
                 client=spec.id, round=self.rnd, seed=client_seed(self.cfg.seed, self.rnd, spec.id),
                 local_epochs=self.cfg.local_epochs, lr=self.cfg.client_lr(self.rnd),
                 batch_size=self.cfg.batch_size, local_steps=self.cfg.local_steps, prox_mu=self.cfg.prox_mu,
-                logit_adjust=self.cfg.logit_adjust,
-                label_counts=self.label_counts if self.cfg.logit_adjust else None,
+                logit_adjust=adjust,
+                label_counts=self.label_counts if adjust else None,
                 head_opt=self.cfg.head_opt, head_lr=self.cfg.head_lr, client_opt=self.cfg.client_opt,
                 adam_eps=self.cfg.adam_eps,
             )
@@ -268,17 +274,22 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         out = prepare_out(target).resolve()
     cfg.out = run_config["out"] = str(out)
     task = shared_task(cfg, options.labels, with_dev=True)
-    model, tokenizer = load_classifier(cfg.model, task.num_labels, cfg.seed)
-    configure(model, cfg.dropout, cfg.attention)  # the server only evaluates: its dropout never runs
+    lm = is_lm(cfg)  # --task instruct: a causal LM (dtype, gradient-checkpointing), no labels, no head
+    labels = [] if lm else list(task.label_names)  # what the nodes report
+    adjust = 0.0 if lm else cfg.logit_adjust  # logit adjustment: a classifier's only
+    attention = cfg.attention
+    model, tokenizer = load_model(cfg, task)  # the server only evaluates: its dropout never runs
+    cfg.attention = attention  # config.yaml keeps the run-config's: auto is each machine's own choice
     fm = FederatedModel(model, cfg.target_modules)
     cfg.robust_rule().check_dense(fm.shapes, cfg.per_round)  # median/trimmed: refused where they do not fit
     cfg.privacy().check_dense(fm.shapes)  # DP's dense noisy change: likewise
-    dev = encode(tokenizer, task.dev, cfg.max_length) if len(task.dev) else None
+    dev = tokenize(task, tokenizer, task.dev, cfg.max_length) if len(task.dev) else None
     # a resumed run evaluates at the precision it chose at its start
     cfg.precision = fm.precision = saved_cfg.precision if saved_cfg else server_precision(cfg, fm, dev)
 
     def scorer(adapter: Adapter, head: dict[str, Tensor]) -> dict[str, float]:
-        return evaluate(fm, adapter, head, dev, cfg.eval_batch_size, task.f1_label)
+        """Accuracy (and F1); for an LM eval loss, perplexity and ROUGE-L (gen-samples), as hlora run."""
+        return score(cfg, task, fm, tokenizer, adapter, head, task.dev, dev)
 
     checkpoint = load_checkpoint(out) if resume and (out / CHECKPOINT).exists() else None
     if resume:
@@ -286,16 +297,16 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
                                       json.loads((out / FLOWER_JSON).read_text())["clients"])]
         log.info("hlora: resuming %s at round %d; waiting for its %d nodes", out,
                  (checkpoint[0].round if checkpoint else 0) + 1, len(roster))
-        found, failed = discover(grid, len(roster), list(task.label_names), options, run_config,
-                                 need_counts=bool(cfg.logit_adjust))
+        found, failed = discover(grid, len(roster), labels, options, run_config,
+                                 need_counts=bool(adjust))
         nodes = rejoin(roster, found)
         taken = {n.node_id for n in nodes}
         for extra in (n for n in found if n.node_id not in taken):  # asked again when the next round starts
             log.info("hlora: node %s is no client of the resumed run: it joins as a new one", extra.node_id)
     else:
         log.info("hlora: waiting for %d nodes; writing to %s", cfg.clients, out)
-        nodes, failed = discover(grid, cfg.clients, list(task.label_names), options, run_config,
-                                 need_counts=bool(cfg.logit_adjust))
+        nodes, failed = discover(grid, cfg.clients, labels, options, run_config,
+                                 need_counts=bool(adjust))
     for reason in failed.values():
         log.warning("hlora: left out: %s", reason)
     online = [n for n in nodes if n.node_id is not None]
@@ -315,7 +326,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         cfg.validate()
         cfg.save(out / "config.yaml")
         write_flower_json(out, run_config, nodes, failed, options)
-        return {i: n.node_id for i, n in enumerate(nodes)}, federation_counts(nodes) if cfg.logit_adjust else None
+        return {i: n.node_id for i, n in enumerate(nodes)}, federation_counts(nodes) if adjust else None
 
     node_ids, counts = roster_changed()
     # DP: the accountant's sampling rate q = per-round / clients is fixed by the first roster, so a DP run
@@ -334,12 +345,13 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         state, rows, wall_before = strategy.init_state(init, fm.head_state()), [], 0.0
     metrics = MetricsLog(out, rows if resume else None, tracker=open_tracking(cfg, out, resume=bool(resume)))
     max_rank = max((f.rank for f in state.init.values() if isinstance(f, Factor)), default=max(cfg.client_ranks))
+    key = "eval_loss" if lm else "accuracy"  # the main score of a row (summary.json: final_ and best_)
     for rnd in range(state.round + 1, cfg.rounds + 1):
         t0 = time.perf_counter()
         if rnd > 1 and not dp.on:  # nodes that connected since: sampled from this round on
             left_out = len(failed)
-            joined = join_late(grid, nodes, failed, list(task.label_names), options, run_config,
-                               bool(cfg.logit_adjust), max_rank, strategy, fm, rnd)
+            joined = join_late(grid, nodes, failed, labels, options, run_config,
+                               bool(adjust), max_rank, strategy, fm, rnd)
             if len(failed) > left_out and not joined:
                 write_flower_json(out, run_config, nodes, failed, options)
             if joined:
@@ -381,8 +393,8 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         save_checkpoint(out, state, sampler=sampler.bit_generator.state, rows=metrics.rows,
                         client_ranks=cfg.client_ranks, partition=[], roster=[dataclasses.asdict(n) for n in nodes],
                         wall_seconds=wall_before + time.perf_counter() - t_run)
-        log.info("hlora: round %d/%d accuracy %s client_accuracy %s train_loss %s rejected %d%s (%.1f s)", rnd,
-                 cfg.rounds, _fmt(row.get("accuracy")), _fmt(row.get("client_accuracy")), _fmt(row["train_loss"]),
+        log.info("hlora: round %d/%d %s %s client_accuracy %s train_loss %s rejected %d%s (%.1f s)", rnd,
+                 cfg.rounds, key, _fmt(row.get(key)), _fmt(row.get("client_accuracy")), _fmt(row["train_loss"]),
                  len(outcome.rejected), " skipped" if outcome.skipped else "", row["seconds"])
         for f in row.get("client_eval_failed", []):
             log.warning("hlora: round %d: client %s (node %s) did not evaluate: %s", rnd, f["client"], f["node"],
@@ -396,7 +408,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     server_scores = dev is not None and options.evaluate_on != "clients"
     summary = finish_run(out, strategy, state, metrics, model=cfg.model, task=task.name,
                          strategy_name=cfg.strategy, wall_seconds=wall_before + time.perf_counter() - t_run,
-                         predictions=predictions if server_scores else None,
+                         task_type=peft_task_type(cfg), predictions=predictions if server_scores and not lm else None,
                          extra={"dp_epsilon": dp.epsilon(cfg.per_round / cfg.clients, cfg.rounds),
                                 "dp_delta": cfg.dp_delta, "dp_noise": cfg.dp_noise} if dp.on else None)
     by_clients = [r["client_accuracy"] for r in metrics.rows if "client_accuracy" in r]
@@ -404,7 +416,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         summary.update(final_client_accuracy=by_clients[-1], best_client_accuracy=max(by_clients))
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     metrics.tracker.finish()
-    log.info("hlora: done; final accuracy %.4f; outputs in %s", summary["final_accuracy"], out)
+    log.info("hlora: done; final %s %.4f; outputs in %s", key, summary[f"final_{key}"], out)
     return summary
 
 
@@ -521,17 +533,25 @@ def write_flower_json(
     }, indent=2) + "\n")
 
 
-def server_precision(cfg: RunConfig, fm: FederatedModel, dev: Encoded | None) -> str:
+def server_precision(cfg: RunConfig, fm: FederatedModel, dev: Encoded | EncodedLM | None) -> str:
     """The server's evaluation precision: the run-config's, or for ``auto`` its own choice, timing the
-    evaluation of a few dev batches (fp32 without a dev set)."""
+    evaluation of a few dev batches (fp32 without a dev set; an LM's eval loss, without generation)."""
     if cfg.precision != "auto":
         return cfg.precision
     if dev is None:
         return "fp32"
     n = min(len(dev), 2 * cfg.eval_batch_size)
+    adapter = init_factors(fm.shapes, 1, torch.Generator().manual_seed(0))
+    if isinstance(dev, EncodedLM):
+        probe_lm = EncodedLM(dev.input_ids[:n], dev.labels[:n], dev.prompt_lengths[:n], dev.pad_id)
+
+        def step_lm(mode: str) -> None:
+            fm.precision = mode
+            evaluate_lm(fm, adapter, probe_lm, cfg.eval_batch_size, None, [], 0, 1)
+
+        return resolve_precision("auto", step_lm)
     probe = Encoded(dev.input_ids[:n], None if dev.token_type_ids is None else dev.token_type_ids[:n],
                     dev.labels[:n], dev.pad_id)
-    adapter = init_factors(fm.shapes, 1, torch.Generator().manual_seed(0))
 
     def step(mode: str) -> None:
         fm.precision = mode

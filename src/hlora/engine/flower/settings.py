@@ -20,7 +20,17 @@ from typing import Any
 import numpy as np
 
 from hlora.config import FIELDS, ConfigError, RunConfig, load_config
-from hlora.data import DataError, Examples, TaskData, load_task, read_split
+from hlora.data import (
+    INSTRUCT,
+    DataError,
+    Examples,
+    Fields,
+    InstructExamples,
+    TaskData,
+    load_task,
+    read_split,
+)
+from hlora.data.instruct import read_instruct
 from hlora.engine.flower.node_worker import WORKER_KEYS, WorkerError, worker_options
 
 
@@ -113,6 +123,9 @@ def run_settings(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerOption
     if options.evaluate_on not in EVALUATE_ON:
         raise ConfigError(f"run-config evaluate-on must be one of {', '.join(EVALUATE_ON)}, "
                           f"got {options.evaluate_on!r}")
+    if options.clients_evaluate and cfg.task == INSTRUCT:
+        raise ConfigError("run-config evaluate-on: the nodes score classifiers only; with task instruct the "
+                          "server scores the model on its dev set (evaluate-on server)")
     if not 0 < options.client_eval_fraction < 1:
         raise ConfigError(f"run-config client-eval-fraction must be in (0, 1), got {options.client_eval_fraction}")
     if options.round_timeout <= 0 or options.node_timeout <= 0:
@@ -137,8 +150,13 @@ def shared_task(cfg: RunConfig, labels: list[str] | None, with_dev: bool) -> Tas
     * ``labels`` (with ``text-columns`` and ``label-column``): nodes bring their own files;
     * otherwise a named task (``mrpc``, ``rte``, ``hf:NAME``).
 
+    ``task = "instruct"`` (a decoder LM): instruction JSONL, fields per ``prompt-field``, ... as in
+    ``hlora run``; ``train`` when nodes take a share of it (partition-id), ``dev`` for the server.
+
     ``with_dev`` reads the dev set (the server, which evaluates); a node never needs it.
     """
+    if cfg.task == INSTRUCT:
+        return instruct_task(cfg, labels, with_dev)
     if labels:
         if not cfg.text_columns or not cfg.label_column:
             raise ConfigError("run-config labels needs text-columns and label-column")
@@ -157,11 +175,30 @@ def shared_task(cfg: RunConfig, labels: list[str] | None, with_dev: bool) -> Tas
     return task
 
 
+def instruct_task(cfg: RunConfig, labels: list[str] | None, with_dev: bool) -> TaskData:
+    """``--task instruct`` as every site sees it: the training set's examples and categories when the
+    run-config names ``train`` (nodes with a partition-id split it by category, as ``hlora run``), and the
+    dev set for the server; a node with its own ``data-file`` needs neither."""
+    if labels:
+        raise ConfigError("run-config labels names a classifier's labels; --task instruct has none "
+                          "(a node brings its own instruction JSONL as data-file)")
+    fields = Fields.of(cfg)
+    empty = InstructExamples([], [], [])
+    try:
+        train, categories = read_instruct(cfg.train, fields) if cfg.train else (empty, [])
+        dev = read_instruct(cfg.dev, fields)[0] if with_dev and cfg.dev else empty
+    except (DataError, OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"run-config: {e}") from None
+    return TaskData(INSTRUCT, train, dev, categories, kind=INSTRUCT, train_file=cfg.train or None)
+
+
 def classification_only(task: TaskData) -> TaskData:
-    """The Flower engine trains sequence classifiers; refuse other kinds of task with one line."""
+    """A named or file task is a classifier (``task = "instruct"`` goes through :func:`instruct_task`);
+    refuse any other kind with one line."""
     kind = getattr(task, "kind", "classify")
     if kind != "classify":
-        raise ConfigError(f"the Flower engine runs classification tasks; a task of kind {kind!r}: hlora run")
+        raise ConfigError(f"the Flower engine runs classification and instruct tasks; a task of kind {kind!r}: "
+                          "hlora run")
     return task
 
 
@@ -230,7 +267,10 @@ def node_examples(node: NodeSettings, cfg: RunConfig, task: TaskData) -> Example
         if not path.is_file():
             raise NodeConfigError(f"node-config: data-file {node.data_file!r} does not exist (or is no file)")
         try:
-            examples = read_split(path, task)
+            if task.kind == INSTRUCT:  # its own categories: they only matter to a split, and it is not split
+                examples = read_instruct(path, Fields.of(cfg))[0]
+            else:
+                examples = read_split(path, task)
         except (DataError, OSError, UnicodeDecodeError) as e:
             raise NodeConfigError(f"node-config: data-file {node.data_file!r} cannot be read: {e}") from None
         if not len(examples):
