@@ -177,6 +177,12 @@ class DP:
         eps = spent_epsilon(sampling_rate, self.noise or 0.0, rounds, self.delta)
         return None if math.isinf(eps) else eps
 
+    def summary(self, sampling_rate: float, rounds: int) -> dict[str, float | None] | None:
+        """What a finished run's summary.json adds (epsilon after ``rounds``, delta, z); None when DP is off."""
+        if not self.on:
+            return None
+        return {"dp_epsilon": self.epsilon(sampling_rate, rounds), "dp_delta": self.delta, "dp_noise": self.noise}
+
 
 def default_delta(clients: int) -> float:
     """1 / clients^1.1 (see the module docstring)."""

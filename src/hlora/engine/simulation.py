@@ -365,8 +365,7 @@ def _rounds(
         out, strategy, final, log, model=cfg.model, task=exp.task.name, strategy_name=cfg.strategy,
         wall_seconds=wall_before + time.perf_counter() - t_run,
         task_type=peft_task_type(cfg), predictions=None if is_lm(cfg) else exp.predictions,
-        extra={"dp_epsilon": dp.epsilon(cfg.per_round / cfg.clients, cfg.rounds), "dp_delta": cfg.dp_delta,
-               "dp_noise": cfg.dp_noise} if dp.on else None,
+        extra=dp.summary(cfg.per_round / cfg.clients, cfg.rounds),
     )
     reporter.finish(summary)
     return RunResult(out, summary, log.rows)

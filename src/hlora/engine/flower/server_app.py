@@ -409,8 +409,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     summary = finish_run(out, strategy, state, metrics, model=cfg.model, task=task.name,
                          strategy_name=cfg.strategy, wall_seconds=wall_before + time.perf_counter() - t_run,
                          task_type=peft_task_type(cfg), predictions=predictions if server_scores and not lm else None,
-                         extra={"dp_epsilon": dp.epsilon(cfg.per_round / cfg.clients, cfg.rounds),
-                                "dp_delta": cfg.dp_delta, "dp_noise": cfg.dp_noise} if dp.on else None)
+                         extra=dp.summary(cfg.per_round / cfg.clients, cfg.rounds))
     by_clients = [r["client_accuracy"] for r in metrics.rows if "client_accuracy" in r]
     if by_clients:  # the nodes' score of the global model, next to the server's
         summary.update(final_client_accuracy=by_clients[-1], best_client_accuracy=max(by_clients))
