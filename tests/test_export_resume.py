@@ -89,6 +89,10 @@ def test_eval_and_predict_commands(finished_run, capsys, tiny_mrpc):
     assert code in (0, None) and text.split("\t")[0].strip() in ("0", "1")
     code, text = run_cli(["predict", str(finished_run.out), "only one sentence"], capsys)
     assert code == 2 and "sentence pairs" in text
+    for command in (["eval"], ["predict"], ["export", "--out", "x"]):  # one global model: no client's own
+        code, text = run_cli([command[0], str(finished_run.out), *command[1:], "--client", "0"]
+                             + (["a", "b"] if command[0] == "predict" else []), capsys)
+        assert code == 2 and "trains one global model" in text and text.count("\n") == 1
 
 
 def _metrics(path):

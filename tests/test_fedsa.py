@@ -199,6 +199,41 @@ def test_a_fedsa_run_reports_personal_accuracy_and_resumes_identically(tiny_args
     assert _rows(lines) == _rows(rows)
 
 
+def test_a_clients_own_model_is_what_its_personal_score_used_and_exports_to_peft(tiny_args, tmp_path, capsys):
+    from hlora.data import encode
+    from hlora.metrics import predict_logits
+    from tests.test_cli import run_cli
+    from tests.test_export_resume import peft_logits
+
+    cfg = tiny_config(tiny_args, tmp_path / "run", strategy="fedsa", rounds=1, threads=1, seed=3)
+    ref = run(cfg)
+    last = ref.rows[-1]
+    sampled, held = set(last["clients"]), setup(cfg).holdout
+    for k, h in enumerate(held):
+        if not h:
+            continue
+        trained = load_run(ref.out, client=k)
+        assert trained.client == k and trained.trained == (k in sampled)
+        p = Predictor(trained)
+        assert p.evaluate(p.held_out())["accuracy"] == pytest.approx(last["client_personal_accuracy"][str(k)])
+    k = sorted(sampled)[0]
+    code, text = run_cli(["export", str(ref.out), "--client", str(k), "--out", str(tmp_path / "k")], capsys)
+    assert code in (0, None) and "keeps 100.00%" in text
+    p = Predictor(load_run(ref.out, client=k))
+    dev = encode(p.tokenizer, p.task.dev, 48)
+    ours = predict_logits(p.fm, p.adapter, p.run.head, dev, 16)
+    torch.testing.assert_close(peft_logits(tmp_path / "k", cfg.model, dev), ours, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(ours, predict_logits(p.fm, load_run(ref.out).adapter, load_run(ref.out).head, dev, 16))
+    code, text = run_cli(["eval", str(ref.out), "--client", str(k)], capsys)
+    assert code in (0, None) and f"client {k} held-out" in text
+    unsampled = sorted(set(range(len(held))) - sampled)
+    if unsampled:
+        code, text = run_cli(["predict", str(ref.out), "a", "b", "--client", str(unsampled[0])], capsys)
+        assert code in (0, None) and "never sampled" in text
+    code, text = run_cli(["eval", str(ref.out), "--client", "99"], capsys)
+    assert code == 2 and "client id in 0..3" in text
+
+
 def test_the_split_changes_only_for_a_personalised_strategy(tiny_args, tmp_path):
     hl = setup(tiny_config(tiny_args, tmp_path / "h", strategy="hlora"))
     whole = hl.cfg.client_parts(hl.task)

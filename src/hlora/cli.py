@@ -505,8 +505,9 @@ def export(
     run_dir: Path = typer.Argument(..., metavar="RUN", help="A run directory."),
     out: Path = typer.Option(..., help="Folder for the PEFT adapter."),
     rank: Optional[int] = typer.Option(None, help="Rank of the export (default: all of the update)."),
+    client: Optional[int] = typer.Option(None, help="A personalised strategy's (fedsa) model of this client id: the global part with the client's own B and head."),
 ) -> None:
-    """Export the run's global model at rank r (the best rank-r truncation) as a PEFT adapter.
+    """Export the run's global model (or, with --client, one client's own model) at rank r as a PEFT adapter.
 
     RUN: a finished run directory. --out must be new or empty (nothing is overwritten).
     """
@@ -514,8 +515,16 @@ def export(
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} already exists and is not empty; choose a new folder")
-    kept = export_run(load_run(run_dir), rank, out)
+    trained = load_run(run_dir, client)
+    _note_untrained(trained)
+    kept = export_run(trained, rank, out)
     console.print(f"wrote {out} (rank {rank or 'full'}): keeps {100 * kept:.2f}% of the update's energy")
+
+
+def _note_untrained(trained: Any) -> None:
+    if not trained.trained:
+        console.print(f"note: client {trained.client} was never sampled: its model is what the server would "
+                      "first send it")
 
 
 @app.command(name="eval")
@@ -523,16 +532,23 @@ def eval_(
     run_dir: Path = typer.Argument(..., metavar="RUN", help="A run directory."),
     rank: Optional[int] = typer.Option(None, help="Evaluate the best rank-r truncation (default: full)."),
     dev: Optional[list[Path]] = typer.Option(None, help="More evaluation files with the run's columns (its dev set is always evaluated)."),
+    client: Optional[int] = typer.Option(None, help="A personalised strategy's (fedsa) model of this client id: the global part with the client's own B and head."),
 ) -> None:
-    """Evaluate a run's global model on its dev set or other files.
+    """Evaluate a run's global model (or, with --client, one client's own model) on its dev set or other files.
 
     RUN: a run directory. The run's task data (GLUE, its --train/--dev files, or the hub) must be readable.
+    With --client, the client's held-out examples (--personal-holdout) are scored too.
     """
     from hlora.inference import Predictor, load_run
 
-    p = Predictor(load_run(run_dir), rank)
+    trained = load_run(run_dir, client)
+    _note_untrained(trained)
+    p = Predictor(trained, rank)
     console.print(f"rank {rank or 'full'}: keeps {100 * p.energy:.2f}% of the update's energy")
     targets = [(f"{p.task.name} dev", None)] + [(str(f), p.read(f)) for f in dev or []]
+    if client is not None:
+        held = p.held_out()
+        targets += [(f"client {client} held-out ({len(held)} examples)", held)] if len(held) else []
     for name, examples in targets:
         scores = p.evaluate(examples)
         console.print(f"{name}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()), highlight=False)
@@ -544,15 +560,19 @@ def predict(
     text: str = typer.Argument(..., help="The sentence (or the first of a pair); an instruction for an LM run."),
     second: Optional[str] = typer.Argument(None, help="The second sentence of a pair; an LM run: the input."),
     rank: Optional[int] = typer.Option(None, help="Use the best rank-r truncation (default: full)."),
+    client: Optional[int] = typer.Option(None, help="A personalised strategy's (fedsa) model of this client id: the global part with the client's own B and head."),
 ) -> None:
-    """Classify one sentence or sentence pair with a run's global model (an LM run: respond to an instruction).
+    """Classify one sentence or sentence pair with a run's global model (an LM run: respond to an instruction);
+    with --client, with that client's own model.
 
     RUN: a run directory (its task data must be readable: the labels come from it). TEXT: the sentence, or the
     first of a pair (an LM run: the instruction). SECOND: the pair's second sentence (an LM run: the input).
     """
     from hlora.inference import Predictor, load_run
 
-    p = Predictor(load_run(run_dir), rank)
+    trained = load_run(run_dir, client)
+    _note_untrained(trained)
+    p = Predictor(trained, rank)
     if p.run.is_lm:
         print(p.respond(text, second))
         return
