@@ -254,9 +254,22 @@ def test_the_split_changes_only_for_a_personalised_strategy(tiny_args, tmp_path)
         tiny_config(tiny_args, tmp_path / "x", strategy="fedsa", personal_holdout=1.0).validate()
 
 
-def test_flower_refuses_fedsa_in_one_line():
+def test_flower_refuses_what_fedsa_cannot_do_there_in_one_line(tmp_path):
+    """fedsa runs on Flower (tests/test_flower.py); a resumed run (its nodes' kept B is in the stopped run's
+    Flower run state, which a new run does not have), evaluate-on clients or both (no global model) and
+    --robust (the server sees A only) are refused, each in one line, before anything loads."""
     from hlora.engine.flower.server_app import run_federation
 
-    with pytest.raises(ConfigError, match="keeps each client's state") as e:
-        run_federation(None, {"strategy": "fedsa"})
-    assert "\n" not in str(e.value)
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "config.yaml").write_text("strategy: fedsa\n")
+    (stopped / "flower.json").write_text(json.dumps({"run_config": {"strategy": "fedsa"}}))
+    for run_config, match in [
+        ({"resume": str(stopped)}, "restart from B = 0"),
+        ({"strategy": "fedsa", "evaluate-on": "both"}, "no global model"),
+        ({"strategy": "fedsa", "evaluate-on": "clients"}, "no global model"),
+        ({"strategy": "fedsa", "robust": "krum"}, "sends A only"),
+    ]:
+        with pytest.raises(ConfigError, match=match) as e:
+            run_federation(None, run_config)
+        assert "\n" not in str(e.value)

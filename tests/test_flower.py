@@ -530,6 +530,39 @@ def test_node_workers_keep_the_model_loaded_and_the_run_equals_the_simulation(tm
     assert not list(workers.glob("*.sock")) and not list(workers.glob("*.key"))  # removed at exit
 
 
+def test_fedsa_nodes_keep_their_B_and_score_their_own_models_as_the_simulation_does(tmp_path, tiny_model,
+                                                                                    tiny_mrpc):
+    """strategy fedsa, 3 partition-id nodes (ranks 2, 4, 8) with node workers, 3 rounds of 2 (seed 0 samples
+    [0, 1], [0, 2], [0, 1]: client 0 trains from its kept B twice, client 2 is scored with B = 0 after round 1).
+    Each node holds out hlora run's share of its examples, keeps its B and head in its run state, and scores its
+    own model: the rows' personal scores, bytes (A only) and losses are the simulation's, the server's A is the
+    simulation's, and the server reports no accuracy of its own (it holds B = 0) and writes no adapter."""
+    options = {"strategy": "fedsa", "rounds": 3, "per-round": 2, "head-opt": "sgd", "head-lr": 0.1}
+    out, sim = flower_and_simulation(tmp_path, tiny_model, tiny_mrpc,
+                                     node_config=f'worker=true worker-dir="{tmp_path / "w"}"', **options)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["clients"] for r in rows] == [r["clients"] for r in sim.rows] == [[0, 1], [0, 2], [0, 1]]
+    for got, expected in zip(rows, sim.rows, strict=True):
+        assert "accuracy" not in got and "energy_kept" not in got and "personal_eval_failed" not in got
+        for key in ("round", "clients", "ranks", "uplink_bytes", "downlink_bytes", "rejected", "personal_examples",
+                    "client_personal_accuracy", "personal_accuracy"):
+            assert got[key] == expected[key], (got["round"], key)
+        assert got["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-5, abs=1e-7)
+        assert got["client_train_loss"] == pytest.approx(expected["client_train_loss"], rel=1e-5, abs=1e-7)
+    assert set(rows[0]["client_personal_accuracy"]) == {"0", "1", "2"}  # the never-trained client 2 too
+    # only A travels: tiny BERT, 2 layers x (query, value), k = 32, float32
+    assert rows[0]["uplink_bytes"] == sum(4 * r * 32 * 4 for r in rows[0]["ranks"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_personal_accuracy"] == rows[-1]["personal_accuracy"] and "final_accuracy" not in summary
+    assert not (out / "adapter").exists() and not (out / "dev_predictions.json").exists()
+    mine, saved = load_checkpoint(out)
+    theirs, _ = load_checkpoint(sim.out)
+    assert "client_states" not in saved  # the clients' B are on their nodes
+    for m, g in mine.lora.items():
+        assert torch.equal(g.B, torch.zeros_like(g.B))
+        torch.testing.assert_close(g.A, theirs.lora[m].A, rtol=1e-5, atol=1e-6)
+
+
 def test_a_node_killed_mid_round_is_recorded_and_the_round_completes(cluster, tiny_model, tiny_mrpc,
                                                                        tmp_path):
     """Last in this file: it kills a node of the module's cluster, which later tests of that cluster need."""

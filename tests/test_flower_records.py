@@ -439,7 +439,6 @@ NOT_IN_THE_APP = {
     **dict.fromkeys(("ranks", "rank-policy", "rank-file", "layer-ranks"), "each node gives its rank in --node-config"),
     **dict.fromkeys(("attack", "attackers", "attack-lambda"), "attacks are simulated by hlora run only"),
     "preset": "the app lists every key with its value: refused by run_settings",
-    "personal-holdout": "fedsa's held-out share: Flower refuses fedsa (nodes keep no client state yet)",
 }
 #: `hlora run` options the app spells otherwise
 RENAMED = {"strategy-option": "strategy-options"}  # repeated on the command line, one string in the run-config
@@ -466,3 +465,28 @@ def test_the_flower_app_keys_are_hlora_run_options():
     assert not set(NOT_IN_THE_APP) & set(keys), "a key is both in the app and listed as not in it"
     for key, default in FLOWER_DEFAULTS.items():
         assert keys.get(key) == default, f"flower-app {key} = {keys.get(key)!r}, the engine's default {default!r}"
+
+
+def test_a_kept_entry_crosses_the_wire_bit_for_bit_and_a_partition_node_holds_out_the_simulations_share(tiny_mrpc):
+    """fedsa's kept entry (B per module; a personal head, or none when it is shared) as an ArrayRecord and back,
+    through Flower's serialisation; and node k of a split holds out what hlora run's client k holds out."""
+    from hlora.client_state import split_holdout
+    from hlora.engine.flower.node_site import personal_split
+    from hlora.engine.flower.records import KEPT_KEY, kept_to_record, record_to_kept
+
+    assert client_app.KEPT_KEY == KEPT_KEY
+    for head in ({"classifier.weight": torch.randn(2, 6), "classifier.bias": torch.randn(2)}, {}):
+        entry = {"B": {m: torch.randn(d, 3) for m, (d, _) in SHAPES.items()}, "head": head}
+        back = record_to_kept(wire(RecordDict({KEPT_KEY: kept_to_record(entry)})).array_records[KEPT_KEY])
+        assert back.keys() == entry.keys() and back["head"].keys() == head.keys()
+        for part in ("B", "head"):
+            for k, t in entry[part].items():
+                assert torch.equal(back[part][k], t) and back[part][k].dtype == t.dtype
+    task = load_task("mrpc", *tiny_mrpc, ["#1 String", "#2 String"], "Quality")
+    parts = RunConfig(clients=3, partition="iid").client_parts(task)
+    train, held = split_holdout(parts, 0.25, 7)
+    for k, part in enumerate(parts):
+        mine = personal_split(task.train.subset(part), 0.25, 7, k)
+        assert (mine[0].text_a, mine[0].labels) == (task.train.subset(train[k]).text_a, task.train.subset(train[k]).labels)
+        assert (mine[1].text_a, mine[1].labels) == (task.train.subset(held[k]).text_a, task.train.subset(held[k]).labels)
+        assert len(mine[1]) >= 1

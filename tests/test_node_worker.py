@@ -28,7 +28,7 @@ from flwr.app.message import make_message
 
 from hlora.engine.flower import client_app, node_worker
 from hlora.engine.flower.node_worker import WorkerError, WorkerOptions, WorkerPaths, call_worker, to_plain
-from hlora.engine.flower.records import TrainSettings, payload_to_record
+from hlora.engine.flower.records import TrainSettings, payload_to_record, record_to_payload
 from hlora.factors import init_factors
 from hlora.model import FederatedModel, load_classifier
 from hlora.server import client_seed
@@ -257,3 +257,83 @@ def test_auto_precision_chosen_by_the_worker_is_kept_in_the_run_state(run_config
     pids = worker_pids(paths.log)
     assert len(set(pids)) == 2
     os.kill(pids[-1], signal.SIGTERM)
+
+
+def fedsa_content(tiny_model, state, rnd: int, kind: str = "train") -> RecordDict:
+    """Client 1's (rank 4) fedsa message of round ``rnd`` from ``state``: A'[:4] / s, B = 0, the state's head."""
+    strategy = get_strategy("fedsa")
+    model, _ = load_classifier(tiny_model, 2, 0)
+    spec = ClientSpec(1, dict.fromkeys(FederatedModel(model).shapes, 4), 16.0, 16)
+    payload = strategy.dispatch(state, spec, torch.Generator())
+    settings = TrainSettings(1, rnd, client_seed(0, rnd, 1), 1, 1e-2, 8, local_steps=2) if kind == "train" else \
+        TrainSettings(1, rnd, 0, 0, 0.0, 128)
+    return payload_to_record(payload, settings)
+
+
+def test_a_fedsa_node_keeps_its_B_and_head_in_the_run_state_across_rounds_and_a_worker_restart(
+        run_config, tiny_model, worker_dir):
+    """strategy fedsa: the node keeps its trained B and head in its run state (context.state, the ClientApp's),
+    never in its worker and never in the reply (which carries A, and B and the head as they were sent). Round 2
+    trains from what round 1 kept, also when the worker was SIGKILLed between the rounds (the new worker gets the
+    entry with the message), and gives what the in-process node gives bit for bit; a node with an empty run
+    state trains round 2 from B = 0 and its update differs. The personal evaluation reply counts the held-out
+    examples the node's own model gets right."""
+    from hlora.engine.flower.records import KEPT_KEY, record_to_kept, record_to_update
+
+    config = {**run_config, "strategy": "fedsa", "evaluate-on": "server", "head-opt": "sgd"}
+    on = {**NODE, "worker": True, "worker-dir": worker_dir, "worker-idle": 60}
+    contexts = {flag: Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=config)
+                for flag, node in ((True, on), (False, dict(NODE)))}
+    fresh = Context(run_id=1, node_id=7, node_config=dict(NODE), state=RecordDict(), run_config=config)
+    model, _ = load_classifier(tiny_model, 2, 0)
+    fm = FederatedModel(model)
+    strategy = get_strategy("fedsa")
+    state = strategy.init_state(init_factors(fm.shapes, 8, torch.Generator().manual_seed(0)), fm.head_state())
+    paths = WorkerPaths.of(WorkerOptions(True, 60, worker_dir), 7, 1, config, on)
+    assert client_app.KEPT_KEY == KEPT_KEY
+    threads = torch.get_num_threads()
+    try:
+        first = fedsa_content(tiny_model, state, 1)
+        replies = {flag: client_app.app(message(first, "train"), contexts[flag]) for flag in (True, False)}
+        for reply in replies.values():
+            assert not reply.has_error(), reply.error
+            assert KEPT_KEY not in reply.content  # the kept entry stays on the node
+        same_content(replies[True].content, replies[False].content)
+        update = record_to_update(replies[True].content)
+        sent = record_to_payload(first)[0]
+        for m, f in update.lora.items():  # only A trained travels: B and the personal head as they were sent
+            assert torch.equal(f.B, sent.lora[m].B) and not torch.equal(f.A, sent.lora[m].A)
+        assert all(torch.equal(update.head[n], sent.head[n]) for n in sent.head)
+        kept = {flag: record_to_kept(ctx.state[KEPT_KEY]) for flag, ctx in contexts.items()}
+        for m in fm.shapes:
+            assert torch.equal(kept[True]["B"][m], kept[False]["B"][m]) and kept[True]["B"][m].abs().max() > 0
+            assert kept[True]["B"][m].shape[1] == 4
+        assert set(kept[True]["head"]) == set(sent.head)
+        assert not all(torch.equal(kept[True]["head"][n], sent.head[n]) for n in sent.head)  # the head trained
+
+        [pid] = set(worker_pids(paths.log))
+        os.kill(pid, signal.SIGKILL)  # the worker dies between the rounds: the entry is not in it
+        state = strategy.aggregate(state, [update])
+        second = fedsa_content(tiny_model, state, 2)
+        replies = {flag: client_app.app(message(second, "train"), ctx)
+                   for flag, ctx in ((True, contexts[True]), (False, contexts[False]), ("fresh", fresh))}
+        assert all(not r.has_error() for r in replies.values())
+        same_content(replies[True].content, replies[False].content)
+        with pytest.raises(AssertionError):  # from B = 0 and the initial head: another update
+            same_content(replies[True].content, replies["fresh"].content)
+        pids = worker_pids(paths.log)
+        assert len(set(pids)) == 2 and pids[-1] != pid  # a new worker served round 2
+        new = record_to_kept(contexts[True].state[KEPT_KEY])
+        assert all(not torch.equal(new["B"][m], kept[True]["B"][m]) for m in fm.shapes)
+
+        evaluation = fedsa_content(tiny_model, state, 2, kind="evaluate")
+        scored = {flag: client_app.app(message(evaluation, "evaluate"), ctx)
+                  for flag, ctx in ((True, contexts[True]), (False, contexts[False]))}
+        got = {flag: dict(r.content.config_records["personal"]) for flag, r in scored.items()}
+        assert got[True] == got[False] and got[True]["client"] == 1
+        assert got[True]["examples"] == 3 and 0 <= got[True]["correct"] <= 3  # 16 examples: round(0.2 * 16) held out
+    finally:
+        torch.set_num_threads(threads)
+        for p in set(worker_pids(paths.log)) if paths.log.exists() else ():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGTERM)

@@ -86,16 +86,24 @@ def split_holdout(parts: list[list[int]], fraction: float, seed: int) -> tuple[l
     """Each client's examples split into (train, held-out): a seeded ``fraction`` of them (rounded, at least
     one when the client has two or more, never all) held out for its personalised evaluation.
 
-    The draw of client k depends only on (seed, k) and its examples, not on the other clients."""
+    The draw of client k depends only on (seed, k) and its examples, not on the other clients
+    (:func:`holdout_positions`: a Flower node holding partition k draws the same)."""
     train, held = [], []
     for k, part in enumerate(parts):
-        n = len(part)
-        h = 0 if n < 2 else min(n - 1, max(1, round(fraction * n)))
-        order = np.random.default_rng([seed, 5, k]).permutation(n)
-        out = set(order[:h].tolist())
-        train.append([i for j, i in enumerate(part) if j not in out])
-        held.append([i for j, i in enumerate(part) if j in out])
+        keep, out = holdout_positions(len(part), fraction, [seed, 5, k])
+        train.append([part[j] for j in keep])
+        held.append([part[j] for j in out])
     return train, held
+
+
+def holdout_positions(n: int, fraction: float, key: list[int]) -> tuple[list[int], list[int]]:
+    """Which of a client's ``n`` examples it trains on and which it holds out, as ascending positions: a
+    ``fraction`` of them (rounded, at least one when ``n`` >= 2, never all) drawn by ``np.random.default_rng(key)``.
+    :func:`split_holdout` draws client k's with ``key = [seed, 5, k]``."""
+    h = 0 if n < 2 else min(n - 1, max(1, round(fraction * n)))
+    order = np.random.default_rng(key).permutation(n)
+    out = set(order[:h].tolist())
+    return [j for j in range(n) if j not in out], sorted(out)
 
 
 def personal_scores(

@@ -82,20 +82,24 @@ def finish_run(
     task_type: str = "SEQ_CLS",
     predictions: Callable[[Adapter, dict[str, Tensor]], dict[str, list[int]]] | None = None,
     extra: dict[str, Any] | None = None,
+    adapter: bool = True,
 ) -> dict[str, Any]:
     """Write the final global model as a PEFT adapter (``out/adapter``; PEFT ``task_type`` SEQ_CLS or
     CAUSAL_LM), ``dev_predictions.json`` and then ``summary.json`` (a run with a summary is finished).
+    ``adapter`` False: no ``out/adapter`` (a server that holds no model: fedsa on Flower), and the summary's
+    ``adapter_rank`` is None.
 
     ``predictions(adapter, head)`` gives the ``predicted`` and ``gold`` dev labels of a classifier (None: an
     LM, or no dev set); it sees the global adapter the last round evaluated (the last round always is).
     ``extra``: more summary keys (e.g. DP's final ``dp_epsilon``).
     """
     full = strategy.global_adapter(state)
-    adapter, _ = truncated(adapter_svd(full), None)
-    save_peft_adapter(out / "adapter", adapter, state.head, resolve_model_path(model), task_type)
+    rank = None
+    if adapter:
+        written, _ = truncated(adapter_svd(full), None)
+        save_peft_adapter(out / "adapter", written, state.head, resolve_model_path(model), task_type)
+        rank = max(f.rank for f in written.values())
     if predictions is not None:
         log.predictions(state.round, **predictions(full, state.head))
-    return log.summary(
-        task=task, strategy=strategy_name, wall_seconds=wall_seconds,
-        adapter_rank=max(f.rank for f in adapter.values()), **(extra or {}),
-    )
+    return log.summary(task=task, strategy=strategy_name, wall_seconds=wall_seconds, adapter_rank=rank,
+                       **(extra or {}))

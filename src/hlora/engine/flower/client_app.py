@@ -23,6 +23,14 @@ Precision: the run-config's ``precision`` (``fp32``, ``bf16``) sets the node's a
 the node's own choice, made once per run by :func:`hlora.precision.resolve_precision` timing a few
 training batches on its data, and kept in the node's run state (``context.state``).
 
+Client state (``strategy = "fedsa"``: each client keeps its own B and head between its rounds): the node's
+run state holds the entry (an ArrayRecord under :data:`KEPT_KEY`, beside :data:`STATE_KEY`), the one
+place it lives. This process adds it to the content it hands to the site or the worker and takes the new
+entry out of the reply before the reply leaves the node (the server gets A, B as it was sent, and a
+personal head as it was sent), so a node worker keeps nothing: one that is killed and restarted gets the
+entry with the next message. Flower keeps ``context.state`` for one run: a resumed run's nodes start from
+nothing (the server refuses to resume a fedsa run).
+
 A bad node-config or unreadable data gives an error reply whose reason is one line.
 """
 
@@ -32,7 +40,7 @@ import logging
 import traceback
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Error, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from hlora.engine.flower.node_worker import WorkerError, WorkerPaths, call_worker, to_plain, worker_options
@@ -41,6 +49,9 @@ from hlora.engine.flower.node_worker import WorkerError, WorkerPaths, call_worke
 CLIENT_APP_RAISED_EXCEPTION = 2
 #: the key of the node's run state (``context.state``) that keeps what it resolved once per run
 STATE_KEY = "hlora-node"
+#: the key of a personalised client's kept entry, in the run state and in the content handed to the site
+#: (the same as :data:`hlora.engine.flower.records.KEPT_KEY`, which imports torch)
+KEPT_KEY = "hlora-client"
 
 log = logging.getLogger("flwr.hlora")
 
@@ -79,15 +90,35 @@ def kept_precision(context: Context) -> str | None:
     return str(kept["precision"]) if isinstance(kept, ConfigRecord) and "precision" in kept else None
 
 
+def with_kept(content: RecordDict, context: Context) -> RecordDict:
+    """The message's content for the site: a copy holding the node's kept entry from its run state under
+    :data:`KEPT_KEY` (what a sender put under that key is dropped), or none when it keeps nothing."""
+    given = RecordDict({k: v for k, v in content.items() if k != KEPT_KEY})
+    kept = context.state.get(KEPT_KEY)
+    if isinstance(kept, ArrayRecord):
+        given[KEPT_KEY] = kept
+    return given
+
+
+def take_kept(content: RecordDict | None, context: Context) -> None:
+    """Move the new kept entry from the site's answer into the node's run state (it never leaves the node)."""
+    if content is None or KEPT_KEY not in content:
+        return
+    kept = content.pop(KEPT_KEY)
+    if isinstance(kept, ArrayRecord):
+        context.state[KEPT_KEY] = kept
+
+
 def handle(kind: str, msg: Message, context: Context) -> Message:
     """Answer a message here or through the node worker; an error reply's reason is one line."""
     run_config, node_config = run_config_of(msg, context), dict(context.node_config)
+    given = with_kept(msg.content, context)
     try:
         options = worker_options(node_config)
         if options.enabled:
             paths = WorkerPaths.of(options, context.node_id, context.run_id, run_config, node_config)
             answer = call_worker(options, paths, {
-                "kind": kind, "content": to_plain(msg.content), "run_config": run_config,
+                "kind": kind, "content": to_plain(given), "run_config": run_config,
                 "node_config": node_config, "kept_precision": kept_precision(context)})
             log.info("hlora ClientApp: %s served by node worker pid %d (%s, message %d)", kind, answer.pid,
                      "started" if answer.started else "running", answer.served)
@@ -95,7 +126,7 @@ def handle(kind: str, msg: Message, context: Context) -> Message:
         else:
             from hlora.engine.flower import node_site  # torch and transformers: only without a worker
 
-            served = node_site.serve(kind, msg.content, run_config, node_config, kept_precision(context))
+            served = node_site.serve(kind, given, run_config, node_config, kept_precision(context))
             content, reason, keep = served.content, served.reason, served.keep_precision
     except WorkerError as e:
         content, reason, keep = None, str(e), None
@@ -104,6 +135,7 @@ def handle(kind: str, msg: Message, context: Context) -> Message:
         content, reason, keep = None, f"{type(e).__name__}: {e}", None
     if keep and kept_precision(context) is None:
         context.state[STATE_KEY] = ConfigRecord({"precision": keep})
+    take_kept(content, context)
     if content is not None:
         return Message(content, reply_to=msg)
     reason = " ".join(str(reason).split())

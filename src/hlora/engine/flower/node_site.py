@@ -11,6 +11,13 @@ Every request starts from the same state as a fresh process would: ``train_clien
 payload's adapter and head, seeds the shuffling and torch's RNG (dropout) from the message's seed, sets
 train mode and clears the slots after; ``evaluate`` installs the global adapter and head and sets eval
 mode; the torch threads, dropout, attention and precision are the site's, set once at its load.
+
+A personalised strategy (``fedsa``: each client keeps its own B and head) keeps nothing here: the ClientApp
+hands the node's kept entry (from its run state, ``context.state``) to :func:`serve` in the message's content
+under :data:`~hlora.engine.flower.records.KEPT_KEY`, and takes the new one back from the reply's content. A
+site holds out a seeded ``personal-holdout`` share of its examples (:func:`personal_split`, the simulation's
+draw for a partition-id node) and trains on the rest; ``train`` runs the simulation's client side
+(:func:`hlora.client_state.personal_round`) and ``evaluate`` scores the node's own model on that share.
 """
 
 from __future__ import annotations
@@ -26,16 +33,25 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from hlora.client import train_client
+from hlora.client_state import ClientStates, holdout_positions, personal_round
 from hlora.config import ConfigError, RunConfig
 from hlora.data import DataError, Encoded, EncodedLM, TaskData
-from hlora.engine.flower.records import RecordError, TrainSettings, record_to_payload, update_to_record
+from hlora.engine.flower.records import (
+    KEPT_KEY,
+    RecordError,
+    TrainSettings,
+    kept_to_record,
+    record_to_kept,
+    record_to_payload,
+    update_to_record,
+)
 from hlora.engine.flower.settings import held_out, node_examples, node_settings, run_settings, shared_task
 from hlora.factors import init_factors
-from hlora.metrics import evaluate
+from hlora.metrics import evaluate, predict_logits
 from hlora.model import FederatedModel, ModelError
 from hlora.objectives import Objective, label_counts, offset_from_counts
 from hlora.precision import resolve_precision
-from hlora.strategies import Payload, StrategyError
+from hlora.strategies import Payload, Strategy, StrategyError, get_strategy
 from hlora.tasks import INSTRUCT, load_model, tokenize
 
 log = logging.getLogger("flwr.hlora")
@@ -62,6 +78,10 @@ class Site:
     heldout: Encoded | None = None
     #: the run-config's precision is ``auto``: ``fm.precision`` is the node's choice, kept for the run
     auto_precision: bool = False
+    #: the run's strategy (a personalised one, ``strategy.personal``, trains and scores the node's own model)
+    strategy: Strategy | None = None
+    #: a personalised strategy's held-out share (``personal-holdout``), on which the node scores its own model
+    personal_heldout: Encoded | None = None
 
 
 #: sites loaded by this process, by (run-config, node-config): a process that serves several
@@ -85,8 +105,14 @@ def load_site(run_config: Mapping[str, Any], node_config: Mapping[str, Any], kep
     task = shared_task(cfg, options.labels, with_dev=False)
     examples = node_examples(node, cfg, task)
     part = -1 if node.partition_id is None else node.partition_id
-    heldout = None
-    if options.clients_evaluate:  # only then: a run where the server evaluates trains on all of it
+    strategy = get_strategy(cfg.strategy, **cfg.strategy_options)
+    heldout = personal = None
+    if strategy.personal:  # the node scores its own model on a held-out share, as hlora run's client does
+        if options.clients_evaluate:
+            raise ConfigError(f"run-config evaluate-on {options.evaluate_on}: strategy {cfg.strategy} has no "
+                              "global model; each node scores its own on its personal-holdout share")
+        examples, personal = personal_split(examples, cfg.personal_holdout, cfg.seed, node.partition_id)
+    elif options.clients_evaluate:  # only then: a run where the server evaluates trains on all of it
         examples, heldout = held_out(examples, options.client_eval_fraction, cfg.seed, part)
     cfg.model = node.model or cfg.model
     # a classifier, or for --task instruct a causal LM in dtype (gradient-checkpointing), as hlora run loads
@@ -100,10 +126,23 @@ def load_site(run_config: Mapping[str, Any], node_config: Mapping[str, Any], kep
     counts = [] if lm else label_counts(examples.labels, task.num_labels).tolist()
     site = Site(fm, tokenize(task, tokenizer, examples, cfg.max_length), task, node.rank, node.lora_alpha, part,
                 counts, None if heldout is None else tokenize(task, tokenizer, heldout, cfg.max_length),
-                auto_precision=cfg.precision == "auto")
+                auto_precision=cfg.precision == "auto", strategy=strategy,
+                personal_heldout=None if personal is None or task.kind == INSTRUCT  # an LM: no personal scores
+                else tokenize(task, tokenizer, personal, cfg.max_length))
     fm.precision = node_precision(site, cfg, kept_precision)
     _SITES[key] = site
     return site
+
+
+def personal_split(examples: Any, fraction: float, seed: int, partition_id: int | None) -> tuple[Any, Any]:
+    """A personalised strategy's node examples: (what it trains on, what it scores its own model on). A node
+    holding ``partition_id`` k draws what ``hlora run``'s client k draws (:func:`hlora.client_state.split_holdout`,
+    key ``[seed, 5, k]``), so a Flower run of partition-id nodes equals the simulation; a node with its own data
+    file draws with key ``[seed, 6, n]``. Fewer than two examples: none held out."""
+    n = len(examples)
+    key = [seed, 5, partition_id] if partition_id is not None else [seed, 6, n]
+    keep, out = holdout_positions(n, fraction, key)
+    return examples.subset(keep), examples.subset(out)
 
 
 def node_precision(site: Site, cfg: RunConfig, kept: str | None = None) -> str:
@@ -156,25 +195,63 @@ def answer_query(site: Site, content: RecordDict) -> RecordDict:
 
 
 def answer_train(site: Site, content: RecordDict) -> RecordDict:
-    """The received factors trained on this site's data: the update."""
+    """The received factors trained on this site's data: the update. A personalised strategy's node trains
+    from what it kept (the content's :data:`KEPT_KEY`) and replies with the new entry under the same key
+    (:func:`hlora.client_state.personal_round`: the update it replies with is what the strategy shares)."""
     payload, settings = record_to_payload(content)
-    update = train_client(
-        site.fm, payload, site.data, list(range(len(site.data))), client_id=settings.client,
-        epochs=settings.local_epochs, lr=settings.lr, batch_size=settings.batch_size, seed=settings.seed,
-        local_steps=settings.local_steps, objective=objective(site, settings),
-        head_opt=settings.head_opt, head_lr=settings.head_lr, client_opt=settings.client_opt,
-        adam_eps=settings.adam_eps,
-    )
-    return update_to_record(update)
+
+    def train(payload: Payload) -> Any:
+        return train_client(
+            site.fm, payload, site.data, list(range(len(site.data))), client_id=settings.client,
+            epochs=settings.local_epochs, lr=settings.lr, batch_size=settings.batch_size, seed=settings.seed,
+            local_steps=settings.local_steps, objective=objective(site, settings),
+            head_opt=settings.head_opt, head_lr=settings.head_lr, client_opt=settings.client_opt,
+            adam_eps=settings.adam_eps,
+        )
+
+    if site.strategy is None or not site.strategy.personal:
+        return update_to_record(train(payload))
+    states = kept_states(content, settings.client)
+    reply = update_to_record(personal_round(site.strategy, states, settings.client, payload, train))
+    entry = states.get(settings.client)
+    if entry:
+        reply[KEPT_KEY] = kept_to_record(entry)
+    return reply
+
+
+def kept_states(content: RecordDict, client: int) -> ClientStates:
+    """The store of one client: what the node kept (the content's :data:`KEPT_KEY`), or nothing."""
+    kept = content.array_records.get(KEPT_KEY)
+    return ClientStates({client: record_to_kept(kept)} if kept is not None and len(kept) else {})
 
 
 def answer_evaluate(site: Site, content: RecordDict) -> RecordDict:
-    """The received global model's (adapter and head) scores on the share this site holds out."""
+    """The received global model's (adapter and head) scores on the share this site holds out; for a
+    personalised strategy, :func:`answer_personal`."""
+    if site.strategy is not None and site.strategy.personal:
+        return answer_personal(site, content)
     if site.heldout is None:
         raise ConfigError("this node holds out no examples (run-config evaluate-on is server)")
     payload, settings = record_to_payload(content)
     scores = evaluate(site.fm, payload.lora, payload.head, site.heldout, settings.batch_size, site.task.f1_label)
     return RecordDict({"eval": ConfigRecord({"client": settings.client, "examples": len(site.heldout), **scores})})
+
+
+def answer_personal(site: Site, content: RecordDict) -> RecordDict:
+    """The node's own model (the received payload personalised with what it kept: ``strategy.personalise``;
+    nothing kept: the payload itself, for fedsa B = 0 and the initial head) on its ``personal-holdout``
+    share: the examples it gets right and their number (0: it holds none out), as ``hlora run`` counts them
+    (:func:`hlora.client_state.personal_scores`)."""
+    payload, settings = record_to_payload(content)
+    assert site.strategy is not None
+    model = site.strategy.personalise(payload, kept_states(content, settings.client).get(settings.client))
+    data = site.personal_heldout
+    right = 0
+    if data is not None and len(data):
+        logits = predict_logits(site.fm, model.lora, model.head, data, settings.batch_size)
+        right = int((logits.argmax(-1) == data.labels).sum())
+    examples = 0 if data is None else len(data)
+    return RecordDict({"personal": ConfigRecord({"client": settings.client, "examples": examples, "correct": right})})
 
 
 ANSWERS = {"query": answer_query, "train": answer_train, "evaluate": answer_evaluate}

@@ -15,6 +15,8 @@ key                record       holds
 ``info-arrays``    ArrayRecord  the tensors found in ``info`` (e.g. Fed-PLoRA's indices)
 ``config``         ConfigRecord module order and LoRA scalings, ``info`` as JSON, train_A, train_B,
                                 tail_penalty, the client id, and training settings or results
+``hlora-client``   ArrayRecord  a personalised strategy's (fedsa) kept entry: only between the ClientApp
+                                and the node's site or worker, never on the network (:data:`KEPT_KEY`)
 =================  ===========  ===========================================================
 
 A train message's settings (:class:`TrainSettings`): ``local-steps`` 0 means "not set" (train
@@ -32,12 +34,18 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from torch import Tensor
 
 from hlora.factors import Adapter, Factor
 from hlora.strategies import Payload, Update
+
+
+#: the key of a personalised client's kept entry (:mod:`hlora.client_state`): in the node's run state
+#: (``context.state``), and in the content the ClientApp hands to the node's site (or worker) and takes back
+KEPT_KEY = "hlora-client"
 
 
 class RecordError(ValueError):
@@ -242,3 +250,41 @@ def _decode_info(value: Any, record: ArrayRecord) -> Any:
     if isinstance(value, list):
         return [_decode_info(v, record) for v in value]
     return value
+
+
+def kept_to_record(entry: dict[str, Any]) -> ArrayRecord:
+    """A client's kept entry (nested dicts of tensors, e.g. fedsa's ``{"B": {module: B}, "head": {name: W}}``)
+    as one ArrayRecord: each tensor under its path of keys joined by ``\x1f`` (module names hold dots and
+    slashes). Tensors travel as they are (bfloat16 as float32, as everywhere in these records)."""
+    record = ArrayRecord()
+
+    def walk(value: Any, path: tuple[str, ...]) -> None:
+        if isinstance(value, Tensor):
+            record[_SEP.join(path)] = Array(_wire(value).numpy())
+        elif isinstance(value, dict):
+            if not value and path:
+                record[_SEP.join((*path, _EMPTY))] = Array(np.zeros(0, dtype=np.float32))
+            for k, v in value.items():
+                walk(v, (*path, str(k)))
+        else:
+            raise TypeError(f"cannot keep a {type(value).__name__} in a client's entry")
+
+    walk(entry, ())
+    return record
+
+
+def record_to_kept(record: ArrayRecord) -> dict[str, Any]:
+    """Inverse of :func:`kept_to_record`."""
+    entry: dict[str, Any] = {}
+    for key in record:
+        *path, last = key.split(_SEP)
+        node = entry
+        for part in path:
+            node = node.setdefault(part, {})
+        if last != _EMPTY:
+            node[last] = _tensor(record[key])
+    return entry
+
+
+#: joins the keys of a kept tensor's path; marks an empty dict (fedsa's ``head`` with a shared head)
+_SEP, _EMPTY = "\x1f", "\x1e"

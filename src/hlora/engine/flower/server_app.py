@@ -55,6 +55,7 @@ from torch import Tensor
 from hlora.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from hlora.config import ConfigError, RunConfig, load_config
 from hlora.data import Encoded, EncodedLM
+from hlora.engine.flower.personal import check_personal, personal_evaluation
 from hlora.engine.flower.records import TrainSettings, payload_to_record, record_to_update
 from hlora.engine.flower.settings import (
     FLOWER_JSON,
@@ -253,6 +254,10 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
             log.warning("hlora: resuming: the stopped run's run-config is used, not this one's %s",
                         ", ".join(ignored))
     cfg, options = run_settings(run_config)
+    strategy = get_strategy(cfg.strategy, **cfg.strategy_options)
+    if strategy.pools_clients:
+        raise ConfigError(f"strategy {cfg.strategy} pools the sites' data in one place: use hlora run")
+    check_personal(strategy, cfg, options, resumed=bool(resume))
     check_installed(cfg.log)
     out = Path(resume).expanduser().resolve() if resume else None
     saved_cfg = load_config(out / "config.yaml", {}) if out else None
@@ -260,12 +265,6 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
     cfg.threads = threads or torch.get_num_threads()
-    strategy = get_strategy(cfg.strategy, **cfg.strategy_options)
-    if strategy.pools_clients:
-        raise ConfigError(f"strategy {cfg.strategy} pools the sites' data in one place: use hlora run")
-    if strategy.personal:
-        raise ConfigError(f"strategy {cfg.strategy} keeps each client's state between rounds, which Flower nodes "
-                          "do not do yet: use hlora run")
     if out is None:
         target = Path(cfg.out) if cfg.out else default_out(cfg)
         if any((target / name).exists() for name in ("config.yaml", "metrics.jsonl", "summary.json")):
@@ -346,6 +345,8 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     metrics = MetricsLog(out, rows if resume else None, tracker=open_tracking(cfg, out, resume=bool(resume)))
     max_rank = max((f.rank for f in state.init.values() if isinstance(f, Factor)), default=max(cfg.client_ranks))
     key = "eval_loss" if lm else "accuracy"  # the main score of a row (summary.json: final_ and best_)
+    if strategy.personal:  # no server score: the nodes' scores of their own models
+        key = "personal_accuracy"
     for rnd in range(state.round + 1, cfg.rounds + 1):
         t0 = time.perf_counter()
         if rnd > 1 and not dp.on:  # nodes that connected since: sampled from this round on
@@ -380,15 +381,20 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         for r in outcome.rejected:
             r["node_id"] = node_ids.get(r["client"])
         due = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
-        scored = dev is not None and options.evaluate_on != "clients" and due
+        # a personalised strategy's server holds A only (B = 0): no model of its own to score on the dev set
+        scored = dev is not None and options.evaluate_on != "clients" and due and not strategy.personal
         row = round_row(rnd, outcome, strategy=strategy, evaluate=scorer if scored else None,
                         client_ranks=cfg.client_ranks, clients=sampled,
                         ranks=[cfg.client_ranks[c] for c in sampled], started=t0)
         row["nodes"] = [node_ids[c] for c in sampled]
+        if strategy.personal:  # the server's adapter has B = 0: its spectrum says nothing of the clients' models
+            row.pop("energy_kept")
         if dp.on:  # epsilon spent so far at dp-delta (None: no noise, unbounded)
             row["dp_epsilon"] = dp.epsilon(cfg.per_round / cfg.clients, rnd)
         if options.clients_evaluate and due:
             row.update(client_evaluation(grid, strategy, state, node_ids, rnd, cfg, options, run_config))
+        if strategy.personal and due:  # each node scores its own model on its held-out share
+            row.update(personal_evaluation(grid, strategy, state, clients, node_ids, rnd, cfg, options, run_config))
         metrics.append(row)
         save_checkpoint(out, state, sampler=sampler.bit_generator.state, rows=metrics.rows,
                         client_ranks=cfg.client_ranks, partition=[], roster=[dataclasses.asdict(n) for n in nodes],
@@ -396,7 +402,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         log.info("hlora: round %d/%d %s %s client_accuracy %s train_loss %s rejected %d%s (%.1f s)", rnd,
                  cfg.rounds, key, _fmt(row.get(key)), _fmt(row.get("client_accuracy")), _fmt(row["train_loss"]),
                  len(outcome.rejected), " skipped" if outcome.skipped else "", row["seconds"])
-        for f in row.get("client_eval_failed", []):
+        for f in row.get("client_eval_failed", []) + row.get("personal_eval_failed", []):
             log.warning("hlora: round %d: client %s (node %s) did not evaluate: %s", rnd, f["client"], f["node"],
                         f["reason"])
         for r in outcome.rejected:
@@ -405,17 +411,25 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     def predictions(adapter: Adapter, head: dict[str, Tensor]) -> dict[str, list[int]]:
         return dev_predictions(fm, adapter, head, dev, cfg.eval_batch_size)
 
-    server_scores = dev is not None and options.evaluate_on != "clients"
+    server_scores = dev is not None and options.evaluate_on != "clients" and not strategy.personal
     summary = finish_run(out, strategy, state, metrics, model=cfg.model, task=task.name,
                          strategy_name=cfg.strategy, wall_seconds=wall_before + time.perf_counter() - t_run,
                          task_type=peft_task_type(cfg), predictions=predictions if server_scores and not lm else None,
-                         extra=dp.summary(cfg.per_round / cfg.clients, cfg.rounds))
+                         extra=dp.summary(cfg.per_round / cfg.clients, cfg.rounds),
+                         adapter=not strategy.personal)  # fedsa: the server has A only, no model to export
     by_clients = [r["client_accuracy"] for r in metrics.rows if "client_accuracy" in r]
     if by_clients:  # the nodes' score of the global model, next to the server's
         summary.update(final_client_accuracy=by_clients[-1], best_client_accuracy=max(by_clients))
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if strategy.personal:  # no server score (NaN): the nodes' scores of their own models instead
+        for k in ("final_accuracy", "best_accuracy", "final_eval_loss", "best_eval_loss", "best_round"):
+            summary.pop(k, None)
+        personal = [r["personal_accuracy"] for r in metrics.rows if "personal_accuracy" in r]
+        if personal:
+            summary.update(final_personal_accuracy=personal[-1], best_personal_accuracy=max(personal))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     metrics.tracker.finish()
-    log.info("hlora: done; final %s %.4f; outputs in %s", key, summary[f"final_{key}"], out)
+    log.info("hlora: done; final %s %s; outputs in %s", key, _fmt(summary.get(f"final_{key}")), out)
     return summary
 
 
