@@ -19,7 +19,7 @@ import torch
 from flwr.serverapp import Grid
 
 from hlora.config import ConfigError, RunConfig
-from hlora.engine.flower.records import TrainSettings, payload_to_record
+from hlora.engine.flower.records import TrainSettings, payload_to_record, with_run_config
 from hlora.engine.flower.settings import FlowerOptions
 from hlora.engine.flower.transport import NodeFailure, exchange
 from hlora.strategies import ClientSpec, GlobalState, Strategy
@@ -49,8 +49,6 @@ def personal_evaluation(
     ``personal_accuracy``, ``personal_examples`` and ``client_personal_accuracy`` (as
     :func:`hlora.client_state.personal_scores`, over the clients that answered and hold examples out), and
     ``personal_eval_failed`` (client, node, reason) for those that did not answer."""
-    from hlora.engine.flower.server_app import with_run_config
-
     contents = []
     for spec in clients:
         payload = strategy.dispatch(state, spec, torch.Generator())

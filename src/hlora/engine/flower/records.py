@@ -252,6 +252,14 @@ def _decode_info(value: Any, record: ArrayRecord) -> Any:
     return value
 
 
+def with_run_config(content: RecordDict, run_config: dict[str, Any]) -> RecordDict:
+    """A message's content with the run's run-config (``run-config``), which the nodes use rather than the
+    one Flower gives them: a resumed run's is the stopped run's (see
+    :func:`hlora.engine.flower.settings.resumed_run_config`)."""
+    content["run-config"] = ConfigRecord(dict(run_config))
+    return content
+
+
 def kept_to_record(entry: dict[str, Any]) -> ArrayRecord:
     """A client's kept entry (nested dicts of tensors, e.g. fedsa's ``{"B": {module: B}, "head": {name: W}}``)
     as one ArrayRecord: each tensor under its path of keys joined by ``\x1f`` (module names hold dots and

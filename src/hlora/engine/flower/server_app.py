@@ -20,6 +20,10 @@
    ``summary.json``, all in ``out`` (see :mod:`hlora.engine.outputs`); with ``log``, the rows and the summary
    in TensorBoard, MLflow or W&B too (:mod:`hlora.tracking`).
 
+``strategy = "fedsa"`` (personalised: each node keeps its own B and head in its run state): the server holds
+A only, so it scores no model of its own and writes no adapter; each evaluated round every client's node
+scores its own model on its held-out share (:mod:`hlora.engine.flower.personal`), and ``resume`` is refused.
+
 ``task = "instruct"`` (a decoder LM on instruction JSONL): the nodes report no labels or label counts, no
 logit adjustment is sent, and the server scores eval loss, perplexity and ROUGE-L (``gen-samples``) on its dev
 file, as :func:`hlora.tasks.score` does for ``hlora run``; the adapter is a ``CAUSAL_LM`` one.
@@ -56,7 +60,7 @@ from hlora.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from hlora.config import ConfigError, RunConfig, load_config
 from hlora.data import Encoded, EncodedLM
 from hlora.engine.flower.personal import check_personal, personal_evaluation
-from hlora.engine.flower.records import TrainSettings, payload_to_record, record_to_update
+from hlora.engine.flower.records import TrainSettings, payload_to_record, record_to_update, with_run_config
 from hlora.engine.flower.settings import (
     FLOWER_JSON,
     FlowerOptions,
@@ -114,13 +118,6 @@ class Node:
         """What identifies the site behind a node across restarts (its node id may change): its share or
         data, rank and alpha."""
         return (self.partition_id, self.rank, self.lora_alpha, self.num_examples, self.label_counts)
-
-
-def with_run_config(content: RecordDict, run_config: dict[str, Any]) -> RecordDict:
-    """A message's content with the run's run-config (``run-config``), which the nodes use rather than the
-    one Flower gives them: a resumed run's is the stopped run's (see :func:`resumed_run_config`)."""
-    content["run-config"] = ConfigRecord(dict(run_config))
-    return content
 
 
 def discover(
