@@ -132,9 +132,12 @@ def f1_score(pred: torch.Tensor, labels: torch.Tensor, positive: int) -> float:
 
 
 def score_key(rows: list[dict[str, Any]]) -> str:
-    """The main metric of a run's rows: accuracy (classification), else eval_loss (a language model)."""
-    return "accuracy" if any("accuracy" in r for r in rows) or not any("eval_loss" in r for r in rows) \
-        else "eval_loss"
+    """The main metric of a run's rows: accuracy (classification), else eval_loss (a language model), else
+    personal_accuracy (a personalised strategy on Flower: the server holds no model, the nodes score theirs)."""
+    for key in ("accuracy", "eval_loss", "personal_accuracy"):
+        if any(key in r for r in rows):
+            return key
+    return "accuracy"
 
 
 def scored_rows(rows: list[dict[str, Any]], key: str | None = None) -> list[dict[str, Any]]:

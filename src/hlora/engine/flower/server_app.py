@@ -418,13 +418,6 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     if by_clients:  # the nodes' score of the global model, next to the server's
         summary.update(final_client_accuracy=by_clients[-1], best_client_accuracy=max(by_clients))
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if strategy.personal:  # no server score (NaN): the nodes' scores of their own models instead
-        for k in ("final_accuracy", "best_accuracy", "final_eval_loss", "best_eval_loss", "best_round"):
-            summary.pop(k, None)
-        personal = [r["personal_accuracy"] for r in metrics.rows if "personal_accuracy" in r]
-        if personal:
-            summary.update(final_personal_accuracy=personal[-1], best_personal_accuracy=max(personal))
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     metrics.tracker.finish()
     log.info("hlora: done; final %s %s; outputs in %s", key, _fmt(summary.get(f"final_{key}")), out)
     return summary
