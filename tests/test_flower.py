@@ -27,9 +27,10 @@ from safetensors.torch import load_file
 
 from hlora.checkpoint import load_checkpoint
 from hlora.client import train_client
-from hlora.config import load_config
+from hlora.config import ConfigError, load_config
 from hlora.data import encode, load_task, partition
 from hlora.engine import simulation
+from hlora.inference import load_run
 from hlora.model import FederatedModel, configure, load_classifier
 from hlora.server import client_seed
 from hlora.strategies import get_strategy
@@ -561,6 +562,8 @@ def test_fedsa_nodes_keep_their_B_and_score_their_own_models_as_the_simulation_d
     for m, g in mine.lora.items():
         assert torch.equal(g.B, torch.zeros_like(g.B))
         torch.testing.assert_close(g.A, theirs.lora[m].A, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="holds no model of theirs"):  # hlora eval/export/predict: one line
+        load_run(out)
 
 
 def test_a_node_killed_mid_round_is_recorded_and_the_round_completes(cluster, tiny_model, tiny_mrpc,

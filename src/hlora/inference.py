@@ -61,7 +61,10 @@ def load_run(run_dir: str | Path, client: int | None = None) -> TrainedRun:
                           "receives; leave --client out")
     if not strategy.personal:
         return TrainedRun(cfg, strategy.global_adapter(state), state.head, state.round)
-    kept = ClientStates.from_state_dict(saved.get("client_states"))
+    if "client_states" not in saved:  # Flower: each node keeps its own B; the server holds A only
+        raise ConfigError(f"{run_dir}: a {cfg.strategy} run whose clients kept their own state (Flower nodes): "
+                          "the server holds no model of theirs to load; its scores are the rows' personal_accuracy")
+    kept = ClientStates.from_state_dict(saved["client_states"])
     parts = saved["partition"]
     if client is not None:
         if not 0 <= client < len(parts):
