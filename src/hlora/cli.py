@@ -500,31 +500,41 @@ def partition_stats(
     console.print(f"wrote {png}")
 
 
+#: --client of export, eval and predict
+CLIENT_HELP = ("A personalised strategy's (fedsa) model of this client id: the global part with the client's own "
+               "B and head.")
+
+
+def _load(run_dir: Path, client: int | None) -> Any:
+    """The run's global model, or ``client``'s own (with a note when that client was never sampled)."""
+    from hlora.inference import load_run
+
+    trained = load_run(run_dir, client)
+    if not trained.trained:
+        console.print(f"note: client {trained.client} was never sampled: its model is what the server would "
+                      "first send it")
+    return trained
+
+
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., metavar="RUN", help="A run directory."),
     out: Path = typer.Option(..., help="Folder for the PEFT adapter."),
     rank: Optional[int] = typer.Option(None, help="Rank of the export (default: all of the update)."),
-    client: Optional[int] = typer.Option(None, help="A personalised strategy's (fedsa) model of this client id: the global part with the client's own B and head."),
+    client: Optional[int] = typer.Option(None, help=CLIENT_HELP),
 ) -> None:
     """Export the run's global model (or, with --client, one client's own model) at rank r as a PEFT adapter.
 
     RUN: a finished run directory. --out must be new or empty (nothing is overwritten).
     """
-    from hlora.inference import export_run, load_run
+    from hlora.inference import export_run
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} already exists and is not empty; choose a new folder")
-    trained = load_run(run_dir, client)
-    _note_untrained(trained)
-    kept = export_run(trained, rank, out)
+    kept = export_run(_load(run_dir, client), rank, out)
     console.print(f"wrote {out} (rank {rank or 'full'}): keeps {100 * kept:.2f}% of the update's energy")
 
 
-def _note_untrained(trained: Any) -> None:
-    if not trained.trained:
-        console.print(f"note: client {trained.client} was never sampled: its model is what the server would "
-                      "first send it")
 
 
 @app.command(name="eval")
@@ -532,18 +542,16 @@ def eval_(
     run_dir: Path = typer.Argument(..., metavar="RUN", help="A run directory."),
     rank: Optional[int] = typer.Option(None, help="Evaluate the best rank-r truncation (default: full)."),
     dev: Optional[list[Path]] = typer.Option(None, help="More evaluation files with the run's columns (its dev set is always evaluated)."),
-    client: Optional[int] = typer.Option(None, help="A personalised strategy's (fedsa) model of this client id: the global part with the client's own B and head."),
+    client: Optional[int] = typer.Option(None, help=CLIENT_HELP),
 ) -> None:
     """Evaluate a run's global model (or, with --client, one client's own model) on its dev set or other files.
 
     RUN: a run directory. The run's task data (GLUE, its --train/--dev files, or the hub) must be readable.
     With --client, the client's held-out examples (--personal-holdout) are scored too.
     """
-    from hlora.inference import Predictor, load_run
+    from hlora.inference import Predictor
 
-    trained = load_run(run_dir, client)
-    _note_untrained(trained)
-    p = Predictor(trained, rank)
+    p = Predictor(_load(run_dir, client), rank)
     console.print(f"rank {rank or 'full'}: keeps {100 * p.energy:.2f}% of the update's energy")
     targets = [(f"{p.task.name} dev", None)] + [(str(f), p.read(f)) for f in dev or []]
     if client is not None:
@@ -560,7 +568,7 @@ def predict(
     text: str = typer.Argument(..., help="The sentence (or the first of a pair); an instruction for an LM run."),
     second: Optional[str] = typer.Argument(None, help="The second sentence of a pair; an LM run: the input."),
     rank: Optional[int] = typer.Option(None, help="Use the best rank-r truncation (default: full)."),
-    client: Optional[int] = typer.Option(None, help="A personalised strategy's (fedsa) model of this client id: the global part with the client's own B and head."),
+    client: Optional[int] = typer.Option(None, help=CLIENT_HELP),
 ) -> None:
     """Classify one sentence or sentence pair with a run's global model (an LM run: respond to an instruction);
     with --client, with that client's own model.
@@ -568,11 +576,9 @@ def predict(
     RUN: a run directory (its task data must be readable: the labels come from it). TEXT: the sentence, or the
     first of a pair (an LM run: the instruction). SECOND: the pair's second sentence (an LM run: the input).
     """
-    from hlora.inference import Predictor, load_run
+    from hlora.inference import Predictor
 
-    trained = load_run(run_dir, client)
-    _note_untrained(trained)
-    p = Predictor(trained, rank)
+    p = Predictor(_load(run_dir, client), rank)
     if p.run.is_lm:
         print(p.respond(text, second))
         return

@@ -47,6 +47,14 @@ def dev_predictions(
     return {"predicted": preds.tolist(), "gold": dev.labels.tolist()}
 
 
+def count_correct(
+    fm: FederatedModel, adapter: Adapter, head: dict[str, torch.Tensor], data: Encoded, batch_size: int
+) -> int:
+    """How many examples of ``data`` the model W0 + adapter (with ``head``) labels right (a personalised
+    client's score on its held-out examples, in the simulation and on a Flower node)."""
+    return int((predict_logits(fm, adapter, head, data, batch_size).argmax(-1) == data.labels).sum())
+
+
 def predict_logits(
     fm: FederatedModel, adapter: Adapter, head: dict[str, torch.Tensor], data: Encoded, batch_size: int
 ) -> torch.Tensor:

@@ -25,7 +25,7 @@ from hlora.config import ConfigError, RunConfig, load_config
 from hlora.data import Encoded, EncodedLM, Fields, TaskData, load_task
 from hlora.engine.outputs import finish_run, round_row
 from hlora.factors import init_factors
-from hlora.metrics import MetricsLog, dev_predictions, predict_logits
+from hlora.metrics import MetricsLog, count_correct, dev_predictions
 from hlora.model import FederatedModel
 from hlora.objectives import Objective, label_counts, offset_from_counts
 from hlora.precision import resolve_precision
@@ -381,7 +381,6 @@ def _personal_scores(exp: Experiment, state: GlobalState, states: ClientStates) 
         data = Encoded([train.input_ids[i] for i in idx],
                        None if train.token_type_ids is None else [train.token_type_ids[i] for i in idx],
                        train.labels[idx], train.pad_id)
-        logits = predict_logits(exp.fm, model.lora, model.head, data, exp.cfg.eval_batch_size)
-        return int((logits.argmax(-1) == data.labels).sum())
+        return count_correct(exp.fm, model.lora, model.head, data, exp.cfg.eval_batch_size)
 
     return personal_scores(exp.strategy, state, exp.clients, states, exp.holdout, correct)

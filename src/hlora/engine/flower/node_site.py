@@ -36,6 +36,7 @@ from hlora.client import train_client
 from hlora.client_state import ClientStates, holdout_positions, personal_round
 from hlora.config import ConfigError, RunConfig
 from hlora.data import DataError, Encoded, EncodedLM, TaskData
+from hlora.engine.flower.personal import check_personal
 from hlora.engine.flower.records import (
     KEPT_KEY,
     RecordError,
@@ -47,7 +48,7 @@ from hlora.engine.flower.records import (
 )
 from hlora.engine.flower.settings import held_out, node_examples, node_settings, run_settings, shared_task
 from hlora.factors import init_factors
-from hlora.metrics import evaluate, predict_logits
+from hlora.metrics import count_correct, evaluate
 from hlora.model import FederatedModel, ModelError
 from hlora.objectives import Objective, label_counts, offset_from_counts
 from hlora.precision import resolve_precision
@@ -107,10 +108,8 @@ def load_site(run_config: Mapping[str, Any], node_config: Mapping[str, Any], kep
     part = -1 if node.partition_id is None else node.partition_id
     strategy = get_strategy(cfg.strategy, **cfg.strategy_options)
     heldout = personal = None
+    check_personal(strategy, cfg, options, resumed=False)  # the server's refusals, should a node see such a run
     if strategy.personal:  # the node scores its own model on a held-out share, as hlora run's client does
-        if options.clients_evaluate:
-            raise ConfigError(f"run-config evaluate-on {options.evaluate_on}: strategy {cfg.strategy} has no "
-                              "global model; each node scores its own on its personal-holdout share")
         examples, personal = personal_split(examples, cfg.personal_holdout, cfg.seed, node.partition_id)
     elif options.clients_evaluate:  # only then: a run where the server evaluates trains on all of it
         examples, heldout = held_out(examples, options.client_eval_fraction, cfg.seed, part)
@@ -248,8 +247,7 @@ def answer_personal(site: Site, content: RecordDict) -> RecordDict:
     data = site.personal_heldout
     right = 0
     if data is not None and len(data):
-        logits = predict_logits(site.fm, model.lora, model.head, data, settings.batch_size)
-        right = int((logits.argmax(-1) == data.labels).sum())
+        right = count_correct(site.fm, model.lora, model.head, data, settings.batch_size)
     examples = 0 if data is None else len(data)
     return RecordDict({"personal": ConfigRecord({"client": settings.client, "examples": examples, "correct": right})})
 
