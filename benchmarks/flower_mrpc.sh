@@ -43,10 +43,16 @@ for i in 0 1 2; do
   PIDS+=($!)
 done
 
+# `flwr run` right away may find no SuperLink yet
+for _ in $(seq 120); do
+  python -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1).close()' "$PORT" 2>/dev/null && break
+  sleep 0.5
+done
 start=$(date +%s.%N)
-RUN_ID=$(flwr run "$APP" bench --format json \
-  --run-config "task=\"mrpc\" clients=3 per-round=3 rounds=$ROUNDS local-epochs=$LOCAL_EPOCHS partition=\"iid\" round-timeout=36000.0 out=\"$OUT\"" |
-  python -c 'import json, sys; print(json.load(sys.stdin)["run-id"])')
+SUBMITTED=$(flwr run "$APP" bench --format json \
+  --run-config "task=\"mrpc\" clients=3 per-round=3 rounds=$ROUNDS local-epochs=$LOCAL_EPOCHS partition=\"iid\" round-timeout=36000.0 out=\"$OUT\"")
+RUN_ID=$(python -c 'import json, sys; print(json.loads(sys.argv[1])["run-id"])' "$SUBMITTED") ||
+  { echo "flwr run did not start a run: $SUBMITTED"; tail -n 5 "$WORK"/*.log; exit 1; }
 while :; do
   STATUS=$(flwr list bench --run-id "$RUN_ID" --format json |
     python -c 'import json, sys; print(json.load(sys.stdin)["runs"][0]["status"])')
