@@ -7,8 +7,8 @@
 # ROUNDS=1 LOCAL_EPOCHS=1 benchmarks/flower_mrpc.sh OUT_DIR: a shorter run (the simulation's
 # --rounds/--local-epochs to compare with). Each node trains with THREADS torch threads (default 1: three
 # nodes share this machine's cores; on a site of its own a node would use its machine's).
-# WORKER=true: each node keeps its model and data loaded in a node worker (node-config worker=true; the
-# workers' sockets and logs in $WORK/workers); default false, every message loads them again.
+# WORKER=true (the default, as a node's): each node keeps its model and data loaded in a node worker (the
+# workers' sockets and logs in $WORK/workers); WORKER=false: every message loads them again.
 set -euo pipefail
 OUT=$(realpath -m "${1:?usage: $0 OUT_DIR}")
 APP=$(cd "$(dirname "$0")/../flower-app" && pwd)
@@ -38,7 +38,7 @@ PIDS+=($!)
 RANKS=(2 4 8)
 for i in 0 1 2; do
   setsid flower-supernode --insecure --superlink "127.0.0.1:$PORT" --port $((PORT + 10 + i)) \
-    --node-config "rank=${RANKS[$i]} partition-id=$i num-partitions=3 threads=${THREADS:-1} worker=${WORKER:-false} worker-dir=\"$WORK/workers\"" \
+    --node-config "rank=${RANKS[$i]} partition-id=$i num-partitions=3 threads=${THREADS:-1} worker=${WORKER:-true} worker-dir=\"$WORK/workers\"" \
     > "$WORK/node$i.log" 2>&1 &
   PIDS+=($!)
 done

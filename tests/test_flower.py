@@ -178,10 +178,12 @@ def test_three_nodes_two_rounds_match_the_in_process_computation(cluster, tiny_m
     check_run(out, tiny_model, tiny_mrpc, sites)
 
 
-def test_the_same_with_tls_and_node_authentication(tmp_path, tiny_model, tiny_mrpc, sites):
+def test_the_same_with_tls_and_node_authentication_and_models_loaded_per_message(tmp_path, tiny_model, tiny_mrpc,
+                                                                                 sites):
+    """Also the path without node workers (``worker=false``: each message loads the model and data)."""
     cluster = Cluster(tmp_path / "tls", tls=True, node_auth=True)
     try:
-        start(cluster, sites)
+        start(cluster, {rank: f"{node_config} worker=false" for rank, node_config in sites.items()})
         out = tmp_path / "run"
         run = cluster.wait(cluster.run(run_config(tiny_model, tiny_mrpc, out)), timeout=300)
         assert run["status"] == "finished:completed", run
@@ -482,7 +484,7 @@ def test_node_workers_keep_the_model_loaded_and_the_run_equals_the_simulation(tm
     """node-config ``worker=true`` on every node: each node's first ClientApp process starts a worker that
     loads the model and data once and serves the node's query and both rounds' train messages (one pid per
     node), except one node whose worker is SIGKILLed between the rounds: its round-2 message starts a new
-    worker. The run gives the simulation's rows and final model (as the per-message nodes do, above). Dropout
+    worker. The run gives the simulation's rows and final model (as the nodes without workers of the TLS test do, above). Dropout
     and logit adjustment are on, so a worker that kept its RNG or objective between rounds would differ. The
     workers exit when their SuperNodes stop, and none is left."""
     workers = tmp_path / "w"
@@ -533,14 +535,16 @@ def test_node_workers_keep_the_model_loaded_and_the_run_equals_the_simulation(tm
 
 def test_fedsa_nodes_keep_their_B_and_score_their_own_models_as_the_simulation_does(tmp_path, tiny_model,
                                                                                     tiny_mrpc):
-    """strategy fedsa, 3 partition-id nodes (ranks 2, 4, 8) with node workers, 3 rounds of 2 (seed 0 samples
+    """strategy fedsa, 3 partition-id nodes (ranks 2, 4, 8) without node workers (``worker=false``: the
+    per-message path keeps the entry in the run state by itself; tests/test_node_worker.py passes it through a
+    worker, killed and restarted), 3 rounds of 2 (seed 0 samples
     [0, 1], [0, 2], [0, 1]: client 0 trains from its kept B twice, client 2 is scored with B = 0 after round 1).
     Each node holds out hlora run's share of its examples, keeps its B and head in its run state, and scores its
     own model: the rows' personal scores, bytes (A only) and losses are the simulation's, the server's A is the
     simulation's, and the server reports no accuracy of its own (it holds B = 0) and writes no adapter."""
     options = {"strategy": "fedsa", "rounds": 3, "per-round": 2, "head-opt": "sgd", "head-lr": 0.1}
     out, sim = flower_and_simulation(tmp_path, tiny_model, tiny_mrpc,
-                                     node_config=f'worker=true worker-dir="{tmp_path / "w"}"', **options)
+                                     node_config="worker=false", **options)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["clients"] for r in rows] == [r["clients"] for r in sim.rows] == [[0, 1], [0, 2], [0, 1]]
     for got, expected in zip(rows, sim.rows, strict=True):

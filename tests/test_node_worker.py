@@ -91,7 +91,7 @@ def test_the_worker_answers_as_the_in_process_client_app_and_is_reused(run_confi
     worker must reset the RNG): each reply equals the in-process one exactly, and one worker served all."""
     on = {**NODE, "worker": True, "worker-dir": worker_dir, "worker-idle": 60}
     contexts = {flag: Context(run_id=1, node_id=7, node_config=config, state=RecordDict(), run_config=run_config)
-                for flag, config in ((True, on), (False, dict(NODE)))}
+                for flag, config in ((True, on), (False, {**NODE, "worker": False}))}
     first = train_content(tiny_model, 1)
     messages = [(RecordDict({"hlora": ConfigRecord({})}), "query"), (first, "train"), (first, "evaluate"),
                 (train_content(tiny_model, 2), "train"), (first, "train")]
@@ -195,7 +195,8 @@ def test_the_client_app_imports_no_torch_and_reads_the_worker_keys():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(Path(node_worker.__file__).parents[3])})
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
-    assert node_worker.worker_options({}) == WorkerOptions(False, node_worker.DEFAULT_IDLE, None)
+    assert node_worker.worker_options({}) == WorkerOptions(os.name == "posix", node_worker.DEFAULT_IDLE, None)
+    assert node_worker.worker_options({"worker": "false"}).enabled is False
     assert node_worker.worker_options({"worker": "true", "worker-idle": 30, "worker-dir": "/x"}) == \
         WorkerOptions(True, 30.0, "/x")
     for bad, reason in (({"worker": "maybe"}, "worker must be true or false"),

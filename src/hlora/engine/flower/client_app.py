@@ -14,9 +14,9 @@ The run-config (shared by every node and the server) gives the task, model and t
   the federation's label counts sent by the server, FedProx), and replies with the update.
 
 What each message computes is :func:`hlora.engine.flower.node_site.serve`. Flower starts a new ClientApp
-process for every message: with ``worker = false`` (the default) this process imports torch and
-transformers and loads the model and the node's data itself; with ``worker = true`` it imports neither and
-forwards the message to the node's long-lived worker (:mod:`hlora.engine.flower.node_worker`), which
+process for every message: with ``worker = false`` this process imports torch and transformers and
+loads the model and the node's data itself; with ``worker = true`` (the default on Unix) it imports neither
+and forwards the message to the node's long-lived worker (:mod:`hlora.engine.flower.node_worker`), which
 keeps them loaded for the whole run. Both give the same replies.
 
 Precision: the run-config's ``precision`` (``fp32``, ``bf16``) sets the node's autocast; ``auto`` is
