@@ -2,14 +2,17 @@
 
 A node answers a query (no labels, no label counts: an LM has none) and trains a received payload on its
 share of the run's training JSONL (partition-id: the simulation's split by category) or on its own
-data-file (field names from the run-config), exactly as ``train_client`` does in ``hlora run``.
+data-file (field names from the run-config), exactly as ``train_client`` does in ``hlora run``; with
+evaluate-on clients or both it holds out a share of its examples and scores the global adapter's eval loss on it.
 """
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from hlora.client import train_client
 from hlora.config import ConfigError
@@ -17,11 +20,12 @@ from hlora.data import Fields, encode_instruct, load_task
 from hlora.data.instruct import read_instruct
 from hlora.engine.flower import node_site
 from hlora.engine.flower.records import TrainSettings, payload_to_record, record_to_update
-from hlora.engine.flower.settings import run_settings, shared_task
+from hlora.engine.flower.settings import held_out, run_settings, shared_task
 from hlora.factors import init_factors
+from hlora.metrics import evaluate_lm
 from hlora.model import FederatedModel
 from hlora.server import client_seed
-from hlora.strategies import ClientSpec, get_strategy
+from hlora.strategies import ClientSpec, Payload, get_strategy
 from hlora.tasks import load_model
 from hlora.toy import synthetic_instructions, write_jsonl
 from tests.test_flower_records import call_app, wire
@@ -127,8 +131,14 @@ def test_a_node_serves_its_own_instruction_file_with_the_run_configs_fields(inst
 
 
 def test_classifier_only_run_config_keys_are_refused_for_instruct(instruct_run_config):
-    with pytest.raises(ConfigError, match="evaluate-on: the nodes score classifiers only"):
-        run_settings({**instruct_run_config, "evaluate-on": "clients"})
+    for evaluate_on in ("clients", "both"):  # the nodes score an LM's eval loss on their held-out shares
+        _, options = run_settings({**instruct_run_config, "evaluate-on": evaluate_on})
+        assert options.clients_evaluate and options.evaluate_on == evaluate_on
+    for bad, reason in (({"evaluate-on": "nodes"}, "evaluate-on must be one of server, clients, both"),
+                        ({"evaluate-on": "both", "client-eval-fraction": 1.0}, "client-eval-fraction must be in")):
+        with pytest.raises(ConfigError, match=reason) as e:
+            run_settings({**instruct_run_config, **bad})
+        assert "\n" not in str(e.value)
     cfg, options = run_settings({**instruct_run_config, "labels": "0,1"})
     with pytest.raises(ConfigError, match="--task instruct has none"):
         shared_task(cfg, options.labels, with_dev=True)
@@ -136,6 +146,93 @@ def test_classifier_only_run_config_keys_are_refused_for_instruct(instruct_run_c
     task = shared_task(cfg, options.labels, with_dev=True)
     assert task.kind == "instruct" and len(task.train) == 96 and len(task.dev) == 12
     assert len(shared_task(cfg, None, with_dev=False).dev) == 0  # a node never reads the dev set
+
+
+def global_lm_payload(fm: FederatedModel) -> Payload:
+    """A global adapter with a non-zero update (B != 0) and no head (an LM has none)."""
+    adapter = init_factors(fm.shapes, 4, torch.Generator().manual_seed(3))
+    for f in adapter.values():
+        f.B.normal_(0, 0.1, generator=torch.Generator().manual_seed(4))
+    return Payload(adapter, {})
+
+
+def heldout_share(run_config: dict, tiny_decoder, partition_id: int, fraction: float):  # noqa: F811
+    """What node ``partition_id`` of 3 holds out of its share of the training JSONL, and what it trains on."""
+    model, train, dev = tiny_decoder
+    cfg, _ = run_settings(run_config)
+    task = load_task("instruct", train, dev, fields=Fields())
+    share = task.train.subset(cfg.client_parts(task, 3)[partition_id])
+    return held_out(share, fraction, cfg.seed, partition_id)
+
+
+def node_evaluates(node: dict, run_config: dict, payload: Payload, client: int) -> Message:
+    """The node's reply to an evaluate message holding ``payload`` (eval batch size 16)."""
+    return call_app(node, run_config, payload_to_record(payload, TrainSettings(client, 2, 0, 0, 0.0, 16)),
+                    "evaluate")
+
+
+def test_an_instruct_node_scores_the_global_adapter_on_the_share_it_holds_out(instruct_run_config,
+                                                                             tiny_decoder):  # noqa: F811
+    """evaluate-on both: the node holds out the seeded client-eval-fraction of its instruction examples (the
+    classifier's rule; it trains on the rest) and answers an evaluate message with the eval loss the server
+    scores its dev set with (hlora.metrics.evaluate_lm, no generation), perplexity and the number of examples."""
+    from transformers import AutoTokenizer
+
+    run_config = {**instruct_run_config, "evaluate-on": "both", "client-eval-fraction": 0.25}
+    node = {"rank": 2, "partition-id": 1, "num-partitions": 3}
+    train, held = heldout_share(run_config, tiny_decoder, 1, 0.25)
+    assert len(held) == round(0.25 * (len(train) + len(held))) and len(train) > len(held) > 1
+    reply = call_app(node, run_config, RecordDict({"hlora": ConfigRecord({})}), "query")
+    assert not reply.has_error(), reply.error
+    assert reply.content.config_records["site"]["num-examples"] == len(train)
+
+    _, fm, _, _ = train_round(run_config, 2, 1)
+    payload = global_lm_payload(fm)
+    reply = node_evaluates(node, run_config, payload, 1)
+    assert not reply.has_error(), reply.error
+    got = dict(wire(reply.content).config_records["eval"])
+    assert set(got) == {"client", "examples", "eval_loss", "perplexity"}  # no accuracy, no ROUGE-L
+    data = encode_instruct(AutoTokenizer.from_pretrained(tiny_decoder[0]), held, 64)
+    expected = evaluate_lm(fm, payload.lora, data, 16, None, [], 0, 1)
+    assert got["client"] == 1 and got["examples"] == len(held)
+    assert got["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(got["eval_loss"]), rel=1e-5)
+    base = init_factors(fm.shapes, 4, torch.Generator().manual_seed(3))  # B = 0: the base model's loss differs
+    assert expected["eval_loss"] != pytest.approx(evaluate_lm(fm, base, data, 16, None, [], 0, 1)["eval_loss"])
+
+
+def test_the_server_weighs_the_instruct_nodes_eval_losses_by_their_held_out_examples(instruct_run_config,
+                                                                                     tiny_decoder):  # noqa: F811
+    """client_eval_row over two nodes' real replies and one that failed: client_eval_loss is the nodes' eval
+    losses weighted by their held-out examples (as for classifiers), client_perplexity its exp; each
+    client_eval entry holds client, node, examples and eval_loss (no accuracy). A reply without eval_loss is a
+    failure of that node."""
+    from hlora.engine.flower.server_app import client_eval_row
+    from hlora.engine.flower.transport import NodeFailure
+    from tests.test_flower_records import incoming
+
+    run_config = {**instruct_run_config, "evaluate-on": "clients"}
+    _, fm, _, _ = train_round(run_config, 2, 0)
+    payload = global_lm_payload(fm)
+    replies: list = [node_evaluates({"rank": r, "partition-id": i, "num-partitions": 3}, run_config, payload, i)
+                     for i, r in ((0, 2), (1, 4))]
+    assert not any(r.has_error() for r in replies)
+    scores = [dict(r.content.config_records["eval"]) for r in replies]
+    sizes = [len(heldout_share(run_config, tiny_decoder, i, 0.2)[1]) for i in (0, 1)]
+    assert [s["examples"] for s in scores] == sizes and sizes[0] != sizes[1]
+    replies.append(NodeFailure("node 13 is offline"))
+    replies.append(incoming(RecordDict({"eval": ConfigRecord({"client": 3, "examples": 5})}), "evaluate"))
+    row = client_eval_row({0: 11, 1: 12, 2: 13, 3: 14}, replies, lm=True)
+    weighted = (scores[0]["eval_loss"] * sizes[0] + scores[1]["eval_loss"] * sizes[1]) / sum(sizes)
+    assert row["client_eval_loss"] == pytest.approx(weighted, rel=1e-12)
+    assert row["client_eval_loss"] != pytest.approx((scores[0]["eval_loss"] + scores[1]["eval_loss"]) / 2)
+    assert row["client_perplexity"] == pytest.approx(math.exp(weighted), rel=1e-12)
+    assert "client_accuracy" not in row
+    assert row["client_eval"] == [{"client": i, "node": 11 + i, "examples": sizes[i],
+                                   "eval_loss": scores[i]["eval_loss"]} for i in (0, 1)]
+    assert [(f["client"], f["node"]) for f in row["client_eval_failed"]] == [(2, 13), (3, 14)]
+    assert "offline" in row["client_eval_failed"][0]["reason"]
+    assert "without eval_loss" in row["client_eval_failed"][1]["reason"]
 
 
 class InProcessGrid:
@@ -148,26 +245,14 @@ class InProcessGrid:
         return sorted(self.nodes)
 
 
-def test_the_server_app_runs_an_instruct_federation_as_the_simulation(instruct_run_config, tmp_path, monkeypatch,
-                                                                      capsys):
-    """run_federation over 3 in-process nodes (partition ids 0..2, ranks 2, 4, 8; messages cross the wire
-    as bytes): the rows (eval loss, perplexity, ROUGE-L, train loss), summary and final adapter equal those
-    of hlora run with the same settings, and the logit adjustment of the app's default is not applied."""
-    import json
-
+def in_process_exchange(sent: list[str]):
+    """``exchange`` for an :class:`InProcessGrid`: each message crosses the wire as bytes to the node's
+    ClientApp, called in this process; ``sent`` collects the message kinds."""
     from flwr.app import Context
 
-    from hlora import load_config, run
-    from hlora.checkpoint import load_checkpoint
-    from hlora.engine.flower import client_app, server_app
+    from hlora.engine.flower import client_app
     from hlora.engine.flower.transport import NodeFailure
-    from tests.test_cli import run_cli
     from tests.test_flower_records import incoming
-
-    ranks = (2, 4, 8)
-    grid = InProcessGrid({11 + i: {"rank": r, "partition-id": i, "num-partitions": 3, "threads": 1}
-                          for i, r in enumerate(ranks)})
-    sent: list[str] = []
 
     def exchange(grid, contents, kind, timeout, group_id=None):
         replies = []
@@ -179,7 +264,26 @@ def test_the_server_app_runs_an_instruct_federation_as_the_simulation(instruct_r
             replies.append(NodeFailure(reply.error.reason) if reply.has_error() else reply)
         return replies
 
-    monkeypatch.setattr(server_app, "exchange", exchange)
+    return exchange
+
+
+def test_the_server_app_runs_an_instruct_federation_as_the_simulation(instruct_run_config, tmp_path, monkeypatch,
+                                                                      capsys):
+    """run_federation over 3 in-process nodes (partition ids 0..2, ranks 2, 4, 8; messages cross the wire
+    as bytes): the rows (eval loss, perplexity, ROUGE-L, train loss), summary and final adapter equal those
+    of hlora run with the same settings, and the logit adjustment of the app's default is not applied."""
+    import json
+
+    from hlora import load_config, run
+    from hlora.checkpoint import load_checkpoint
+    from hlora.engine.flower import server_app
+    from tests.test_cli import run_cli
+
+    ranks = (2, 4, 8)
+    grid = InProcessGrid({11 + i: {"rank": r, "partition-id": i, "num-partitions": 3, "threads": 1}
+                          for i, r in enumerate(ranks)})
+    sent: list[str] = []
+    monkeypatch.setattr(server_app, "exchange", in_process_exchange(sent))
     options = {"rounds": 2, "local-epochs": 1, "batch-size": 8, "partition": "iid", "lr": 1e-2,
                "gen-samples": 2, "max-new-tokens": 6, "lr-schedule": "constant", "seed": 0}
     out = tmp_path / "flower"
@@ -209,6 +313,44 @@ def test_the_server_app_runs_an_instruct_federation_as_the_simulation(instruct_r
         torch.testing.assert_close(strategy.global_adapter(mine)[m].delta(), f.delta(), rtol=1e-5, atol=1e-6)
     code, text = run_cli(["eval", str(out)], capsys)  # hlora eval reads a Flower LM run as a simulated one
     assert code in (None, 0) and f"eval_loss {rows[-1]['eval_loss']:.4f}" in text
+
+
+def test_the_server_app_takes_an_instruct_federations_scores_from_its_nodes(instruct_run_config, tiny_decoder,  # noqa: F811
+                                                                           tmp_path, monkeypatch):
+    """evaluate-on clients, 1 round over 3 in-process nodes: after training, each node scores the global
+    adapter on its held-out share; the row has the nodes' eval losses (each the global adapter's, scored
+    directly on that share), client_eval_loss weighted by their examples and client_perplexity, and no
+    server scores; summary.json the final and best client_eval_loss."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from hlora.checkpoint import load_checkpoint
+    from hlora.engine.flower import server_app
+
+    grid = InProcessGrid({11 + i: {"rank": r, "partition-id": i, "num-partitions": 3, "threads": 1}
+                          for i, r in enumerate((2, 4, 8))})
+    sent: list[str] = []
+    monkeypatch.setattr(server_app, "exchange", in_process_exchange(sent))
+    run_config = {**instruct_run_config, "rounds": 1, "local-epochs": 1, "batch-size": 8, "lr": 1e-2,
+                  "evaluate-on": "clients", "out": str(tmp_path / "flower")}
+    summary = server_app.run_federation(grid, run_config)
+    assert sent == ["query"] * 3 + ["train"] * 3 + ["evaluate"] * 3
+    (row,) = [json.loads(line) for line in (tmp_path / "flower" / "metrics.jsonl").read_text().splitlines()]
+    assert "eval_loss" not in row and "client_accuracy" not in row and "client_eval_failed" not in row
+    held = [heldout_share(run_config, tiny_decoder, i, 0.2)[1] for i in range(3)]
+    assert [(e["client"], e["node"], e["examples"]) for e in row["client_eval"]] == \
+        [(i, 11 + i, len(h)) for i, h in enumerate(held)]
+    _, fm, _, _ = train_round(run_config, 2, 0)
+    adapter = get_strategy("hlora").global_adapter(load_checkpoint(tmp_path / "flower")[0])
+    tok = AutoTokenizer.from_pretrained(tiny_decoder[0])
+    for e, h in zip(row["client_eval"], held):
+        expected = evaluate_lm(fm, adapter, encode_instruct(tok, h, 64), 128, None, [], 0, 1)
+        assert e["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-5)
+    n = sum(len(h) for h in held)
+    assert row["client_eval_loss"] == pytest.approx(sum(e["eval_loss"] * e["examples"] for e in row["client_eval"]) / n)
+    assert row["client_perplexity"] == pytest.approx(math.exp(row["client_eval_loss"]))
+    assert summary["final_client_eval_loss"] == summary["best_client_eval_loss"] == row["client_eval_loss"]
 
 
 def test_a_node_worker_serves_instruct_as_the_in_process_client_app(instruct_run_config):

@@ -395,6 +395,7 @@ def test_client_app_scores_the_global_model_on_the_share_it_holds_out(tiny_run_c
     """evaluate-on clients: the node holds out a seeded share (trains on the rest) and scores the global model
     on it as hlora.metrics.evaluate does in-process; by default it holds out nothing. The run-config the server
     sends in a message wins over the one Flower gives the node (a resumed run's nodes get the stopped run's)."""
+    from hlora.engine.flower.server_app import client_eval_row
     from hlora.engine.flower.settings import held_out
     from hlora.metrics import evaluate
 
@@ -427,6 +428,9 @@ def test_client_app_scores_the_global_model_on_the_share_it_holds_out(tiny_run_c
     assert got["client"] == 1 and got["examples"] == len(held)
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    row = client_eval_row({1: 7}, [reply], lm=False)  # the server's row: a classifier's keys, as before
+    assert row == {"client_accuracy": got["accuracy"], "client_eval_loss": got["eval_loss"], "client_eval": [
+        {"client": 1, "node": 7, "examples": len(held), **{k: got[k] for k in ("accuracy", "eval_loss", "f1")}}]}
     reply = call_app(node, tiny_run_config, payload_to_record(Payload(adapter, head), TrainSettings(1, 2, 0, 0, 0.0, 16)),
                      "evaluate")
     assert reply.has_error() and "evaluate-on is server" in reply.error.reason

@@ -116,10 +116,16 @@ def evaluate_lm(
     finally:
         fm.clear()
     loss = total / max(count, 1)
-    out = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    out = {"eval_loss": loss, "perplexity": perplexity(loss)}
     if scores:
         out["rouge_l"] = sum(scores) / len(scores)
     return out
+
+
+def perplexity(loss: float) -> float:
+    """exp(``loss``), the loss a mean cross-entropy per token (capped at exp(50): an untrained model's
+    perplexity stays finite)."""
+    return math.exp(min(loss, 50.0))
 
 
 def generate(model, tokenizer, prompt: torch.Tensor, max_new_tokens: int) -> str:

@@ -8,7 +8,8 @@ The run-config (shared by every node and the server) gives the task, model and t
 * ``query``: answers the site's rank, LoRA alpha, number of training examples, label names, label
   counts (the server sums them into the federation's prior, for logit adjustment) and precision.
 * ``evaluate`` (run-config ``evaluate-on`` clients or both): scores the received global model on the
-  seeded share of its examples the node holds out (``client-eval-fraction``; it trains on the rest).
+  seeded share of its examples the node holds out (``client-eval-fraction``; it trains on the rest): a
+  classifier's accuracy, eval loss and F1, or for ``task = "instruct"`` the LM's eval loss and perplexity.
 * ``train``: trains the received factors with :func:`hlora.client.train_client`, exactly as the
   embedded simulation does (the round's lr, ``local-steps``, the objective: logit adjustment against
   the federation's label counts sent by the server, FedProx), and replies with the update.
@@ -81,7 +82,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Score the received global model (its adapter and head) on the share this site holds out (run-config
-    ``evaluate-on`` clients or both); reply with the accuracy, eval loss (and F1) and the number of examples."""
+    ``evaluate-on`` clients or both); reply with the accuracy, eval loss (and F1), or an LM's eval loss and
+    perplexity, and the number of examples."""
     return handle("evaluate", msg, context)
 
 

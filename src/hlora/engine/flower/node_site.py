@@ -48,7 +48,7 @@ from hlora.engine.flower.records import (
 )
 from hlora.engine.flower.settings import held_out, node_examples, node_settings, run_settings, shared_task
 from hlora.factors import init_factors
-from hlora.metrics import count_correct, evaluate
+from hlora.metrics import count_correct, evaluate, evaluate_lm
 from hlora.model import FederatedModel, ModelError
 from hlora.objectives import Objective, label_counts, offset_from_counts
 from hlora.precision import resolve_precision
@@ -76,7 +76,8 @@ class Site:
     #: how many of its training examples have each label, in label order (none for --task instruct)
     label_counts: list[int] = field(default_factory=list)
     #: the share it holds out to score the global model (run-config evaluate-on clients or both), or None
-    heldout: Encoded | None = None
+    #: (``EncodedLM`` for --task instruct)
+    heldout: Encoded | EncodedLM | None = None
     #: the run-config's precision is ``auto``: ``fm.precision`` is the node's choice, kept for the run
     auto_precision: bool = False
     #: the run's strategy (a personalised one, ``strategy.personal``, trains and scores the node's own model)
@@ -225,15 +226,27 @@ def kept_states(content: RecordDict, client: int) -> ClientStates:
 
 
 def answer_evaluate(site: Site, content: RecordDict) -> RecordDict:
-    """The received global model's (adapter and head) scores on the share this site holds out; for a
-    personalised strategy, :func:`answer_personal`."""
+    """The received global model's (adapter and head) scores on the share this site holds out
+    (:func:`heldout_scores`) and the number of its examples; for a personalised strategy,
+    :func:`answer_personal`."""
     if site.strategy is not None and site.strategy.personal:
         return answer_personal(site, content)
     if site.heldout is None:
         raise ConfigError("this node holds out no examples (run-config evaluate-on is server)")
     payload, settings = record_to_payload(content)
-    scores = evaluate(site.fm, payload.lora, payload.head, site.heldout, settings.batch_size, site.task.f1_label)
+    scores = heldout_scores(site, payload, settings.batch_size)
     return RecordDict({"eval": ConfigRecord({"client": settings.client, "examples": len(site.heldout), **scores})})
+
+
+def heldout_scores(site: Site, payload: Payload, batch_size: int) -> dict[str, float]:
+    """The model W0 + ``payload`` on the site's held-out share: a classifier's accuracy, eval loss (and F1),
+    as :func:`hlora.metrics.evaluate`; an LM's ``eval_loss`` (mean cross-entropy per response token) and
+    ``perplexity``, as :func:`hlora.metrics.evaluate_lm` scores the server's dev set, without ROUGE-L (no
+    generation on a node: ``gen_samples`` 0)."""
+    assert site.heldout is not None
+    if isinstance(site.heldout, EncodedLM):
+        return evaluate_lm(site.fm, payload.lora, site.heldout, batch_size, None, [], 0, 1)
+    return evaluate(site.fm, payload.lora, payload.head, site.heldout, batch_size, site.task.f1_label)
 
 
 def answer_personal(site: Site, content: RecordDict) -> RecordDict:

@@ -26,7 +26,9 @@ scores its own model on its held-out share (:mod:`hlora.engine.flower.personal`)
 
 ``task = "instruct"`` (a decoder LM on instruction JSONL): the nodes report no labels or label counts, no
 logit adjustment is sent, and the server scores eval loss, perplexity and ROUGE-L (``gen-samples``) on its dev
-file, as :func:`hlora.tasks.score` does for ``hlora run``; the adapter is a ``CAUSAL_LM`` one.
+file, as :func:`hlora.tasks.score` does for ``hlora run``; the adapter is a ``CAUSAL_LM`` one. With
+``evaluate-on`` clients or both the nodes score the eval loss on their held-out shares (no ROUGE-L: no
+generation on a node), and the rows get ``client_eval_loss`` and ``client_perplexity``.
 
 ``resume = "OUT"`` continues a stopped run from its ``checkpoint.pt`` (the global state, the sampler,
 the rows so far and each client's site), with the run-config it started with (kept in ``flower.json``
@@ -52,7 +54,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
@@ -72,7 +74,7 @@ from hlora.engine.flower.transport import NodeFailure, NodeUnavailable, exchange
 from hlora.engine.outputs import finish_run, round_row
 from hlora.engine.simulation import default_out, prepare_out
 from hlora.factors import Adapter, Factor, init_factors
-from hlora.metrics import MetricsLog, dev_predictions, evaluate, evaluate_lm
+from hlora.metrics import MetricsLog, dev_predictions, evaluate, evaluate_lm, perplexity
 from hlora.model import FederatedModel
 from hlora.precision import resolve_precision
 from hlora.server import RoundOutcome, client_seed, server_round
@@ -344,6 +346,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     key = "eval_loss" if lm else "accuracy"  # the main score of a row (summary.json: final_ and best_)
     if strategy.personal:  # no server score: the nodes' scores of their own models
         key = "personal_accuracy"
+    client_key = "client_eval_loss" if lm else "client_accuracy"  # the nodes' main score (evaluate-on clients)
     for rnd in range(state.round + 1, cfg.rounds + 1):
         t0 = time.perf_counter()
         if rnd > 1 and not dp.on:  # nodes that connected since: sampled from this round on
@@ -396,8 +399,8 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         save_checkpoint(out, state, sampler=sampler.bit_generator.state, rows=metrics.rows,
                         client_ranks=cfg.client_ranks, partition=[], roster=[dataclasses.asdict(n) for n in nodes],
                         wall_seconds=wall_before + time.perf_counter() - t_run)
-        log.info("hlora: round %d/%d %s %s client_accuracy %s train_loss %s rejected %d%s (%.1f s)", rnd,
-                 cfg.rounds, key, _fmt(row.get(key)), _fmt(row.get("client_accuracy")), _fmt(row["train_loss"]),
+        log.info("hlora: round %d/%d %s %s %s %s train_loss %s rejected %d%s (%.1f s)", rnd, cfg.rounds,
+                 key, _fmt(row.get(key)), client_key, _fmt(row.get(client_key)), _fmt(row["train_loss"]),
                  len(outcome.rejected), " skipped" if outcome.skipped else "", row["seconds"])
         for f in row.get("client_eval_failed", []) + row.get("personal_eval_failed", []):
             log.warning("hlora: round %d: client %s (node %s) did not evaluate: %s", rnd, f["client"], f["node"],
@@ -414,9 +417,10 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
                          task_type=peft_task_type(cfg), predictions=predictions if server_scores and not lm else None,
                          extra=dp.summary(cfg.per_round / cfg.clients, cfg.rounds),
                          adapter=not strategy.personal)  # fedsa: the server has A only, no model to export
-    by_clients = [r["client_accuracy"] for r in metrics.rows if "client_accuracy" in r]
-    if by_clients:  # the nodes' score of the global model, next to the server's
-        summary.update(final_client_accuracy=by_clients[-1], best_client_accuracy=max(by_clients))
+    by_clients = [r[client_key] for r in metrics.rows if client_key in r]
+    if by_clients:  # the nodes' score of the global model, next to the server's (an LM's loss: best is lowest)
+        summary.update({f"final_{client_key}": by_clients[-1],
+                        f"best_{client_key}": (min if lm else max)(by_clients)})
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     metrics.tracker.finish()
     log.info("hlora: done; final %s %s; outputs in %s", key, _fmt(summary.get(f"final_{key}")), out)
@@ -428,16 +432,27 @@ def client_evaluation(
     cfg: RunConfig, options: FlowerOptions, run_config: dict[str, Any],
 ) -> dict[str, Any]:
     """Every client's node scores the global model on the share of its data it holds out (an ``evaluate``
-    message holding the global adapter and head). Returns the row's ``client_accuracy`` and
-    ``client_eval_loss`` (the nodes' scores weighted by their numbers of held-out examples), ``client_eval``
-    (each node's client, node id, examples, accuracy, eval_loss and F1) and, when some did not answer,
-    ``client_eval_failed`` (client, node, reason)."""
+    message holding the global adapter and head); the row's keys are :func:`client_eval_row`'s."""
     payload = Payload(strategy.global_adapter(state), state.head)
     contents = []
     for c, node in node_ids.items():
         settings = TrainSettings(client=c, round=rnd, seed=0, local_epochs=0, lr=0.0, batch_size=cfg.eval_batch_size)
         contents.append((node, with_run_config(payload_to_record(payload, settings), run_config)))
     replies = exchange(grid, contents, "evaluate", timeout=options.round_timeout, group_id=f"{rnd}-evaluate")
+    return client_eval_row(node_ids, replies, lm=is_lm(cfg))
+
+
+def client_eval_row(
+    node_ids: dict[int, int | None], replies: list[Message | Exception], lm: bool,
+) -> dict[str, Any]:
+    """The row's keys from the nodes' replies to an ``evaluate`` message, one per client of ``node_ids`` in its
+    order (a reply, or the exception of a node that did not answer). ``client_eval_loss``: the nodes' eval losses
+    weighted by their numbers of held-out examples; with it ``client_accuracy`` (weighted likewise) for a
+    classifier, ``client_perplexity`` = exp(client_eval_loss) for an LM (``lm``: --task instruct).
+    ``client_eval``: each node's client, node id, examples and scores (accuracy, eval_loss and F1; an LM's
+    eval_loss only); ``client_eval_failed`` (client, node, reason): the nodes that did not answer, or
+    answered without these scores."""
+    need = ("eval_loss",) if lm else ("accuracy", "eval_loss")
     scores, failed = [], []
     for (c, node), reply in zip(node_ids.items(), replies):
         try:
@@ -446,15 +461,22 @@ def client_evaluation(
             got = reply.content.config_records["eval"]
             if int(got["client"]) != c or int(got["examples"]) < 1:
                 raise NodeFailure(f"node {node} answered for client {got['client']} with {got['examples']} examples")
+            missing = [k for k in need if k not in got]
+            if missing:
+                raise NodeFailure(f"node {node} answered without {', '.join(missing)}")
+            keys = [*need, *(k for k in ("f1",) if k in got and not lm)]
             scores.append({"client": c, "node": node, "examples": int(got["examples"]),
-                           **{k: float(got[k]) for k in ("accuracy", "eval_loss", "f1") if k in got}})
+                           **{k: float(got[k]) for k in keys}})
         except Exception as e:  # noqa: BLE001 - a node's failure is recorded, the run goes on
             failed.append({"client": c, "node": node, "reason": f"{type(e).__name__}: {e}"})
     row: dict[str, Any] = {}
     if scores:
         n = sum(s["examples"] for s in scores)
-        row["client_accuracy"] = sum(s["accuracy"] * s["examples"] for s in scores) / n
+        if not lm:
+            row["client_accuracy"] = sum(s["accuracy"] * s["examples"] for s in scores) / n
         row["client_eval_loss"] = sum(s["eval_loss"] * s["examples"] for s in scores) / n
+        if lm:
+            row["client_perplexity"] = perplexity(row["client_eval_loss"])
     row["client_eval"] = scores
     if failed:
         row["client_eval_failed"] = failed

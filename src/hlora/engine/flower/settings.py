@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -123,9 +123,6 @@ def run_settings(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerOption
     if options.evaluate_on not in EVALUATE_ON:
         raise ConfigError(f"run-config evaluate-on must be one of {', '.join(EVALUATE_ON)}, "
                           f"got {options.evaluate_on!r}")
-    if options.clients_evaluate and cfg.task == INSTRUCT:
-        raise ConfigError("run-config evaluate-on: the nodes score classifiers only; with task instruct the "
-                          "server scores the model on its dev set (evaluate-on server)")
     if not 0 < options.client_eval_fraction < 1:
         raise ConfigError(f"run-config client-eval-fraction must be in (0, 1), got {options.client_eval_fraction}")
     if options.round_timeout <= 0 or options.node_timeout <= 0:
@@ -317,8 +314,14 @@ def resumed_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], l
     return merged, ignored
 
 
-def held_out(examples: Examples, fraction: float, seed: int, partition_id: int) -> tuple[Examples, Examples]:
-    """A node's examples split for client evaluation: (what it trains on, what it scores the global model on).
+#: a node's examples: a classifier's, or an LM's instruction examples
+NodeExamples = TypeVar("NodeExamples", Examples, InstructExamples)
+
+
+def held_out(examples: NodeExamples, fraction: float, seed: int,
+             partition_id: int) -> tuple[NodeExamples, NodeExamples]:
+    """A node's examples split for client evaluation: (what it trains on, what it scores the global model on);
+    a classifier's labelled examples or, for ``task = "instruct"``, its instruction examples, by the same rule.
 
     A seeded ``fraction`` of them (at least one, and at least one left to train on) is held out; the draw
     depends on the run's seed, the node's partition id (-1: its own file) and its number of examples."""
