@@ -236,10 +236,11 @@ def test_the_server_weighs_the_instruct_nodes_eval_losses_by_their_held_out_exam
 
 
 class InProcessGrid:
-    """A Grid whose nodes are ClientApps in this process (``exchange`` is patched to call them)."""
+    """A Grid whose nodes are ClientApps in this process (``exchange`` is patched to call them); the nodes
+    serve their messages in this process too (``worker = false``), unless their node-config says otherwise."""
 
     def __init__(self, nodes: dict[int, dict]) -> None:
-        self.nodes = nodes
+        self.nodes = {node: {"worker": False, **config} for node, config in nodes.items()}
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.nodes)
@@ -374,7 +375,7 @@ def test_a_node_worker_serves_instruct_as_the_in_process_client_app(instruct_run
     messages = [(RecordDict({"hlora": ConfigRecord({})}), "query"), (payload_to_record(payload, settings), "train")]
     try:
         replies = {}
-        for flag, config in ((True, on), (False, node)):
+        for flag, config in ((True, on), (False, {**node, "worker": False})):
             ctx = Context(run_id=1, node_id=7, node_config=config, state=RecordDict(), run_config=instruct_run_config)
             replies[flag] = [client_app.app(message(c, kind), ctx) for c, kind in messages]
         for got, expected in zip(replies[True], replies[False]):

@@ -183,7 +183,10 @@ def incoming(content: RecordDict, message_type: str) -> Message:
 
 
 def call_app(node_config: dict, run_config: dict, content: RecordDict, message_type: str) -> Message:
-    ctx = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config)
+    """The ClientApp called as Flower calls it; the node serves the message in this process (``worker = false``)
+    unless ``node_config`` says otherwise."""
+    ctx = Context(run_id=1, node_id=7, node_config={"worker": False, **node_config}, state=RecordDict(),
+                  run_config=run_config)
     return client_app.app(incoming(content, message_type), ctx)
 
 
@@ -302,7 +305,7 @@ def test_auto_precision_is_the_nodes_choice_made_once_per_run(tiny_run_config, m
 
     monkeypatch.setattr(node_site, "resolve_precision", resolve)
     run_config = {**tiny_run_config, "precision": "auto"}
-    ctx = Context(run_id=1, node_id=7, node_config={"rank": 2, "partition-id": 0, "num-partitions": 3},
+    ctx = Context(run_id=1, node_id=7, node_config={"rank": 2, "partition-id": 0, "num-partitions": 3, "worker": False},
                   state=RecordDict(), run_config=run_config)
     query = RecordDict({"hlora": ConfigRecord({})})
     for _ in range(2):  # Flower starts a new ClientApp process per message: only the run state remains

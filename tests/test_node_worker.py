@@ -34,7 +34,8 @@ from hlora.model import FederatedModel, load_classifier
 from hlora.server import client_seed
 from hlora.strategies import ClientSpec, get_strategy
 
-NODE = {"rank": 4, "partition-id": 1, "num-partitions": 3, "threads": 1}
+#: a node that serves its messages in this process; the tests turn the worker on with ``{**NODE, "worker": True}``
+NODE = {"rank": 4, "partition-id": 1, "num-partitions": 3, "threads": 1, "worker": False}
 
 
 @pytest.fixture
@@ -91,7 +92,7 @@ def test_the_worker_answers_as_the_in_process_client_app_and_is_reused(run_confi
     worker must reset the RNG): each reply equals the in-process one exactly, and one worker served all."""
     on = {**NODE, "worker": True, "worker-dir": worker_dir, "worker-idle": 60}
     contexts = {flag: Context(run_id=1, node_id=7, node_config=config, state=RecordDict(), run_config=run_config)
-                for flag, config in ((True, on), (False, {**NODE, "worker": False}))}
+                for flag, config in ((True, on), (False, dict(NODE)))}
     first = train_content(tiny_model, 1)
     messages = [(RecordDict({"hlora": ConfigRecord({})}), "query"), (first, "train"), (first, "evaluate"),
                 (train_content(tiny_model, 2), "train"), (first, "train")]
