@@ -396,14 +396,38 @@ def test_bad_jobs_and_a_cell_failing_in_its_process_are_one_line_and_exit_2(tiny
         or "error: cell 2/2 flexlora seed 0: --clients 60 exceeds the 48 training examples" in " ".join(text.split())
 
 
-def test_a_grid_left_to_precision_auto_continues(tiny_args, tmp_path, capsys):
-    """--precision auto is saved as each cell's choice (fp32 or bf16), which is not another experiment."""
+def test_a_grid_left_to_precision_auto_chooses_once_and_continues(tiny_args, tmp_path, capsys, monkeypatch):
+    """--precision auto is chosen once for the grid (one timing probe, before any cell) and saved as every
+    cell's precision, which is not another experiment; a method added later takes the grid's choice without a
+    new probe, and a cell that holds a config keeps its own."""
+    import yaml
+
+    from hlora import precision
+    from hlora.engine import simulation
+
+    probes = []
+    real = precision.resolve_precision
+
+    def counted(mode, step, *args, **kwargs):  # the real choice, counted when it times anything
+        if mode == "auto":
+            probes.append(mode)
+        return real(mode, step, *args, **kwargs)
+
+    monkeypatch.setattr(simulation, "resolve_precision", counted)
     args = list(tiny_args)
     args[args.index("--precision") + 1] = "auto"
-    argv = ["compare", *args, "--strategies", "hlora", "--out", str(tmp_path / "g")]
+    out = tmp_path / "g"
+    argv = ["compare", *args, "--strategies", "hlora,fedit:ranks=4", "--out", str(out)]
     code, text = run_cli(argv, capsys)
     assert code in (0, None), text
-    saved = (tmp_path / "g" / "hlora" / "seed0" / "config.yaml").read_text()
-    assert "precision: auto" not in saved and "precision:" in saved
+    chosen = [yaml.safe_load((out / m / "seed0" / "config.yaml").read_text())["precision"]
+              for m in ("hlora", "fedit__ranks-4")]
+    assert chosen[0] in ("fp32", "bf16") and chosen[0] == chosen[1] and probes == ["auto"]
+    assert f"precision auto: {chosen[0]} for the grid's 2 new cell(s) (timed once" in " ".join(text.split())
     code, text = run_cli(argv, capsys)
-    assert code in (0, None) and "done, skipped" in text, text
+    assert code in (0, None) and "done, skipped" in text and probes == ["auto"], text
+    argv = ["compare", *args, "--strategies", "hlora,flexlora", "--out", str(out)]
+    code, text = run_cli(argv, capsys)
+    assert code in (0, None) and probes == ["auto"], text
+    assert yaml.safe_load((out / "flexlora" / "seed0" / "config.yaml").read_text())["precision"] == chosen[0]
+    assert "for the grid's 1 new cell(s) (as the grid's earlier cells)" in " ".join(text.split())

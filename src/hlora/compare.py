@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -515,6 +515,33 @@ def _run_processes(queue: _Queue, say, jobs: int) -> None:
             conn.close()
 
 
+def grid_precision(cells: list[tuple[Method, int, RunConfig]], say=print) -> str | None:
+    """``--precision auto`` once for the whole grid, so that every cell computes at the same precision.
+
+    Each run left to ``auto`` times a few batches of each precision when it starts; cells started side by
+    side time them on a shared machine and may choose differently (two SST-2 runs started together chose
+    fp32, docs/performance.md section 7), which would mix two precisions in one table. Here the new cells
+    (no config.yaml yet) that are left to ``auto`` get the choice of a cell of this grid that ran before,
+    or else one probe of the first of them, made before any cell starts. Cells that hold a config keep
+    their own (they resume at it). Returns the choice (None: no cell is left to ``auto``)."""
+    fresh = [cfg for _, _, cfg in cells if cfg.precision == "auto" and not (Path(cfg.out) / "config.yaml").is_file()]
+    if not fresh:
+        return None
+    saved = (load_config(path, {"out": str(path.parent)}).precision
+             for path in (Path(cfg.out) / "config.yaml" for _, _, cfg in cells) if path.is_file())
+    choice = next((p for p in saved if p != "auto"), None)
+    how = "as the grid's earlier cells"
+    if choice is None:
+        from hlora.engine.simulation import setup
+
+        choice = setup(replace(fresh[0])).cfg.precision  # a copy: setup fills in what it resolves
+        how = "timed once, before any cell"
+    for cfg in fresh:
+        cfg.precision = choice
+    say(f"precision auto: {choice} for the grid's {len(fresh)} new cell(s) ({how})")
+    return choice
+
+
 def compare(
     config_file: str | Path | None,
     shared: dict[str, Any],
@@ -543,6 +570,7 @@ def compare(
             for _, _, cfg in cells:
                 cfg.threads = cfg.threads or 1
         out.mkdir(parents=True, exist_ok=True)
+        grid_precision(cells, say)
         run_grid(cells, reporter_for, say, jobs=jobs)
     path = lambda m, s: out / m.slug / f"seed{s}"  # noqa: E731
     done = {m.label: {s: path(m, s) for s in seeds if cell_state(path(m, s)) == "done"} for m in methods}
