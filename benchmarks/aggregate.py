@@ -2,7 +2,7 @@
 
     python benchmarks/aggregate.py [--model llama7b|roberta-large] [--threads N] [--dense-layers 1]
                                    [--strategies hlora,flexlora,...] [--repeats 3] [--error-rank 0]
-                                   [--out FILE.json]
+                                   [--robust krum,multikrum,normclip] [--out FILE.json]
 
 Each strategy runs in a fresh subprocess so that its peak resident memory is its own: ``inputs RSS`` is
 the peak after building the 20 clients' factors (what the server must hold anyway), ``peak RSS`` the peak
@@ -20,6 +20,12 @@ no E yet); the row reports E's rank after the round. RoLoRA's round is a B round
 cost is that of an A round up to d <-> k. LoRA-FAIR's correction takes r_k x R products per client and an
 R x R pseudo-inverse per module on top of FedAvg of the factors.
 
+``--robust RULES``: the robust rules' verdict on the same HLoRA round (``hlora.robust.Robust.judge`` with
+f = 4 of 20), each in a fresh process: Krum and Multi-Krum need the 20 x 20 pairwise distances of the
+clients' changes ``s B A - s0 B0 A0``, computed from r x r Gram products of the stacked factors; normclip
+needs the 20 norms. On ``--dense-layers`` layers the factored distances are checked against the dense
+``d x k`` changes (relative difference), with the dense route's time for those layers.
+
 For the SVD-based methods the same round is also computed the way FlexLoRA's public code does it (form
 the dense d x k sum, full SVD) on ``--dense-layers`` layers, with the largest difference between the two
 results; the dense time for the whole model is that measurement scaled by the number of layers (said
@@ -29,6 +35,7 @@ so in the output).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -82,7 +89,8 @@ def random_error(d: int, k: int, rank: int, g: torch.Generator):
 
 def client_updates(model: str, name: str, error_rank: int = 0):
     """One round of trained updates: each client starts from its dispatched payload, factors + noise.
-    FedEx-LoRA starts from an error term of rank ``error_rank`` (0: none, its first round)."""
+    FedEx-LoRA starts from an error term of rank ``error_rank`` (0: none, its first round). Returns the
+    strategy, its state, the updates, the module shapes and the payloads the updates answer."""
     from hlora.factors import Factor, init_factors
     from hlora.strategies import ClientSpec, Update, get_strategy
 
@@ -95,17 +103,50 @@ def client_updates(model: str, name: str, error_rank: int = 0):
     if name == "fedex" and error_rank:
         state.extra["residual"] = {m: random_error(d, k, error_rank, g) for m, (d, k) in shapes.items()}
     clients = [ClientSpec(i, dict.fromkeys(shapes, r), 16.0, 100 + 10 * i) for i, r in enumerate(ranks)]
-    updates = []
+    updates, sent = [], []
     for c in clients:
         pl = strategy.dispatch(state, c, torch.Generator().manual_seed(c.id))
+        sent.append(pl)
         lora = {m: Factor(f.B + 0.01 * torch.randn(f.B.shape, generator=g),
                           f.A + 0.01 * torch.randn(f.A.shape, generator=g), f.scale) for m, f in pl.lora.items()}
         updates.append(Update(c.id, lora, {"head": torch.ones(2, 16)}, c.num_examples, dict(pl.info)))
-    return strategy, state, updates, shapes
+    return strategy, state, updates, shapes, sent
+
+
+def robust_one(model: str, rule: str, dense_layers: int) -> dict:
+    """One robust rule's verdict on an HLoRA round of 20 clients (f = 4); the factored distances against
+    the dense ones on the first ``dense_layers`` layers."""
+    from hlora.robust import Robust, change_gram, dense_changes, pairwise_sq_distances
+    from hlora.strategies import Update
+
+    _, _, updates, shapes, sent = client_updates(model, "hlora")
+    inputs_mb = peak_mb()
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    verdict = Robust(rule, f=4).check(20).judge(updates, sent)
+    row = {"rule": rule, "seconds": time.perf_counter() - t0, "cpu_seconds": cpu_seconds() - c0,
+           "modules": len(shapes), "rejected": sorted(verdict.rejected), "clipped": len(verdict.scales),
+           "inputs_rss_mb": inputs_mb, "peak_rss_mb": peak_mb()}
+    if dense_layers and rule in ("krum", "multikrum"):
+        per_layer = len(SHAPES[model][1])
+        some = list(shapes)[: dense_layers * per_layer]
+        part = [Update(u.client, {m: u.lora[m] for m in some}, {}, u.num_examples, u.info) for u in updates]
+        part_sent = [dataclasses.replace(p, lora={m: p.lora[m] for m in some}, head={}) for p in sent]
+        t0 = time.perf_counter()
+        factored = pairwise_sq_distances(change_gram(part, part_sent))
+        row["factored_layers_seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        dense = torch.zeros(20, 20, dtype=torch.float64)
+        for m in some:
+            X = dense_changes(part, part_sent, m).double().flatten(1)
+            dense += torch.cdist(X, X) ** 2
+        row["dense_layers_seconds"] = time.perf_counter() - t0
+        row["dense_layers"] = dense_layers
+        row["max_relative_difference"] = float((factored - dense).abs().max() / dense.abs().max())
+    return row
 
 
 def run_one(model: str, name: str, error_rank: int = 0) -> dict:
-    strategy, state, updates, shapes = client_updates(model, name, error_rank)
+    strategy, state, updates, shapes, _ = client_updates(model, name, error_rank)
     inputs_mb = peak_mb()
     t0, c0 = time.perf_counter(), cpu_seconds()
     new = strategy.aggregate(state, updates)
@@ -136,7 +177,7 @@ def before_after(model: str, repeats: int) -> dict:
     from hlora.linalg import factored_svd
     from hlora.strategies.base import round_weights
 
-    _, _, updates, shapes = client_updates(model, "hlora")
+    _, _, updates, shapes, _ = client_updates(model, "hlora")
     p = round_weights(updates)
     arms = {"v0 (QR, becb146)": factored_svd_v0, "now (Gram)": factored_svd}
     totals = {a: [] for a in arms}
@@ -199,7 +240,9 @@ def main() -> None:
     ap.add_argument("--dense-layers", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="passes of the HLoRA before/after (0: skip)")
     ap.add_argument("--error-rank", type=int, default=0, help="rank of FedEx-LoRA's error term before the round")
+    ap.add_argument("--robust", default="", help="robust rules to time on the HLoRA round, e.g. krum,multikrum,normclip")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--rule", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--part", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -207,6 +250,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.one:
         print(json.dumps(run_one(args.model, args.one, args.error_rank)))
+        return
+    if args.rule:
+        print(json.dumps(robust_one(args.model, args.rule, args.dense_layers)))
         return
     if args.part == "before_after":
         print(json.dumps(before_after(args.model, args.repeats)))
@@ -227,13 +273,23 @@ def main() -> None:
 
     print(f"{args.model}, torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads", flush=True)
     rows = []
-    for name in args.strategies.split(","):
+    for name in filter(None, args.strategies.split(",")):
         row = sub("--one", name, "--error-rank", str(args.error_rank))
         rows.append(row)
         error = " error term rank {} -> {}".format(*row["error_rank"]) if "error_rank" in row else ""
         print(f"{name:10s} {row['seconds']:8.2f} s (cpu {row['cpu_seconds']:7.2f} s)  inputs RSS "
               f"{row['inputs_rss_mb']:7.0f} MB  peak RSS {row['peak_rss_mb']:7.0f} MB  ({row['modules']} modules)"
               f"{error}", flush=True)
+    robust = []
+    for rule in filter(None, args.robust.split(",")):
+        row = sub("--rule", rule, "--dense-layers", str(args.dense_layers))
+        robust.append(row)
+        check = (f"; dense check on {row['dense_layers']} layer(s): factored {row['factored_layers_seconds']:.3f} s, "
+                 f"dense {row['dense_layers_seconds']:.2f} s, max relative difference "
+                 f"{row['max_relative_difference']:.1e}") if "dense_layers" in row else ""
+        print(f"robust {rule:9s} {row['seconds']:8.2f} s (cpu {row['cpu_seconds']:7.2f} s)  inputs RSS "
+              f"{row['inputs_rss_mb']:7.0f} MB  peak RSS {row['peak_rss_mb']:7.0f} MB  rejected {row['rejected']}, "
+              f"clipped {row['clipped']}{check}", flush=True)
     ba = sub("--part", "before_after", "--repeats", str(args.repeats)) if args.repeats else None
     if ba:
         print("HLoRA round before/after (median of passes): "
@@ -247,7 +303,7 @@ def main() -> None:
               f"estimated for the model; +{check['dense_extra_rss_mb']:.0f} MB RSS); factored: "
               f"{check['factored_seconds']:.3f} s; max relative difference {check['max_relative_difference']:.2e}")
     result = {"model": args.model, "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
-              "error_rank": args.error_rank, "strategies": rows, "before_after": ba, "dense_check": check}
+              "error_rank": args.error_rank, "strategies": rows, "robust": robust, "before_after": ba, "dense_check": check}
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=2)
