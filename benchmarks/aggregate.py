@@ -117,7 +117,6 @@ def robust_one(model: str, rule: str, dense_layers: int) -> dict:
     """One robust rule's verdict on an HLoRA round of 20 clients (f = 4); the factored distances against
     the dense ones on the first ``dense_layers`` layers."""
     from hlora.robust import Robust, change_gram, dense_changes, pairwise_sq_distances
-    from hlora.strategies import Update
 
     _, _, updates, shapes, sent = client_updates(model, "hlora")
     inputs_mb = peak_mb()
@@ -129,7 +128,7 @@ def robust_one(model: str, rule: str, dense_layers: int) -> dict:
     if dense_layers and rule in ("krum", "multikrum"):
         per_layer = len(SHAPES[model][1])
         some = list(shapes)[: dense_layers * per_layer]
-        part = [Update(u.client, {m: u.lora[m] for m in some}, {}, u.num_examples, u.info) for u in updates]
+        part = [dataclasses.replace(u, lora={m: u.lora[m] for m in some}, head={}) for u in updates]
         part_sent = [dataclasses.replace(p, lora={m: p.lora[m] for m in some}, head={}) for p in sent]
         t0 = time.perf_counter()
         factored = pairwise_sq_distances(change_gram(part, part_sent))
@@ -143,6 +142,12 @@ def robust_one(model: str, rule: str, dense_layers: int) -> dict:
         row["dense_layers"] = dense_layers
         row["max_relative_difference"] = float((factored - dense).abs().max() / dense.abs().max())
     return row
+
+
+def cost(row: dict) -> str:
+    """A subprocess row's time and memory, as the strategy and robust lines print them."""
+    return (f"{row['seconds']:8.2f} s (cpu {row['cpu_seconds']:7.2f} s)  inputs RSS {row['inputs_rss_mb']:7.0f} MB  "
+            f"peak RSS {row['peak_rss_mb']:7.0f} MB")
 
 
 def run_one(model: str, name: str, error_rank: int = 0) -> dict:
@@ -277,9 +282,7 @@ def main() -> None:
         row = sub("--one", name, "--error-rank", str(args.error_rank))
         rows.append(row)
         error = " error term rank {} -> {}".format(*row["error_rank"]) if "error_rank" in row else ""
-        print(f"{name:10s} {row['seconds']:8.2f} s (cpu {row['cpu_seconds']:7.2f} s)  inputs RSS "
-              f"{row['inputs_rss_mb']:7.0f} MB  peak RSS {row['peak_rss_mb']:7.0f} MB  ({row['modules']} modules)"
-              f"{error}", flush=True)
+        print(f"{name:10s} {cost(row)}  ({row['modules']} modules){error}", flush=True)
     robust = []
     for rule in filter(None, args.robust.split(",")):
         row = sub("--rule", rule, "--dense-layers", str(args.dense_layers))
@@ -287,9 +290,7 @@ def main() -> None:
         check = (f"; dense check on {row['dense_layers']} layer(s): factored {row['factored_layers_seconds']:.3f} s, "
                  f"dense {row['dense_layers_seconds']:.2f} s, max relative difference "
                  f"{row['max_relative_difference']:.1e}") if "dense_layers" in row else ""
-        print(f"robust {rule:9s} {row['seconds']:8.2f} s (cpu {row['cpu_seconds']:7.2f} s)  inputs RSS "
-              f"{row['inputs_rss_mb']:7.0f} MB  peak RSS {row['peak_rss_mb']:7.0f} MB  rejected {row['rejected']}, "
-              f"clipped {row['clipped']}{check}", flush=True)
+        print(f"robust {rule:9s} {cost(row)}  rejected {row['rejected']}, clipped {row['clipped']}{check}", flush=True)
     ba = sub("--part", "before_after", "--repeats", str(args.repeats)) if args.repeats else None
     if ba:
         print("HLoRA round before/after (median of passes): "
