@@ -2,7 +2,8 @@
 # Commit the finished cells of a running `hlora compare` grid as they come, so that a lost machine loses
 # only the running cells. Usage (from the repository, beside the grid):
 #   bash benchmarks/commit_cells.sh GRID_OUT DOCS_DIR [SECONDS]
-# Every SECONDS (default 120) until no lock is left in GRID_OUT: each cell GRID_OUT/<method>/seed<k> with a
+# Every SECONDS (default 120) while a cell of GRID_OUT is held (its <cell>.lock flock'ed by a running
+# `hlora compare`; a lock file left by a killed run is free and does not count): each cell GRID_OUT/<method>/seed<k> with a
 # summary.json not yet in DOCS_DIR gets its metrics.jsonl, summary.json, config.yaml and
 # dev_predictions.json copied to DOCS_DIR/<method>/seed<k>/ and committed (only those paths).
 set -euo pipefail
@@ -26,9 +27,17 @@ commit_new() {
     echo "committed $dest"
   done
 }
+running() {  # a held claim, or a compare that has not claimed its next cell yet
+  local lock
+  for lock in "$grid"/*/seed*.lock; do
+    [ -e "$lock" ] || continue
+    flock -n "$lock" true || return 0
+  done
+  pgrep -f "hlora.*compare.*$grid" >/dev/null
+}
 while true; do
   commit_new
-  ls "$grid"/*/seed*.lock >/dev/null 2>&1 || pgrep -f "hlora.*compare.*$grid" >/dev/null || break
+  running || break
   sleep "$every"
 done
 commit_new
