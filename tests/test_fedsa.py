@@ -254,6 +254,28 @@ def test_the_split_changes_only_for_a_personalised_strategy(tiny_args, tmp_path)
         tiny_config(tiny_args, tmp_path / "x", strategy="fedsa", personal_holdout=1.0).validate()
 
 
+def test_personal_eval_scores_a_global_strategy_on_fedsas_held_out_shares(tiny_args, tmp_path):
+    """--personal-eval: a global strategy trains on what fedsa trains on (the same seeded split), and each
+    round's personal scores are the global model's accuracy on each client's held-out share (checked against
+    the saved run's model, scored on those examples by hlora eval's path)."""
+    extra = dict(strategy="hlora", rounds=2, threads=1, personal_eval=True)
+    ref = run(tiny_config(tiny_args, tmp_path / "run", **extra))
+    exp = setup(tiny_config(tiny_args, tmp_path / "s", **extra))
+    fedsa = setup(tiny_config(tiny_args, tmp_path / "f", strategy="fedsa"))
+    assert exp.parts == fedsa.parts and exp.holdout == fedsa.holdout
+    assert [c.num_examples for c in exp.clients] == [len(p) for p in exp.parts]
+    last = ref.rows[-1]
+    assert last["personal_examples"] == sum(map(len, exp.holdout))
+    p = Predictor(load_run(ref.out))
+    for k, held in enumerate(exp.holdout):
+        if held:
+            got = p.evaluate(p.task.train.subset(held))["accuracy"]
+            assert got == pytest.approx(last["client_personal_accuracy"][str(k)])
+    assert p.evaluate()["accuracy"] == pytest.approx(ref.summary["final_accuracy"])  # the dev score is unchanged
+    plain = run(tiny_config(tiny_args, tmp_path / "plain", strategy="hlora", rounds=1, threads=1))
+    assert "personal_accuracy" not in plain.rows[-1]
+
+
 def test_flower_refuses_what_fedsa_cannot_do_there_in_one_line(tmp_path):
     """fedsa runs on Flower (tests/test_flower.py); a resumed run (its nodes' kept B is in the stopped run's
     Flower run state, which a new run does not have), evaluate-on clients or both (no global model) and

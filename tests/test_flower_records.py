@@ -439,6 +439,9 @@ def test_client_app_scores_the_global_model_on_the_share_it_holds_out(tiny_run_c
     assert reply.has_error() and "evaluate-on is server" in reply.error.reason
     with pytest.raises(ConfigError, match="evaluate-on must be one of"):
         run_settings({"evaluate-on": "nodes"})
+    with pytest.raises(ConfigError, match='personal-eval: on Flower .* evaluate-on = "clients"'):
+        run_settings({"personal-eval": True})
+    assert not run_settings({"personal-eval": False})[0].personal_eval
 
 
 #: `hlora run` options that flower-app/pyproject.toml does not list, and why
@@ -446,6 +449,7 @@ NOT_IN_THE_APP = {
     **dict.fromkeys(("ranks", "rank-policy", "rank-file", "layer-ranks"), "each node gives its rank in --node-config"),
     **dict.fromkeys(("attack", "attackers", "attack-lambda"), "attacks are simulated by hlora run only"),
     "preset": "the app lists every key with its value: refused by run_settings",
+    "personal-eval": "the nodes score the global model on a held-out share with evaluate-on clients",
 }
 #: `hlora run` options the app spells otherwise
 RENAMED = {"strategy-option": "strategy-options"}  # repeated on the command line, one string in the run-config

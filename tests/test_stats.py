@@ -152,3 +152,26 @@ def test_table_of_a_toy_grid_by_hand(tmp_path):
     # a run whose predictions belong to another round than its last is not paired
     (groups["flexlora"][0] / "dev_predictions.json").write_text(json.dumps({"round": 5, "predicted": [], "gold": []}))
     assert summarize(groups, target=0.5)[2]["boot_diff_seeds"] == 2
+
+
+def test_the_personal_column_shows_where_a_cell_has_personal_scores(tmp_path):
+    """fedsa's cells (and cells run with --personal-eval) carry personal_accuracy: the table gives the last
+    scored round's, over seeds; a method without it shows - and no column appears when no cell has it."""
+    groups = {"hlora": {}, "fedsa": {}}
+    for s, personal in enumerate([0.80, 0.90]):
+        groups["hlora"][s] = _cell(tmp_path / "hlora" / f"seed{s}", HLORA[s], 10.0)
+        cell = _cell(tmp_path / "fedsa" / f"seed{s}", HLORA[s], 10.0)
+        rows = [json.loads(x) for x in (cell / "metrics.jsonl").read_text().splitlines()]
+        for r in rows:
+            r["personal_accuracy"] = personal - 0.1 if r["round"] < len(rows) else personal
+        (cell / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        groups["fedsa"][s] = cell
+    table = summarize(groups, target=0.5)
+    assert math.isnan(table[0]["personal_acc"])
+    assert table[1]["personal_acc"] == pytest.approx(0.85) and table[1]["personal_acc_max"] == pytest.approx(0.90)
+    write_tables(table, tmp_path, target=0.5)
+    md = (tmp_path / "table.md").read_text()
+    assert "| personal acc (%) |" in md and "| 85.0 ± 7.1 (80.0-90.0) |" in md
+    assert md.split("| hlora |")[1].split("\n")[0].split(" | ")[4] == "-"  # hlora's personal cell
+    write_tables(summarize({"hlora": groups["hlora"]}, target=0.5), tmp_path, target=0.5)
+    assert "personal acc" not in (tmp_path / "table.md").read_text()

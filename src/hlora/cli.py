@@ -70,7 +70,7 @@ PANELS: dict[str, tuple[str, ...]] = {
                                "robust_dense_mb", "attack", "attackers", "attack_lambda", "dp_clip", "dp_noise",
                                "dp_epsilon_target", "dp_delta", "dp_dense_mb"),
     "Evaluation and outputs": ("gen_samples", "max_new_tokens", "eval_every", "eval_batch_size", "personal_holdout",
-                               "seed", "threads", "out", "log", "log_group", "mlflow_uri", "resume"),
+                               "personal_eval", "seed", "threads", "out", "log", "log_group", "mlflow_uri", "resume"),
 }
 _PANEL = {name: panel for panel, names in PANELS.items() for name in names}
 
@@ -309,7 +309,14 @@ def run(
     ),
     eval_every: Optional[int] = _opt("eval_every", "Evaluate every K rounds (and always after the last)."),
     personal_holdout: Optional[float] = _opt(
-        "personal_holdout", "Share of each client's examples held out to score its own model (fedsa only)."
+        "personal_holdout", "Share of each client's examples held out to score its own model (fedsa, or "
+        "--personal-eval)."
+    ),
+    personal_eval: Optional[bool] = typer.Option(
+        None, "--personal-eval",
+        help="Score any strategy as fedsa is scored: hold out --personal-holdout of each client's examples and "
+        "score the model on each client's share (a global strategy's global model), beside the dev set.",
+        show_default="off", rich_help_panel=_PANEL["personal_eval"],
     ),
     eval_batch_size: Optional[int] = _opt("eval_batch_size", "Evaluation batch size."),
     seed: Optional[int] = _opt("seed", "Seed of the split, ranks, client sampling and training."),

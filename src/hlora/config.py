@@ -137,6 +137,9 @@ class RunConfig:
     #: a personalised strategy (fedsa) holds out this seeded share of each client's examples to score the
     #: client's own model on (other strategies' splits are untouched)
     personal_holdout: float = 0.2
+    #: score every strategy as a personalised one is: hold out the same share of each client's examples and
+    #: score the client's model on it (a global strategy's: the global model), beside the dev set
+    personal_eval: bool = False
     #: a named set of defaults (PRESETS) applied before the config file and the options
     preset: str | None = None
     seed: int = 0

@@ -1,7 +1,8 @@
 """The table of a comparison (``table.csv``, ``table.md``), read from finished run directories.
 
-One row per method: final and best accuracy over seeds (mean ± std, min-max), accuracy at a few fixed
-rounds, rounds to the target, MB up and down, seconds per round, and against the reference method
+One row per method: final and best accuracy over seeds (mean ± std, min-max), the final personalised
+accuracy (fedsa, or cells run with ``--personal-eval``: each client's model on its held-out share), accuracy
+at a few fixed rounds, rounds to the target, MB up and down, seconds per round, and against the reference method
 (``hlora``) the paired difference over seeds and a paired bootstrap interval over dev examples
 (:mod:`hlora.stats`).
 """
@@ -74,6 +75,8 @@ def summarize(
         row: dict[str, Any] = {"method": m, "seeds": len(runs), "rounds": len(logs[0])}
         _put(row, "final_acc", spread(list(final[m].values())))
         _put(row, "best_acc", spread([max(x["accuracy"] for x in r) for r in scored]))
+        personal = [scored_rows(r, "personal_accuracy") for r in logs]
+        _put(row, "personal_acc", spread([p[-1]["personal_accuracy"] if p else math.nan for p in personal]))
         f1 = spread([r[-1].get("f1", math.nan) for r in scored])
         row["final_f1"], row["final_f1_std"] = f1.mean, f1.std
         for k in fixed:
@@ -152,10 +155,12 @@ def write_tables(table: list[dict[str, Any]], out: Path, target: float, referenc
     w.writerows(table)
     _atomic_text(out / "table.csv", text.getvalue())
     has_f1 = any(not math.isnan(r["final_f1"]) for r in table)
+    has_personal = any(not math.isnan(r["personal_acc"]) for r in table)
     fixed = [k for k in FIXED_ROUNDS if f"acc_r{k}" in table[0]]
     compared = any(r["vs"] for r in table)
 
     head = ["method", "seeds", "rounds", "final acc (%)", "best acc (%)"]
+    head += ["personal acc (%)"] if has_personal else []
     head += ["final F1 (%)"] if has_f1 else []
     head += [f"acc @{k}" for k in fixed]
     head += [f"rounds to {100 * target:.0f}%", "MB up", "MB down", "s/round"]
@@ -164,6 +169,7 @@ def write_tables(table: list[dict[str, Any]], out: Path, target: float, referenc
     for r in table:
         cells = [r["method"], str(r["seeds"]), str(r["rounds"]), _pct_range(r, "final_acc"),
                  _pct_range(r, "best_acc")]
+        cells += [_pct_range(r, "personal_acc")] if has_personal else []
         cells += [_pct(r["final_f1"], r["final_f1_std"])] if has_f1 else []
         cells += [_pct(r[f"acc_r{k}"], r[f"acc_r{k}_std"]) for k in fixed]
         rt = "-" if math.isnan(r["rounds_to_target"]) else f"{r['rounds_to_target']:.1f} ({r['reached_target']})"
@@ -171,15 +177,19 @@ def write_tables(table: list[dict[str, Any]], out: Path, target: float, referenc
         if compared:
             cells += [_diff(r, "seeds_diff", mark=False), _diff(r, "boot_diff", mark=True)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *legend(target, reference, fixed, compared)]
+    lines += ["", *legend(target, reference, fixed, compared, has_personal)]
     _atomic_text(out / "table.md", "\n".join(lines) + "\n")
 
 
-def legend(target: float, reference: str, fixed: list[int], compared: bool) -> list[str]:
+def legend(target: float, reference: str, fixed: list[int], compared: bool, personal: bool = False) -> list[str]:
     """The lines under ``table.md``'s table that say what its columns mean."""
     lines = [
         "- final / best acc: dev accuracy at the last round / the best round, mean ± std over seeds (min-max).",
     ]
+    if personal:
+        lines.append("- personal acc: at the last round, each client's model (fedsa: its own; a global method: the "
+                     "global model) on the held-out share of its own examples, over all held-out examples; mean ± "
+                     "std over seeds (min-max); - where the cell was run without --personal-eval.")
     if fixed:
         lines.append(f"- acc @r: dev accuracy at round r ({', '.join(map(str, fixed))}), mean ± std over seeds.")
     lines += [

@@ -71,7 +71,8 @@ class Experiment:
     #: simulated attackers (--attack), and the training set with flipped labels (--attack labelflip)
     attack: Attack | None = None
     flipped: Encoded | None = None
-    #: each client's held-out examples (a personalised strategy: its own model is scored on them), else None
+    #: each client's held-out examples (a personalised strategy, or --personal-eval: the client's model is scored
+    #: on them), else None
     holdout: list[list[int]] | None = None
 
     def objective(self, client: int) -> Objective:
@@ -148,7 +149,7 @@ def setup(cfg: RunConfig) -> Experiment:
         raise ConfigError(f"--clients {cfg.clients} exceeds the {len(task.train)} training examples")
     parts = cfg.client_parts(task)  # a split this data cannot take is refused before the model loads
     holdout = None
-    if strategy.personal:  # each client's own model is scored on a held-out share of its examples
+    if strategy.personal or cfg.personal_eval:  # each client's model is scored on a held-out share of its examples
         parts, holdout = split_holdout(parts, cfg.personal_holdout, cfg.seed)
     model, tokenizer = load_model(cfg, task)
     fm = FederatedModel(model, cfg.target_modules)
@@ -346,7 +347,7 @@ def _rounds(
             rnd, reported, strategy=strategy, evaluate=exp.evaluate if scored else None, client_ranks=exp.all_ranks(),
             clients=sampled, ranks=[max(spec.ranks.values()) for spec, _ in jobs], started=t0,
         )
-        if strategy.personal and scored:
+        if exp.holdout is not None and scored:
             row.update(_personal_scores(exp, state, states))
         if exp.attack is not None:  # which attackers were sampled, and which clients were rejected
             row.update(exp.attack.row(sampled, outcome.rejected))

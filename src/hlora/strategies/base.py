@@ -171,8 +171,10 @@ class Strategy(ABC):
         return update
 
     def personal_model(self, state: GlobalState, client: ClientSpec, kept: dict[str, Any] | None) -> Payload:
-        """A personalised strategy: client's own model (``lora``, ``head``), to score it."""
-        raise NotImplementedError(f"{self.name} is not personalised")
+        """The model ``client`` is scored with on its held-out examples (``lora``, ``head``): a personalised
+        strategy's own model of the client; a global strategy's global model, the one the dev set scores
+        (``--personal-eval``: every client scores the same model on its own share)."""
+        return Payload(self.global_adapter(state), state.head)
 
     def mean_state(self, state: GlobalState, clients: list[ClientSpec], kept: dict[int, dict[str, Any]]) -> GlobalState:
         """A personalised strategy: the clients' models as one global state (reported, exported)."""

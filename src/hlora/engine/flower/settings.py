@@ -98,6 +98,9 @@ def run_settings(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerOption
                 continue  # 0: not set (torch's threads; local-epochs instead of steps)
             if name in ("attack", "attackers", "attack_lambda") and value not in ("none", 0, 0.0):
                 raise ConfigError(f"run-config {key}: attacks are simulated by hlora run only (not on Flower)")
+            if name == "personal_eval" and value not in (False, "false", 0):
+                raise ConfigError('run-config personal-eval: on Flower the nodes score the global model on a '
+                                  'held-out share with evaluate-on = "clients"')
             if name == "preset":
                 raise ConfigError("run-config preset: the app lists every key with its value, so a preset "
                                   "would change nothing; set the keys themselves")
