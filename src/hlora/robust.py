@@ -169,14 +169,11 @@ class Robust:
         return Verdict(scales={u.client: c for u, c in zip(updates, clip_factors(norms, tau)) if c < 1})
 
 
-def change_factors(update: Update, payload: Payload) -> dict[str, tuple[Tensor, Tensor]]:
-    """Each module's change s B A - s0 B0 A0 as stacked factors (P, Q) = ([s B, -s0 B0], [A; A0]), float64."""
-    out = {}
-    for m, f in update.lora.items():
-        f0 = payload.lora[m]
-        P = torch.cat([f.scale * f.B.double(), -f0.scale * f0.B.double()], 1)
-        out[m] = (P, torch.cat([f.A.double(), f0.A.double()], 0))
-    return out
+def change_factors(update: Update, payload: Payload, module: str) -> tuple[Tensor, Tensor]:
+    """One module's change s B A - s0 B0 A0 as stacked factors (P, Q) = ([s B, -s0 B0], [A; A0]), float64."""
+    f, f0 = update.lora[module], payload.lora[module]
+    P = torch.cat([f.scale * f.B.double(), -f0.scale * f0.B.double()], 1)
+    return P, torch.cat([f.A.double(), f0.A.double()], 0)
 
 
 def head_change(update: Update, payload: Payload) -> Tensor:
@@ -189,16 +186,17 @@ def change_gram(updates: list[Update], sent: list[Payload]) -> Tensor:
     """G_ij = <Delta_i, Delta_j> over modules and head (K x K, float64), from r x r products of the factors.
 
     Per module, with every client's stacked factors side by side (P = [P_1 .. P_K], Q = [Q_1; ..; Q_K]),
-    (P^T P) * (Q Q^T) summed over the blocks (i, j) is <P_i Q_i, P_j Q_j>_F.
+    (P^T P) * (Q Q^T) summed over the blocks (i, j) is <P_i Q_i, P_j Q_j>_F. One module at a time: the float64
+    copies alive at once are one module's (at 7B shapes ~40 MB, not the ~3.7 GB of every module's).
     """
     K = len(updates)
-    stacked = [change_factors(u, p) for u, p in zip(updates, sent)]
     heads = torch.stack([head_change(u, p) for u, p in zip(updates, sent)])
     G = heads @ heads.T
     for m in updates[0].lora:
-        P = torch.cat([s[m][0] for s in stacked], 1)
-        Q = torch.cat([s[m][1] for s in stacked], 0)
-        owner = torch.cat([torch.full((s[m][1].shape[0],), i) for i, s in enumerate(stacked)])
+        stacked = [change_factors(u, p, m) for u, p in zip(updates, sent)]
+        P = torch.cat([s[0] for s in stacked], 1)
+        Q = torch.cat([s[1] for s in stacked], 0)
+        owner = torch.cat([torch.full((s[1].shape[0],), i) for i, s in enumerate(stacked)])
         E = torch.zeros(K, len(owner), dtype=torch.float64)
         E[owner, torch.arange(len(owner))] = 1.0
         G += E @ ((P.T @ P) * (Q @ Q.T)) @ E.T
