@@ -224,6 +224,108 @@ def test_a_dp_round_is_never_skipped_and_without_valid_updates_releases_the_nois
             assert float(moved.std()) == pytest.approx(z * 3.0 / 3, rel=0.3)
 
 
+# --- DP on the released factors (fedit, ffa, rolora) ------------------------------------------------
+
+
+def factor_dp_round(name, C, z, ranks, server_opt=None):
+    """A DP round of a FACTOR_DP strategy from a trained state: clients move only the factors they train
+    (client 3 by a lot, client 4 sends NaN), float64."""
+    strategy = get_strategy(name)
+    g = torch.Generator().manual_seed(11)
+    R = max(ranks)
+    init = {m: Factor(torch.zeros(d, R, dtype=torch.float64), torch.randn(R, k, generator=g, dtype=torch.float64),
+                      1.0) for m, (d, k) in SHAPES.items()}
+    start = strategy.init_state(init, {"w": torch.zeros(2, 5, dtype=torch.float64)})
+    first = {m: Factor(torch.randn(d, R, generator=g, dtype=torch.float64), init[m].A, 2.0)
+             for m, (d, k) in SHAPES.items()}
+    state = strategy.aggregate(start, [Update(0, first, start.head, 1)])  # rolora: now an A round
+    clients = [ClientSpec(i, dict.fromkeys(SHAPES, r), 8.0 + 8.0 * (i % 2), 5 + 40 * i) for i, r in enumerate(ranks)]
+    bumps = [1.0, 1.0, 1.0, 1000.0, 1.0]
+
+    def execute(pairs):
+        out = []
+        for (spec, p), bump in zip(pairs, bumps):
+            lora = {}
+            for m, f in p.lora.items():
+                B = f.B + bump * 0.1 * torch.randn(f.B.shape, generator=g, dtype=torch.float64) if p.train_B else f.B
+                A = f.A + 0.1 * torch.randn(f.A.shape, generator=g, dtype=torch.float64) if p.train_A else f.A
+                lora[m] = Factor(B * float("nan") if spec.id == 4 else B, A, f.scale)
+            out.append(Update(spec.id, lora, {"w": p.head["w"] + 0.1 * bump}, spec.num_examples, dict(p.info)))
+        return out
+
+    out = server_round(strategy, state, clients, execute, round=1, seed=0, dp=DP(clip=C, noise=z),
+                       server_opt=server_opt, client_weights="uniform")
+    payloads = [strategy.dispatch(state, spec, torch.Generator()) for spec in clients]
+    return strategy, state, out, payloads
+
+
+def factor_reference(name, state, out, payloads, C, m=5):
+    """x + (1/m) sum_k min(1, C / ||Delta_k||) Delta_k, dense float64 by hand: Delta_k is the client's change
+    of the global factors at scaling 1 (ffa: s (B - B0) zero-padded; fedit: B - B0 and s (A - A0); rolora in
+    an A round: s (A - A0) zero-padded) and of the head."""
+    B = {n: f.B.clone() for n, f in state.lora.items()}
+    A = {n: f.A.clone() for n, f in state.lora.items()}
+    head = state.head["w"].clone()
+    for u in out.accepted:
+        p = payloads[u.client]
+        dB, dA = {}, {}
+        for n, f in u.lora.items():
+            f0, r = p.lora[n], f.rank
+            dB[n] = torch.zeros_like(B[n])
+            dA[n] = torch.zeros_like(A[n])
+            if name == "ffa":
+                dB[n][:, :r] = f.scale * (f.B - f0.B)
+            elif name == "fedit":
+                dB[n][:, :r], dA[n][:r] = f.B - f0.B, f.scale * (f.A - f0.A)
+            else:
+                dA[n][:r] = f.scale * (f.A - f0.A)
+        dh = u.head["w"] - p.head["w"]
+        norm = math.sqrt(sum(float((t**2).sum()) for t in [*dB.values(), *dA.values(), dh]))
+        c = min(1.0, C / norm)
+        for n in B:
+            B[n] += c / m * dB[n]
+            A[n] += c / m * dA[n]
+        head += c / m * dh
+    return B, A, head
+
+
+@pytest.mark.parametrize("name,ranks", [("ffa", [2, 4, 3, 4, 2]), ("fedit", [4] * 5), ("rolora", [2, 4, 3, 4, 2])])
+def test_a_factor_dp_round_with_noise_0_is_the_clipped_average_of_the_factor_changes(name, ranks):
+    C = 0.8
+    strategy, state, out, payloads = factor_dp_round(name, C, 0.0, ranks)
+    assert [r["client"] for r in out.rejected] == [4] and 3 in [c["client"] for c in out.clipped]
+    B, A, head = factor_reference(name, state, out, payloads, C)
+    for n, f in out.state.lora.items():
+        torch.testing.assert_close(f.B, B[n], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(f.A, A[n], rtol=1e-12, atol=1e-12)
+        if name == "ffa":  # A is never trained, so never released anew
+            assert torch.equal(f.A, state.lora[n].A)
+        if name == "rolora":  # an A round: B stays
+            assert torch.equal(f.B, state.lora[n].B)
+    torch.testing.assert_close(out.state.head["w"], head, rtol=1e-12, atol=1e-12)
+
+
+def test_factor_dp_noise_has_the_stated_std_on_the_trained_factor_only_and_avgm_steps_with_it():
+    C, z, m = 0.8, 2.0, 5
+    strategy, state, out, payloads = factor_dp_round("ffa", C, z, [2, 4, 3, 4, 2])
+    B, A, head = factor_reference("ffa", state, out, payloads, C)
+    noise = torch.cat([(out.state.lora[n].B - B[n]).flatten() for n in B] + [(out.state.head["w"] - head).flatten()])
+    assert float(noise.std()) == pytest.approx(z * C / m, rel=0.15)  # 12*4 + 7*4 + 10 = 86 draws
+    assert all(torch.equal(out.state.lora[n].A, state.lora[n].A) for n in A)
+    _, _, again, _ = factor_dp_round("ffa", C, z, [2, 4, 3, 4, 2], server_opt=ServerOpt("avgm", lr=2.0))
+    for n, f in again.state.lora.items():  # avgm from zero momentum: x + 2 D, with the same noise
+        torch.testing.assert_close(f.B, state.lora[n].B + 2 * (out.state.lora[n].B - state.lora[n].B))
+
+
+def test_a_factor_dp_run_on_the_tiny_model(tiny_args, tmp_path):
+    from hlora import run
+
+    res = run(tiny_config(tiny_args, tmp_path / "ffa", strategy="ffa", rounds=2, dp_clip=0.05,
+                          dp_epsilon_target=20.0))
+    assert [r["dp_epsilon"] for r in res.rows] == sorted(r["dp_epsilon"] for r in res.rows)
+    assert all(r["clipped"] for r in res.rows) and 0 <= res.summary["final_accuracy"] <= 1
+
+
 # --- a DP run on the tiny model, and its resume -------------------------------------------------------
 
 
@@ -280,9 +382,10 @@ def test_noise_changes_the_run_and_no_noise_reports_no_epsilon(tiny_args, tmp_pa
         (["--dp-clip", "1", "--dp-noise", "1", "--dp-delta", "2"], "--dp-delta must be in (0, 1)"),
         (["--dp-noise", "1"], "--dp-noise need --dp-clip C"),
         (["--dp-clip", "1"], "--dp-clip needs --dp-noise z or --dp-epsilon-target EPS"),
-        (["--dp-clip", "1", "--dp-noise", "1", "--strategy", "fedit", "--ranks", "8"],
-         "--dp-clip is not defined for fedit: it averages factors"),
-        (["--dp-clip", "1", "--dp-noise", "1", "--strategy", "ffa"], "--dp-clip is not defined for ffa"),
+        (["--dp-clip", "1", "--dp-noise", "1", "--strategy", "lorafair"],
+         "--dp-clip is not defined for lorafair: LoRA-FAIR's correction is a least-squares fit"),
+        (["--dp-clip", "1", "--dp-noise", "1", "--strategy", "hetlora"], "--dp-clip is not defined for hetlora"),
+        (["--dp-clip", "1", "--dp-noise", "1", "--strategy", "fedex"], "--dp-clip is not defined for fedex"),
         (["--dp-clip", "1", "--dp-noise", "1", "--strategy", "flora"], "--dp-clip is not defined for flora"),
         (["--dp-clip", "1", "--dp-noise", "1", "--strategy", "fedsa"], "--dp-clip is not defined for fedsa"),
         (["--dp-clip", "1", "--dp-noise", "1", "--strategy", "centralized"],

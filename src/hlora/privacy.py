@@ -35,11 +35,30 @@ re-decomposes it (post-processing, no privacy cost). Memory: :data:`DENSE_BYTES_
 entry at the SVD's peak, refused above ``--dp-dense-mb`` (:meth:`DP.check_dense`). The head gets its own
 N(0, sigma^2) noise on the same D_t.
 
-**Refused**: every factor-space strategy (fedit, ffa, fedplora, hetlora, rolora, lorafair, fedex). They
-average the factors, and the change of B A is not linear in them: noise on averaged factors with a
-sensitivity stated on Delta has no bound (the factor change that realises a product change of norm C can
-be arbitrarily large). FLoRA: its merged update is an exact low-rank sum that clients download as stacks;
-dense noise makes it full rank, which has no stacked form. Centralized: there are no clients to protect.
+**Factor-space strategies whose rule is an average of the factors** (fedit, ffa, rolora: FACTOR_DP) take
+DP in the space of what they release, the global factors, not in the space of B A: the change of B A is
+not linear in the factors, so a bound on it says nothing about the factors, but DP-FedAvg needs a bound on
+the *released parameters'* change only. Client k's change is what its update alone moves the strategy's
+own average by, against what it was sent:
+
+    Delta_k = agg({u_k}) - agg({p_k})       over the round's trained coordinates (B, A or both) and the head
+
+(:func:`parameter_changes`; agg is the strategy's aggregate of that one client at weight 1, affine in its
+factors, so a clipped update X0 + c (X - X0) moves it by exactly c Delta_k). It is clipped to norm C, and
+the release is x_t + (1/m) sum_k c_k Delta_k + N(0, sigma^2) on every coordinate the round trains (ffa: B
+and the head; rolora: the round's factor and the head; fedit: both factors and the head), stepped by the
+server optimizer (avg or avgm) as a pseudo-gradient. The coordinates a round does not train are not
+released anew (ffa's A never changes). Note that C bounds a different norm here (the factors' change at
+scaling 1, not s B A's), so its scale differs from hlora's. The strategy's own average is not the rule
+under DP: a rank no client of the round holds keeps its value instead of the average's zero-padding or
+renormalised weights (both depend on which clients were sampled: a client's presence would move them by
+more than C / m).
+
+**Refused**: the other factor-space strategies. fedplora, hetlora: their rule reweighs or prunes ranks by
+the round's clients, so one client's presence moves other clients' weights. lorafair: its correction is a
+least-squares fit to the products, not affine in one client's factors. fedex: its error term is built from
+the products. FLoRA: its merged update is an exact low-rank sum that clients download as stacks; dense
+noise makes it full rank, which has no stacked form. Centralized: there are no clients to protect.
 
 **Accounting.** dp-accounting's RDP accountant (Mironov 2017; Mironov, Talwar, Zhang 2019) of T
 compositions of the Poisson-subsampled Gaussian mechanism with sampling rate q = per_round / clients and
@@ -61,6 +80,7 @@ order and then the head: a resumed run draws the same noise.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -72,15 +92,25 @@ from hlora.factors import Factor
 from hlora.linalg import SVD
 from hlora.robust import change_gram, clip_factors
 from hlora.server_opt import KEY, ServerOpt, global_step
-from hlora.strategies import GlobalState, Payload, StrategyError, Update
+from hlora.strategies import GlobalState, Payload, Strategy, StrategyError, Update
 
 #: strategies whose state is the global update itself (a thin SVD): the noisy average can be added to it
 DP_STRATEGIES = ("hlora", "flexlora")
+#: factor-space strategies whose rule is an affine average of each client's factors: DP on the released factors
+FACTOR_DP = ("fedit", "ffa", "rolora")
 #: why each other strategy is refused (one line each)
 REFUSED = {
     "centralized": "the centralized strategy pools the clients' data: there are no client updates to protect",
     "flora": "FLoRA's merged update is an exact low-rank sum that clients download as stacks; the dense noise "
              "makes it full rank, which has no stacked form",
+    "fedsa": "FedSA-LoRA keeps each client's B on the client: its models are personal, outside the server's release",
+    "fedex": "FedEx-LoRA's error term is built from the clients' products, not a bounded function of one client",
+    "lorafair": "LoRA-FAIR's correction is a least-squares fit to the clients' products, not affine in one client's "
+                "factors",
+    "hetlora": "HetLoRA weighs and prunes ranks by the round's clients, so one client's presence moves the others' "
+               "weights",
+    "fedplora": "Fed-PLoRA averages each module over the clients that picked it, so one client's presence moves the "
+                "others' weights",
 }
 #: the client_seed stream of the server's DP noise (client -1: the server)
 NOISE_STREAM = 4
@@ -132,10 +162,9 @@ class DP:
             raise PrivacyError(f"--dp-delta must be in (0, 1), got {self.delta}")
         if strategy in REFUSED:
             raise PrivacyError(f"--dp-clip is not defined for {strategy}: {REFUSED[strategy]}")
-        if strategy not in DP_STRATEGIES:
-            raise PrivacyError(
-                f"--dp-clip is not defined for {strategy}: it averages factors, and the change of B A is not linear "
-                f"in them, so noise on the factors has no sensitivity bound; use {' or '.join(DP_STRATEGIES)}")
+        if strategy not in DP_STRATEGIES + FACTOR_DP:
+            raise PrivacyError(f"--dp-clip is not defined for {strategy}; use one of "
+                               f"{', '.join(DP_STRATEGIES + FACTOR_DP)}")
         if robust != "none":
             raise PrivacyError(f"--dp-clip cannot run with --robust {robust}: a rule that selects or scales clients "
                                "by the others' updates breaks the sensitivity C / per-round (DP clipping already "
@@ -157,9 +186,10 @@ class DP:
                                "only, no privacy)")
         return self
 
-    def check_dense(self, shapes: dict[str, tuple[int, int]]) -> None:
-        """Refuse where one module's dense noisy change and its SVD would not fit ``dense_mb``."""
-        if not self.on or not shapes:
+    def check_dense(self, shapes: dict[str, tuple[int, int]], strategy: str | None = None) -> None:
+        """Refuse where one module's dense noisy change and its SVD would not fit ``dense_mb`` (a product-space
+        strategy; FACTOR_DP's noise is on the factors, never dense)."""
+        if not self.on or not shapes or strategy in FACTOR_DP:
             return
         name, (d, k) = max(shapes.items(), key=lambda kv: kv[1][0] * kv[1][1])
         need = d * k * DENSE_BYTES_PER_ENTRY
@@ -233,13 +263,46 @@ def calibrate_noise(q: float, rounds: int, epsilon: float, delta: float) -> floa
     return z
 
 
-def clip_scales(updates: list[Update], sent: list[Payload], clip: float) -> dict[int, float]:
-    """client id -> c_k < 1 for the clients whose ||Delta_k|| (modules and head, from the factors' Gram
-    matrix) is above ``clip``."""
+def clip_scales(updates: list[Update], sent: list[Payload], clip: float, strategy: Strategy | None = None,
+                state: GlobalState | None = None) -> dict[int, float]:
+    """client id -> c_k < 1 for the clients whose ||Delta_k|| is above ``clip``: the change of s B A over modules
+    and head (from the factors' Gram matrix), or for a FACTOR_DP ``strategy`` the change of the released
+    factors (:func:`parameter_changes` against ``state``)."""
     if not updates:
         return {}
-    norms = change_gram(updates, sent).diagonal().clamp_min(0).sqrt().tolist()
+    if strategy is not None and strategy.name in FACTOR_DP:
+        norms = [math.sqrt(sum(float(t.double().square().sum()) for t in d.values()))
+                 for d in parameter_changes(strategy, state, updates, sent)]
+    else:
+        norms = change_gram(updates, sent).diagonal().clamp_min(0).sqrt().tolist()
     return {u.client: c for u, c in zip(updates, clip_factors(norms, clip)) if c < 1}
+
+
+def trained_keys(state: GlobalState, payload: Payload) -> list[tuple[str, str]]:
+    """The coordinates a round trains, as (kind, name): ("B", module) and ("A", module) per the payload's
+    train_B / train_A (every client of a round gets the same), and ("h", head weight)."""
+    kinds = [k for k, on in (("B", payload.train_B), ("A", payload.train_A)) if on]
+    return [(k, m) for m in state.lora for k in kinds] + [("h", n) for n in state.head]
+
+
+def _value(state: GlobalState, key: tuple[str, str]) -> Tensor:
+    kind, name = key
+    return state.head[name] if kind == "h" else getattr(state.lora[name], kind)
+
+
+def parameter_changes(strategy: Strategy, state: GlobalState, updates: list[Update],
+                      sent: list[Payload]) -> list[dict[tuple[str, str], Tensor]]:
+    """Each client's change of the released factors: agg({u_k}) - agg({p_k}), the strategy's own aggregate of
+    that client alone (weight 1) with its update against with what it was sent, on the round's trained
+    coordinates (:func:`trained_keys`). A FACTOR_DP strategy's aggregate is affine in the one client's
+    factors, so this is its update's contribution to the average at weight 1."""
+    out = []
+    for u, p in zip(updates, sent):
+        one = dataclasses.replace(u, num_examples=1)
+        after = strategy.aggregate(state, [one])
+        before = strategy.aggregate(state, [dataclasses.replace(one, lora=p.lora, head=p.head)])
+        out.append({key: _value(after, key) - _value(before, key) for key in trained_keys(state, p)})
+    return out
 
 
 def mean_change(trained: list[Factor], received: list[Factor], m: int, dtype: torch.dtype | None = None) -> Tensor:
@@ -270,6 +333,33 @@ def noise_generator(seed: int, round: int) -> torch.Generator:
     from hlora.server import client_seed
 
     return torch.Generator().manual_seed(client_seed(seed, round, -1, stream=NOISE_STREAM))
+
+
+def private_factor_step(strategy: Strategy, state: GlobalState, updates: list[Update], sent: list[Payload],
+                        dispatched: Payload, *, per_round: int, std: float, generator: torch.Generator,
+                        opt: ServerOpt | None = None) -> GlobalState:
+    """A FACTOR_DP strategy's DP round: ``updates`` are already clipped (answers to ``sent``); every trained
+    coordinate (:func:`trained_keys` of ``dispatched``, any payload of the round) steps by
+    D = (1 / ``per_round``) sum_k Delta_k + N(0, std^2), with the server optimizer's tensor rule (avg: x + D).
+    The noise is drawn coordinate by coordinate in the order of :func:`trained_keys`."""
+    opt = opt or ServerOpt()
+    moments = dict(state.extra.get(KEY, {}))
+    keys = trained_keys(state, dispatched)
+    D = {key: torch.zeros_like(_value(state, key)) for key in keys}
+    for change in parameter_changes(strategy, state, updates, sent):
+        for key, d in change.items():
+            D[key].add_(d, alpha=1 / per_round)
+    new = {}
+    for key in keys:
+        x = _value(state, key)
+        add_noise(D[key], std, generator)
+        new[key] = x + D[key] if opt.name == "avg" else opt._tensor_step(moments, key, x, x + D[key])
+    lora = {m: Factor(new.get(("B", m), f.B), new.get(("A", m), f.A), f.scale) for m, f in state.lora.items()}
+    head = {n: new[("h", n)] for n in state.head}
+    extra = dict(state.extra)
+    if opt.name != "avg":
+        extra[KEY] = moments
+    return GlobalState(lora, head, state.init, state.round + 1, extra)
 
 
 def private_step(state: GlobalState, updates: list[Update], sent: list[Payload], *, per_round: int, std: float,

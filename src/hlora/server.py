@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hlora.privacy import DP, clip_scales, noise_generator, private_step
+from hlora.privacy import FACTOR_DP, DP, clip_scales, noise_generator, private_factor_step, private_step
 from hlora.robust import Robust, Verdict, clip_update
 from hlora.server_opt import ServerOpt
 from hlora.strategies import ClientSpec, GlobalState, Payload, Strategy, Update
@@ -116,7 +116,7 @@ def server_round(
         sent = _reject(out, sent, norm_outliers(out.accepted, sent, max_norm_ratio))
     t0 = time.perf_counter()  # the robust rule is server work: timed with the aggregation
     if private:
-        verdict = Verdict(scales=clip_scales(out.accepted, sent, dp.clip))
+        verdict = Verdict(scales=clip_scales(out.accepted, sent, dp.clip, strategy, state))
     else:
         verdict = (robust or Robust()).judge(out.accepted, sent)
     sent = _reject(out, sent, verdict.rejected)
@@ -130,7 +130,11 @@ def server_round(
             clip_update(u, p, verdict.scales[u.client], strategy.aggregates_products) if u.client in verdict.scales
             else u for u, p in zip(out.accepted, sent)
         ]
-        if private:
+        if private and strategy.name in FACTOR_DP:
+            out.state = private_factor_step(strategy, state, weighed, sent, payloads[0], per_round=len(clients),
+                                            std=dp.std(len(clients)), generator=noise_generator(seed, round),
+                                            opt=server_opt)
+        elif private:
             out.state = private_step(state, weighed, sent, per_round=len(clients), std=dp.std(len(clients)),
                                      generator=noise_generator(seed, round), opt=server_opt)
         else:

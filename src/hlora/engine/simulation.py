@@ -154,7 +154,7 @@ def setup(cfg: RunConfig) -> Experiment:
     model, tokenizer = load_model(cfg, task)
     fm = FederatedModel(model, cfg.target_modules)
     cfg.robust_rule().check_dense(fm.shapes, cfg.per_round)  # median/trimmed: refused where they do not fit
-    cfg.privacy().check_dense(fm.shapes)  # DP's dense noisy change: likewise
+    cfg.privacy().check_dense(fm.shapes, cfg.strategy)  # DP's dense noisy change: likewise
     ranks, layers = client_ranks(cfg, [len(p) for p in parts])
     if cfg.client_ranks and cfg.client_ranks != ranks:
         raise ConfigError("the config's client_ranks do not match its --ranks and --seed")

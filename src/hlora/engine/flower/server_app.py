@@ -280,7 +280,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     cfg.attention = attention  # config.yaml keeps the run-config's: auto is each machine's own choice
     fm = FederatedModel(model, cfg.target_modules)
     cfg.robust_rule().check_dense(fm.shapes, cfg.per_round)  # median/trimmed: refused where they do not fit
-    cfg.privacy().check_dense(fm.shapes)  # DP's dense noisy change: likewise
+    cfg.privacy().check_dense(fm.shapes, cfg.strategy)  # DP's dense noisy change: likewise
     dev = tokenize(task, tokenizer, task.dev, cfg.max_length) if len(task.dev) else None
     # a resumed run evaluates at the precision it chose at its start
     cfg.precision = fm.precision = saved_cfg.precision if saved_cfg else server_precision(cfg, fm, dev)
