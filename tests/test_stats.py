@@ -175,3 +175,30 @@ def test_the_personal_column_shows_where_a_cell_has_personal_scores(tmp_path):
     assert md.split("| hlora |")[1].split("\n")[0].split(" | ")[4] == "-"  # hlora's personal cell
     write_tables(summarize({"hlora": groups["hlora"]}, target=0.5), tmp_path, target=0.5)
     assert "personal acc" not in (tmp_path / "table.md").read_text()
+
+
+def test_an_attack_cells_rejections_are_summed_over_rounds_and_seeds(tmp_path):
+    """Attackers 1 and 2 of clients 0-4: the table counts the sampled attackers and honest clients, and those
+    rejected, over every round and seed; a cell without an attack shows -."""
+    groups = {"hlora": {}, "hlora:attack=signflip": {}}
+    rounds = [  # (sampled, sampled attackers, rejected attackers, rejected honest)
+        [([0, 1, 2], [1, 2], [1], [0]), ([1, 3, 4], [1], [1], [])],
+        [([2, 3, 4], [2], [], [3, 4]), ([0, 3, 4], [], [], [])],
+    ]
+    for s in range(2):
+        groups["hlora"][s] = _cell(tmp_path / "plain" / f"seed{s}", HLORA[s][:2], 10.0)
+        cell = _cell(tmp_path / "attack" / f"seed{s}", HLORA[s][:2], 10.0)
+        rows = [json.loads(x) for x in (cell / "metrics.jsonl").read_text().splitlines()]
+        for r, (clients, att, tr, fr) in zip(rows, rounds[s]):
+            r.update(clients=clients, attackers=att, true_rejections=tr, false_rejections=fr)
+        (cell / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        groups["hlora:attack=signflip"][s] = cell
+    plain, attacked = summarize(groups, target=0.5)
+    assert plain["attackers_sampled"] == -1
+    assert (attacked["attackers_sampled"], attacked["attackers_rejected"]) == (4, 2)
+    assert (attacked["honest_sampled"], attacked["honest_rejected"]) == (8, 3)
+    write_tables([plain, attacked], tmp_path, target=0.5)
+    md = (tmp_path / "table.md").read_text()
+    assert "| attackers rejected | honest rejected |" in md and "| 2/4 (50%) | 3/8 (38%) |" in md
+    cells = md.split("| hlora |")[1].split("\n")[0].split(" | ")  # seeds, rounds, final, best, the two counts
+    assert cells[4:6] == ["-", "-"]

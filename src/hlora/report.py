@@ -1,8 +1,9 @@
 """The table of a comparison (``table.csv``, ``table.md``), read from finished run directories.
 
 One row per method: final and best accuracy over seeds (mean ± std, min-max), the final personalised
-accuracy (fedsa, or cells run with ``--personal-eval``: each client's model on its held-out share), accuracy
-at a few fixed rounds, rounds to the target, MB up and down, seconds per round, and against the reference method
+accuracy (fedsa, or cells run with ``--personal-eval``: each client's model on its held-out share), the
+detection record of an ``--attack`` cell (attackers and honest clients rejected, over rounds and seeds),
+accuracy at a few fixed rounds, rounds to the target, MB up and down, seconds per round, and against the reference method
 (``hlora``) the paired difference over seeds and a paired bootstrap interval over dev examples
 (:mod:`hlora.stats`).
 """
@@ -86,6 +87,7 @@ def summarize(
         hit = [x for x in reached if x is not None]
         row["rounds_to_target"] = statistics.fmean(hit) if hit else math.nan
         row["reached_target"] = f"{len(hit)}/{len(scored)}"
+        row.update(detection(logs))
         row["mb_up"] = statistics.fmean(sum(x["uplink_bytes"] for x in r) / 1e6 for r in logs)
         row["mb_down"] = statistics.fmean(sum(x["downlink_bytes"] for x in r) / 1e6 for r in logs)
         row["s_per_round"] = statistics.fmean(statistics.fmean(x["seconds"] for x in r) for r in logs)
@@ -111,6 +113,24 @@ def summarize(
         row["resolved"] = "" if boot is None else ("yes" if boot.resolved else "no")
         table.append(row)
     return table
+
+
+def detection(logs: list[list[dict[str, Any]]]) -> dict[str, int]:
+    """An ``--attack`` cell's rejections summed over rounds and seeds: the attackers sampled and those
+    rejected (true rejections), the honest clients sampled and those rejected (false rejections); all -1
+    for a cell without an attack."""
+    attacked = [r for rows in logs for r in rows if "attackers" in r]
+    if not attacked:
+        return dict.fromkeys(("attackers_sampled", "attackers_rejected", "honest_sampled", "honest_rejected"), -1)
+    attackers = sum(len(r["attackers"]) for r in attacked)
+    return {"attackers_sampled": attackers,
+            "attackers_rejected": sum(len(r["true_rejections"]) for r in attacked),
+            "honest_sampled": sum(len(r["clients"]) for r in attacked) - attackers,
+            "honest_rejected": sum(len(r["false_rejections"]) for r in attacked)}
+
+
+def _share(part: int, whole: int) -> str:
+    return "-" if whole < 0 else f"{part}/{whole}" + (f" ({100 * part / whole:.0f}%)" if whole else "")
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -156,6 +176,7 @@ def write_tables(table: list[dict[str, Any]], out: Path, target: float, referenc
     _atomic_text(out / "table.csv", text.getvalue())
     has_f1 = any(not math.isnan(r["final_f1"]) for r in table)
     has_personal = any(not math.isnan(r["personal_acc"]) for r in table)
+    has_attack = any(r["attackers_sampled"] >= 0 for r in table)
     fixed = [k for k in FIXED_ROUNDS if f"acc_r{k}" in table[0]]
     compared = any(r["vs"] for r in table)
 
@@ -163,6 +184,7 @@ def write_tables(table: list[dict[str, Any]], out: Path, target: float, referenc
     head += ["personal acc (%)"] if has_personal else []
     head += ["final F1 (%)"] if has_f1 else []
     head += [f"acc @{k}" for k in fixed]
+    head += ["attackers rejected", "honest rejected"] if has_attack else []
     head += [f"rounds to {100 * target:.0f}%", "MB up", "MB down", "s/round"]
     head += [f"Δ vs {reference}, seeds (pts)", f"Δ vs {reference}, bootstrap (pts)"] if compared else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -172,16 +194,20 @@ def write_tables(table: list[dict[str, Any]], out: Path, target: float, referenc
         cells += [_pct_range(r, "personal_acc")] if has_personal else []
         cells += [_pct(r["final_f1"], r["final_f1_std"])] if has_f1 else []
         cells += [_pct(r[f"acc_r{k}"], r[f"acc_r{k}_std"]) for k in fixed]
+        if has_attack:
+            cells += [_share(r["attackers_rejected"], r["attackers_sampled"]),
+                      _share(r["honest_rejected"], r["honest_sampled"])]
         rt = "-" if math.isnan(r["rounds_to_target"]) else f"{r['rounds_to_target']:.1f} ({r['reached_target']})"
         cells += [rt, f"{r['mb_up']:.1f}", f"{r['mb_down']:.1f}", f"{r['s_per_round']:.1f}"]
         if compared:
             cells += [_diff(r, "seeds_diff", mark=False), _diff(r, "boot_diff", mark=True)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *legend(target, reference, fixed, compared, has_personal)]
+    lines += ["", *legend(target, reference, fixed, compared, has_personal, has_attack)]
     _atomic_text(out / "table.md", "\n".join(lines) + "\n")
 
 
-def legend(target: float, reference: str, fixed: list[int], compared: bool, personal: bool = False) -> list[str]:
+def legend(target: float, reference: str, fixed: list[int], compared: bool, personal: bool = False,
+           attack: bool = False) -> list[str]:
     """The lines under ``table.md``'s table that say what its columns mean."""
     lines = [
         "- final / best acc: dev accuracy at the last round / the best round, mean ± std over seeds (min-max).",
@@ -190,6 +216,10 @@ def legend(target: float, reference: str, fixed: list[int], compared: bool, pers
         lines.append("- personal acc: at the last round, each client's model (fedsa: its own; a global method: the "
                      "global model) on the held-out share of its own examples, over all held-out examples; mean ± "
                      "std over seeds (min-max); - where the cell was run without --personal-eval.")
+    if attack:
+        lines.append("- attackers / honest rejected: over every round and seed of an --attack cell, the sampled "
+                     "attackers the server rejected (true rejections) and the sampled honest clients it rejected "
+                     "(false rejections), of those sampled; - for a cell without an attack.")
     if fixed:
         lines.append(f"- acc @r: dev accuracy at round r ({', '.join(map(str, fixed))}), mean ± std over seeds.")
     lines += [
