@@ -274,6 +274,8 @@ def test_personal_eval_scores_a_global_strategy_on_fedsas_held_out_shares(tiny_a
     assert p.evaluate()["accuracy"] == pytest.approx(ref.summary["final_accuracy"])  # the dev score is unchanged
     plain = run(tiny_config(tiny_args, tmp_path / "plain", strategy="hlora", rounds=1, threads=1))
     assert "personal_accuracy" not in plain.rows[-1]
+    with pytest.raises(ConfigError, match="--task instruct has none"):
+        tiny_config(tiny_args, tmp_path / "lm", personal_eval=True, task="instruct").validate()
 
 
 def test_flower_refuses_what_fedsa_cannot_do_there_in_one_line(tmp_path):

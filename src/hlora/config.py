@@ -206,6 +206,9 @@ class RunConfig:
             raise ConfigError(f"--eval-every must be at least 1, got {self.eval_every}")
         if not 0 < self.personal_holdout < 1:
             raise ConfigError(f"--personal-holdout must be in (0, 1), got {self.personal_holdout}")
+        if self.personal_eval and self.task == "instruct":
+            raise ConfigError("--personal-eval scores a classifier's accuracy on each client's held-out share; "
+                              "--task instruct has none (its clients would only lose the held-out examples)")
         if self.preset is not None and self.preset not in PRESETS:
             raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         if self.server_opt is None:  # the measured default where it was measured, the plain rule elsewhere
