@@ -2,8 +2,8 @@
 # Commit the finished cells of a running `hlora compare` grid as they come, so that a lost machine loses
 # only the running cells. Usage (from the repository, beside the grid):
 #   bash benchmarks/commit_cells.sh GRID_OUT DOCS_DIR [SECONDS]
-# Every SECONDS (default 120) while a cell of GRID_OUT is held (its <cell>.lock flock'ed by a running
-# `hlora compare`; a lock file left by a killed run is free and does not count): each cell GRID_OUT/<method>/seed<k> with a
+# Every SECONDS (default 120) while a cell of GRID_OUT is held (its <cell>.lock names the pid of a live
+# `hlora compare`; a lock file left by a killed run does not count) or a compare into GRID_OUT runs: each cell GRID_OUT/<method>/seed<k> with a
 # summary.json not yet in DOCS_DIR gets its metrics.jsonl, summary.json, config.yaml and
 # dev_predictions.json copied to DOCS_DIR/<method>/seed<k>/ and committed (only those paths).
 set -euo pipefail
@@ -27,11 +27,13 @@ commit_new() {
     echo "committed $dest"
   done
 }
-running() {  # a held claim, or a compare that has not claimed its next cell yet
-  local lock
+running() {  # a live claim, or a compare that has not claimed its next cell yet
+  # the claim's holder writes its pid into the lock (hlora.compare.claim); the lock itself is not touched
+  # here, since taking it even for a moment would make a starting cell see it as taken
+  local lock pid
   for lock in "$grid"/*/seed*.lock; do
-    [ -e "$lock" ] || continue
-    flock -n "$lock" true || return 0
+    pid=$(cat "$lock" 2>/dev/null) || continue
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && return 0
   done
   pgrep -f "hlora.*compare.*$grid" >/dev/null
 }

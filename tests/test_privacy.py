@@ -447,3 +447,33 @@ def test_a_dp_run_on_flower_equals_the_simulation(tmp_path, tiny_model, tiny_mrp
     mine, _ = load_checkpoint(out)
     theirs, _ = load_checkpoint(sim.out)
     assert_same_adapter(strategy.global_adapter(mine), strategy.global_adapter(theirs), 1e-4, 1e-6)
+
+
+def test_factor_dp_without_clipping_or_noise_is_the_plain_uniform_rule_from_round_one():
+    """From B = 0 (fedit's dispatch re-seeds every rank of A) and for ffa and rolora, a DP round with a huge C,
+    no noise and every client valid is the strategy's own uniform average."""
+    g = torch.Generator().manual_seed(4)
+    for name, ranks in (("fedit", [4] * 3), ("ffa", [4] * 3), ("rolora", [4] * 3)):
+        strategy = get_strategy(name)
+        init = {m: Factor(torch.zeros(d, 4, dtype=torch.float64),
+                          torch.randn(4, k, generator=g, dtype=torch.float64), 1.0) for m, (d, k) in SHAPES.items()}
+        state = strategy.init_state(init, {"w": torch.zeros(2, 5, dtype=torch.float64)})
+        clients = [ClientSpec(i, dict.fromkeys(SHAPES, r), 16.0, 5) for i, r in enumerate(ranks)]
+
+        def execute(pairs):
+            return [Update(s.id, {m: Factor(f.B + 0.1 * torch.randn(f.B.shape, generator=g, dtype=torch.float64)
+                                            if p.train_B else f.B,
+                                            f.A + 0.1 * torch.randn(f.A.shape, generator=g, dtype=torch.float64)
+                                            if p.train_A else f.A, f.scale) for m, f in p.lora.items()},
+                           {"w": p.head["w"] + 0.1}, 5, dict(p.info)) for s, p in pairs]
+
+        gen = torch.Generator().manual_seed(9)
+        state_g = gen.get_state()
+        dp = server_round(strategy, state, clients, execute, round=1, seed=0, dp=DP(clip=1e9, noise=0.0),
+                          client_weights="uniform")
+        gen.set_state(state_g)
+        plain = strategy.aggregate(state, dp.accepted)
+        for m in SHAPES:
+            torch.testing.assert_close(dp.state.lora[m].B, plain.lora[m].B, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(dp.state.lora[m].A, plain.lora[m].A, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(dp.state.head["w"], plain.head["w"], rtol=1e-12, atol=1e-12)

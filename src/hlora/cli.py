@@ -247,8 +247,8 @@ def run(
     attackers: Optional[float] = _opt("attackers", "Fraction of the clients that attack (a seeded subset)."),
     attack_lambda: Optional[float] = _opt("attack_lambda", "The attack's factor L (signflip: -L, scale: x L, noise)."),
     dp_clip: Optional[float] = _opt(
-        "dp_clip", "Client-level DP (DP-FedAvg; hlora, flexlora): clip each client's change to this L2 norm C "
-        "(0: off)."
+        "dp_clip", "Client-level DP (DP-FedAvg; hlora, flexlora on s B A; fedit, ffa, rolora on their factors): "
+        "clip each client's change to this L2 norm C (0: off)."
     ),
     dp_noise: Optional[float] = _opt("dp_noise", "DP noise multiplier z: N(0, (z C / per-round)^2) on the average."),
     dp_epsilon_target: Optional[float] = _opt(

@@ -46,8 +46,9 @@ own average by, against what it was sent:
 (:func:`parameter_changes`; agg is the strategy's aggregate of that one client at weight 1, affine in its
 factors, so a clipped update X0 + c (X - X0) moves it by exactly c Delta_k). It is clipped to norm C, and
 the release is x_t + (1/m) sum_k c_k Delta_k + N(0, sigma^2) on every coordinate the round trains (ffa: B
-and the head; rolora: the round's factor and the head; fedit: both factors and the head), stepped by the
-server optimizer (avg or avgm) as a pseudo-gradient. The coordinates a round does not train are not
+and the head; rolora: the round's factor and the head; fedit: both factors and the head), x_t the factors
+the clients started from (:func:`starting_point`), stepped by the server optimizer's elementwise tensor
+rule (avg: x_t + D; avgm, adam, yogi with D as the pseudo-gradient: post-processing of the noisy D). The coordinates a round does not train are not
 released anew (ffa's A never changes). Note that C bounds a different norm here (the factors' change at
 scaling 1, not s B A's), so its scale differs from hlora's. The strategy's own average is not the rule
 under DP: a rank no client of the round holds keeps its value instead of the average's zero-padding or
@@ -57,7 +58,7 @@ more than C / m).
 **Refused**: the other factor-space strategies. fedplora, hetlora: their rule reweighs or prunes ranks by
 the round's clients, so one client's presence moves other clients' weights. lorafair: its correction is a
 least-squares fit to the products, not affine in one client's factors. fedex: its error term is built from
-the products. FLoRA: its merged update is an exact low-rank sum that clients download as stacks; dense
+the products. fedsa: each client keeps its B, a personal model outside the server's release. FLoRA: its merged update is an exact low-rank sum that clients download as stacks; dense
 noise makes it full rank, which has no stacked form. Centralized: there are no clients to protect.
 
 **Accounting.** dp-accounting's RDP accountant (Mironov 2017; Mironov, Talwar, Zhang 2019) of T
@@ -335,6 +336,15 @@ def noise_generator(seed: int, round: int) -> torch.Generator:
     return torch.Generator().manual_seed(client_seed(seed, round, -1, stream=NOISE_STREAM))
 
 
+def starting_point(strategy: Strategy, state: GlobalState, dispatched: Payload) -> GlobalState:
+    """The factors the round's clients start from, in the state's coordinates: the state itself for ffa and
+    rolora; for fedit the average of what it sends (its dispatch re-seeds A's rows whose column of B is zero,
+    e.g. every rank in round 1; every fedit client has the same rank and scaling, so this is public)."""
+    if strategy.name != "fedit":
+        return state
+    return strategy.aggregate(state, [Update(-1, dispatched.lora, dispatched.head, 1)])
+
+
 def private_factor_step(strategy: Strategy, state: GlobalState, updates: list[Update], sent: list[Payload],
                         dispatched: Payload, *, per_round: int, std: float, generator: torch.Generator,
                         opt: ServerOpt | None = None) -> GlobalState:
@@ -345,16 +355,17 @@ def private_factor_step(strategy: Strategy, state: GlobalState, updates: list[Up
     opt = opt or ServerOpt()
     moments = dict(state.extra.get(KEY, {}))
     keys = trained_keys(state, dispatched)
+    start = starting_point(strategy, state, dispatched)
     D = {key: torch.zeros_like(_value(state, key)) for key in keys}
     for change in parameter_changes(strategy, state, updates, sent):
         for key, d in change.items():
             D[key].add_(d, alpha=1 / per_round)
     new = {}
     for key in keys:
-        x = _value(state, key)
+        x = _value(start, key)
         add_noise(D[key], std, generator)
         new[key] = x + D[key] if opt.name == "avg" else opt._tensor_step(moments, key, x, x + D[key])
-    lora = {m: Factor(new.get(("B", m), f.B), new.get(("A", m), f.A), f.scale) for m, f in state.lora.items()}
+    lora = {m: Factor(new.get(("B", m), f.B), new.get(("A", m), f.A), f.scale) for m, f in start.lora.items()}
     head = {n: new[("h", n)] for n in state.head}
     extra = dict(state.extra)
     if opt.name != "avg":

@@ -77,7 +77,9 @@ def summarize(
         _put(row, "final_acc", spread(list(final[m].values())))
         _put(row, "best_acc", spread([max(x["accuracy"] for x in r) for r in scored]))
         personal = [scored_rows(r, "personal_accuracy") for r in logs]
-        _put(row, "personal_acc", spread([p[-1]["personal_accuracy"] if p else math.nan for p in personal]))
+        # over every seed or none: a mean over the seeds that happen to have it would pass for all of them
+        _put(row, "personal_acc", spread([p[-1]["personal_accuracy"] if p and all(personal) else math.nan
+                                          for p in personal]))
         f1 = spread([r[-1].get("f1", math.nan) for r in scored])
         row["final_f1"], row["final_f1_std"] = f1.mean, f1.std
         for k in fixed:
@@ -215,11 +217,12 @@ def legend(target: float, reference: str, fixed: list[int], compared: bool, pers
     if personal:
         lines.append("- personal acc: at the last round, each client's model (fedsa: its own; a global method: the "
                      "global model) on the held-out share of its own examples, over all held-out examples; mean ± "
-                     "std over seeds (min-max); - where the cell was run without --personal-eval.")
+                     "std over seeds (min-max); - where a seed's cell was run without --personal-eval.")
     if attack:
         lines.append("- attackers / honest rejected: over every round and seed of an --attack cell, the sampled "
                      "attackers the server rejected (true rejections) and the sampled honest clients it rejected "
-                     "(false rejections), of those sampled; - for a cell without an attack.")
+                     "(false rejections), of those sampled; a rejection for a failed or broken update counts too, "
+                     "and normclip's scaling does not (it rejects no one); - for a cell without an attack.")
     if fixed:
         lines.append(f"- acc @r: dev accuracy at round r ({', '.join(map(str, fixed))}), mean ± std over seeds.")
     lines += [

@@ -31,7 +31,8 @@ strategies (and so is every server optimizer for flora, whose merged update is a
 for fedex, whose error term makes the global model the exact average for the factors its rule chose: a
 step on the factors alone breaks that, and with the error term recomputed it would only move the split
 between the two; and for centralized, which has no server step). For rolora the factor frozen in a
-round has Delta = 0 and moves only by its momentum; for lorafair x_agg is the corrected B_bar + dB.
+round has Delta = 0 and moves only by its momentum (not under DP, which releases only the trained
+factor); for lorafair x_agg is the corrected B_bar + dB.
 """
 
 from __future__ import annotations
