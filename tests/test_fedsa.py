@@ -272,6 +272,12 @@ def test_personal_eval_scores_a_global_strategy_on_fedsas_held_out_shares(tiny_a
             got = p.evaluate(p.task.train.subset(held))["accuracy"]
             assert got == pytest.approx(last["client_personal_accuracy"][str(k)])
     assert p.evaluate()["accuracy"] == pytest.approx(ref.summary["final_accuracy"])  # the dev score is unchanged
+    # the baseline: each client's own majority label on its held-out share, by hand
+    labels, right = exp.task.train.labels, 0
+    for train, held in zip(exp.parts, exp.holdout):
+        major = max(sorted(set(labels[i] for i in train)), key=lambda c: sum(labels[i] == c for i in train))
+        right += sum(labels[i] == major for i in held)
+    assert ref.summary["personal_majority"] == pytest.approx(right / sum(map(len, exp.holdout)))
     plain = run(tiny_config(tiny_args, tmp_path / "plain", strategy="hlora", rounds=1, threads=1))
     assert "personal_accuracy" not in plain.rows[-1]
     with pytest.raises(ConfigError, match="--task instruct has none"):

@@ -165,13 +165,16 @@ def test_the_personal_column_shows_where_a_cell_has_personal_scores(tmp_path):
         for r in rows:
             r["personal_accuracy"] = personal - 0.1 if r["round"] < len(rows) else personal
         (cell / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (cell / "summary.json").write_text(json.dumps({"personal_majority": 0.7 + 0.1 * s}))
         groups["fedsa"][s] = cell
     table = summarize(groups, target=0.5)
+    assert table[1]["personal_majority"] == pytest.approx(0.75) and math.isnan(table[0]["personal_majority"])
     assert math.isnan(table[0]["personal_acc"])
     assert table[1]["personal_acc"] == pytest.approx(0.85) and table[1]["personal_acc_max"] == pytest.approx(0.90)
     write_tables(table, tmp_path, target=0.5)
     md = (tmp_path / "table.md").read_text()
     assert "| personal acc (%) |" in md and "| 85.0 ± 7.1 (80.0-90.0) |" in md
+    assert "majority label scores 75.0% on the same held-out shares" in md
     assert md.split("| hlora |")[1].split("\n")[0].split(" | ")[4] == "-"  # hlora's personal cell
     write_tables(summarize({"hlora": groups["hlora"]}, target=0.5), tmp_path, target=0.5)
     assert "personal acc" not in (tmp_path / "table.md").read_text()

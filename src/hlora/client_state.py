@@ -18,7 +18,8 @@ run's split is untouched).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -104,6 +105,21 @@ def holdout_positions(n: int, fraction: float, key: list[int]) -> tuple[list[int
     order = np.random.default_rng(key).permutation(n)
     out = set(order[:h].tolist())
     return [j for j in range(n) if j not in out], sorted(out)
+
+
+def own_majority(labels: Sequence[int], train: list[list[int]], held: list[list[int]]) -> float | None:
+    """Accuracy of each client predicting its own training share's most common label on its held-out share,
+    over all held-out examples (None: nothing held out): under label skew, the line a personalised score must
+    clear before it says more than "this client's data leans to one label"."""
+    right = total = 0
+    for tr, ho in zip(train, held):
+        if not ho:
+            continue
+        counts = Counter(int(labels[i]) for i in tr) or Counter(int(labels[i]) for i in ho)
+        major = min(counts, key=lambda c: (-counts[c], c))  # ties: the smaller label
+        right += sum(int(labels[i]) == major for i in ho)
+        total += len(ho)
+    return right / total if total else None
 
 
 def personal_scores(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import statistics
@@ -35,6 +36,13 @@ def _final_correct(cell: Path, rows: list[dict[str, Any]]) -> list[int] | None:
     if saved is None or not rows or saved["round"] != rows[-1]["round"]:
         return None
     return [int(p == g) for p, g in zip(saved["predicted"], saved["gold"])]
+
+
+def _summary(cell: Path) -> dict[str, Any]:
+    try:
+        return json.loads((cell / "summary.json").read_text()) or {}
+    except (OSError, ValueError):
+        return {}
 
 
 def _put(row: dict[str, Any], key: str, s) -> None:
@@ -80,6 +88,8 @@ def summarize(
         # over every seed or none: a mean over the seeds that happen to have it would pass for all of them
         _put(row, "personal_acc", spread([p[-1]["personal_accuracy"] if p and all(personal) else math.nan
                                           for p in personal]))
+        row["personal_majority"] = spread([_summary(path).get("personal_majority", math.nan)
+                                           for path, _ in runs.values()]).mean
         f1 = spread([r[-1].get("f1", math.nan) for r in scored])
         row["final_f1"], row["final_f1_std"] = f1.mean, f1.std
         for k in fixed:
@@ -205,6 +215,11 @@ def write_tables(table: list[dict[str, Any]], out: Path, target: float, referenc
             cells += [_diff(r, "seeds_diff", mark=False), _diff(r, "boot_diff", mark=True)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *legend(target, reference, fixed, compared, has_personal, has_attack)]
+    baseline = [r["personal_majority"] for r in table if not math.isnan(r["personal_majority"])]
+    if has_personal and baseline:
+        lines.append(f"- personal baseline: each client predicting its own training share's majority label scores "
+                     f"{100 * statistics.fmean(baseline):.1f}% on the same held-out shares (mean over the cells "
+                     "that record it): under label skew, the line a personal acc must clear.")
     _atomic_text(out / "table.md", "\n".join(lines) + "\n")
 
 

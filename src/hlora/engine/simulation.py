@@ -20,7 +20,7 @@ import torch
 from hlora.attacks import Attack, flip_labels
 from hlora.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from hlora.client import train_client
-from hlora.client_state import ClientStates, personal_round, personal_scores, split_holdout
+from hlora.client_state import ClientStates, own_majority, personal_round, personal_scores, split_holdout
 from hlora.config import ConfigError, RunConfig, load_config
 from hlora.data import Encoded, EncodedLM, Fields, TaskData, load_task
 from hlora.engine.outputs import finish_run, round_row
@@ -366,10 +366,18 @@ def _rounds(
         out, strategy, final, log, model=cfg.model, task=exp.task.name, strategy_name=cfg.strategy,
         wall_seconds=wall_before + time.perf_counter() - t_run,
         task_type=peft_task_type(cfg), predictions=None if is_lm(cfg) else exp.predictions,
-        extra=dp.summary(cfg.per_round / cfg.clients, cfg.rounds),
+        extra={**(dp.summary(cfg.per_round / cfg.clients, cfg.rounds) or {}), **_personal_baseline(exp)} or None,
     )
     reporter.finish(summary)
     return RunResult(out, summary, log.rows)
+
+
+def _personal_baseline(exp: Experiment) -> dict[str, float]:
+    """With held-out shares (a classifier): ``personal_majority``, each client's own majority label on them."""
+    if is_lm(exp.cfg) or exp.holdout is None:
+        return {}
+    share = own_majority(exp.task.train.labels, exp.parts, exp.holdout)
+    return {} if share is None else {"personal_majority": share}
 
 
 def _personal_scores(exp: Experiment, state: GlobalState, states: ClientStates) -> dict[str, Any]:
