@@ -275,9 +275,25 @@ def test_personal_eval_scores_a_global_strategy_on_fedsas_held_out_shares(tiny_a
     # the baseline: each client's own majority label on its held-out share, by hand
     labels, right = exp.task.train.labels, 0
     for train, held in zip(exp.parts, exp.holdout):
-        major = max(sorted(set(labels[i] for i in train)), key=lambda c: sum(labels[i] == c for i in train))
+        fed = [sum(labels[i] == c for t in exp.parts for i in t) for c in (0, 1)]
+        own = [sum(labels[i] == c for i in train) for c in (0, 1)]
+        major = 0 if own[0] > own[1] or (own[0] == own[1] and fed[0] > fed[1]) else 1
         right += sum(labels[i] == major for i in held)
     assert ref.summary["personal_majority"] == pytest.approx(right / sum(map(len, exp.holdout)))
+    # with the client's own label prior added (its training offset), from the saved model by hand
+    from hlora.data import encode
+    from hlora.metrics import predict_logits
+    from hlora.objectives import label_counts, offset_from_counts
+
+    fed = label_counts(labels, 2)
+    right = 0
+    for train, held in zip(exp.parts, exp.holdout):
+        if held:
+            data = encode(p.tokenizer, p.task.train.subset(held), 48)
+            logits = predict_logits(p.fm, p.adapter, p.run.head, data, 16)
+            prior = offset_from_counts(label_counts([labels[i] for i in train], 2), fed, 1.0)
+            right += int(((logits + prior).argmax(-1) == data.labels).sum())
+    assert last["personal_accuracy_prior"] == pytest.approx(right / sum(map(len, exp.holdout)))
     plain = run(tiny_config(tiny_args, tmp_path / "plain", strategy="hlora", rounds=1, threads=1))
     assert "personal_accuracy" not in plain.rows[-1]
     with pytest.raises(ConfigError, match="--task instruct has none"):

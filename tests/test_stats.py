@@ -164,6 +164,7 @@ def test_the_personal_column_shows_where_a_cell_has_personal_scores(tmp_path):
         rows = [json.loads(x) for x in (cell / "metrics.jsonl").read_text().splitlines()]
         for r in rows:
             r["personal_accuracy"] = personal - 0.1 if r["round"] < len(rows) else personal
+            r["personal_accuracy_prior"] = r["personal_accuracy"] + 0.05
         (cell / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (cell / "summary.json").write_text(json.dumps({"personal_majority": 0.7 + 0.1 * s}))
         groups["fedsa"][s] = cell
@@ -175,6 +176,7 @@ def test_the_personal_column_shows_where_a_cell_has_personal_scores(tmp_path):
     md = (tmp_path / "table.md").read_text()
     assert "| personal acc (%) |" in md and "| 85.0 ± 7.1 (80.0-90.0) |" in md
     assert "majority label scores 75.0% on the same held-out shares" in md
+    assert "| personal + prior (%) |" in md and "| 90.0 ± 7.1 (85.0-95.0) |" in md
     assert md.split("| hlora |")[1].split("\n")[0].split(" | ")[4] == "-"  # hlora's personal cell
     write_tables(summarize({"hlora": groups["hlora"]}, target=0.5), tmp_path, target=0.5)
     assert "personal acc" not in (tmp_path / "table.md").read_text()

@@ -110,13 +110,15 @@ def holdout_positions(n: int, fraction: float, key: list[int]) -> tuple[list[int
 def own_majority(labels: Sequence[int], train: list[list[int]], held: list[list[int]]) -> float | None:
     """Accuracy of each client predicting its own training share's most common label on its held-out share,
     over all held-out examples (None: nothing held out): under label skew, the line a personalised score must
-    clear before it says more than "this client's data leans to one label"."""
+    clear before it says more than "this client's data leans to one label". A tie (or an empty training share)
+    goes to the label more common over all the training shares."""
+    federation = Counter(int(labels[i]) for tr in train for i in tr)
     right = total = 0
     for tr, ho in zip(train, held):
         if not ho:
             continue
-        counts = Counter(int(labels[i]) for i in tr) or Counter(int(labels[i]) for i in ho)
-        major = min(counts, key=lambda c: (-counts[c], c))  # ties: the smaller label
+        counts = Counter(int(labels[i]) for i in tr)
+        major = max(federation, key=lambda c: (counts[c], federation[c], -c))
         right += sum(int(labels[i]) == major for i in ho)
         total += len(ho)
     return right / total if total else None
@@ -124,21 +126,26 @@ def own_majority(labels: Sequence[int], train: list[list[int]], held: list[list[
 
 def personal_scores(
     strategy: Any, state: Any, clients: list[Any], states: ClientStates, held: list[list[int]],
-    correct: Callable[[Payload, list[int]], int],
+    correct: Callable[[Payload, int, list[int]], dict[str, int]],
 ) -> dict[str, Any]:
     """Each client's own model (``strategy.personal_model``) on its held-out examples: ``personal_accuracy``
     (over all held-out examples, i.e. the clients' accuracies weighted by their held-out counts),
-    ``personal_examples`` and ``client_personal_accuracy`` {client id: accuracy}. ``correct(model, indices)``
-    counts the examples the model gets right."""
-    right = total = 0
+    ``personal_examples`` and ``client_personal_accuracy`` {client id: accuracy}. ``correct(model, client,
+    indices)`` counts the examples the model gets right, as {"personal_accuracy": count, ...}: every other
+    key of it (e.g. ``personal_accuracy_prior``) is reported over all held-out examples too."""
+    right: dict[str, int] = {}
+    total = 0
     per_client = {}
     for spec in clients:
         idx = held[spec.id]
         if not idx:
             continue
-        c = correct(strategy.personal_model(state, spec, states.get(spec.id)), idx)
-        right, total = right + c, total + len(idx)
-        per_client[str(spec.id)] = c / len(idx)
+        counts = correct(strategy.personal_model(state, spec, states.get(spec.id)), spec.id, idx)
+        for key, c in counts.items():
+            right[key] = right.get(key, 0) + c
+        total += len(idx)
+        per_client[str(spec.id)] = counts["personal_accuracy"] / len(idx)
     if not total:
         return {}
-    return {"personal_accuracy": right / total, "personal_examples": total, "client_personal_accuracy": per_client}
+    return {**{key: c / total for key, c in right.items()}, "personal_examples": total,
+            "client_personal_accuracy": per_client}

@@ -84,10 +84,10 @@ def summarize(
         row: dict[str, Any] = {"method": m, "seeds": len(runs), "rounds": len(logs[0])}
         _put(row, "final_acc", spread(list(final[m].values())))
         _put(row, "best_acc", spread([max(x["accuracy"] for x in r) for r in scored]))
-        personal = [scored_rows(r, "personal_accuracy") for r in logs]
-        # over every seed or none: a mean over the seeds that happen to have it would pass for all of them
-        _put(row, "personal_acc", spread([p[-1]["personal_accuracy"] if p and all(personal) else math.nan
-                                          for p in personal]))
+        for key, col in (("personal_accuracy", "personal_acc"), ("personal_accuracy_prior", "personal_prior_acc")):
+            personal = [scored_rows(r, key) for r in logs]
+            # over every seed or none: a mean over the seeds that happen to have it would pass for all of them
+            _put(row, col, spread([p[-1][key] if p and all(personal) else math.nan for p in personal]))
         row["personal_majority"] = spread([_summary(path).get("personal_majority", math.nan)
                                            for path, _ in runs.values()]).mean
         f1 = spread([r[-1].get("f1", math.nan) for r in scored])
@@ -188,12 +188,14 @@ def write_tables(table: list[dict[str, Any]], out: Path, target: float, referenc
     _atomic_text(out / "table.csv", text.getvalue())
     has_f1 = any(not math.isnan(r["final_f1"]) for r in table)
     has_personal = any(not math.isnan(r["personal_acc"]) for r in table)
+    has_prior = any(not math.isnan(r["personal_prior_acc"]) for r in table)
     has_attack = any(r["attackers_sampled"] >= 0 for r in table)
     fixed = [k for k in FIXED_ROUNDS if f"acc_r{k}" in table[0]]
     compared = any(r["vs"] for r in table)
 
     head = ["method", "seeds", "rounds", "final acc (%)", "best acc (%)"]
     head += ["personal acc (%)"] if has_personal else []
+    head += ["personal + prior (%)"] if has_prior else []
     head += ["final F1 (%)"] if has_f1 else []
     head += [f"acc @{k}" for k in fixed]
     head += ["attackers rejected", "honest rejected"] if has_attack else []
@@ -204,6 +206,7 @@ def write_tables(table: list[dict[str, Any]], out: Path, target: float, referenc
         cells = [r["method"], str(r["seeds"]), str(r["rounds"]), _pct_range(r, "final_acc"),
                  _pct_range(r, "best_acc")]
         cells += [_pct_range(r, "personal_acc")] if has_personal else []
+        cells += [_pct_range(r, "personal_prior_acc")] if has_prior else []
         cells += [_pct(r["final_f1"], r["final_f1_std"])] if has_f1 else []
         cells += [_pct(r[f"acc_r{k}"], r[f"acc_r{k}_std"]) for k in fixed]
         if has_attack:
@@ -215,6 +218,9 @@ def write_tables(table: list[dict[str, Any]], out: Path, target: float, referenc
             cells += [_diff(r, "seeds_diff", mark=False), _diff(r, "boot_diff", mark=True)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *legend(target, reference, fixed, compared, has_personal, has_attack)]
+    if has_prior:
+        lines.append("- personal + prior: the same models with each client's training offset tau (log pi_k - log pi) "
+                     "added to the logits (logit adjustment), i.e. predicting for the client's own label mix.")
     baseline = [r["personal_majority"] for r in table if not math.isnan(r["personal_majority"])]
     if has_personal and baseline:
         lines.append(f"- personal baseline: each client predicting its own training share's majority label scores "

@@ -25,7 +25,7 @@ from hlora.config import ConfigError, RunConfig, load_config
 from hlora.data import Encoded, EncodedLM, Fields, TaskData, load_task
 from hlora.engine.outputs import finish_run, round_row
 from hlora.factors import init_factors
-from hlora.metrics import MetricsLog, count_correct, dev_predictions
+from hlora.metrics import MetricsLog, dev_predictions, predict_logits
 from hlora.model import FederatedModel
 from hlora.objectives import Objective, label_counts, offset_from_counts
 from hlora.precision import resolve_precision
@@ -381,15 +381,22 @@ def _personal_baseline(exp: Experiment) -> dict[str, float]:
 
 
 def _personal_scores(exp: Experiment, state: GlobalState, states: ClientStates) -> dict[str, Any]:
-    """Every client's own model on its held-out examples (a classifier; an LM run has none of these keys)."""
+    """Every client's own model on its held-out examples (a classifier; an LM run has none of these keys);
+    with logit adjustment also ``personal_accuracy_prior``: the same logits plus the client's training offset
+    tau (log pi_k - log pi), i.e. the prediction for the client's own label mix that its training fitted."""
     if is_lm(exp.cfg) or exp.holdout is None:
         return {}
     train = exp.train
 
-    def correct(model, idx: list[int]) -> int:
+    def correct(model, client: int, idx: list[int]) -> dict[str, int]:
         data = Encoded([train.input_ids[i] for i in idx],
                        None if train.token_type_ids is None else [train.token_type_ids[i] for i in idx],
                        train.labels[idx], train.pad_id)
-        return count_correct(exp.fm, model.lora, model.head, data, exp.cfg.eval_batch_size)
+        logits = predict_logits(exp.fm, model.lora, model.head, data, exp.cfg.eval_batch_size)
+        counts = {"personal_accuracy": int((logits.argmax(-1) == data.labels).sum())}
+        if exp.offsets is not None:  # the client's own label prior, as it trained with it (logit adjustment)
+            adjusted = logits + exp.offsets[client].to(logits.dtype)
+            counts["personal_accuracy_prior"] = int((adjusted.argmax(-1) == data.labels).sum())
+        return counts
 
     return personal_scores(exp.strategy, state, exp.clients, states, exp.holdout, correct)
