@@ -227,12 +227,12 @@ def test_a_dp_round_is_never_skipped_and_without_valid_updates_releases_the_nois
 # --- DP on the released factors (fedit, ffa, rolora) ------------------------------------------------
 
 
-def factor_dp_round(name, C, z, ranks, server_opt=None):
+def factor_dp_round(name, C, z, ranks, server_opt=None, R=None):
     """A DP round of a FACTOR_DP strategy from a trained state: clients move only the factors they train
     (client 3 by a lot, client 4 sends NaN), float64."""
     strategy = get_strategy(name)
     g = torch.Generator().manual_seed(11)
-    R = max(ranks)
+    R = R or max(ranks)
     init = {m: Factor(torch.zeros(d, R, dtype=torch.float64), torch.randn(R, k, generator=g, dtype=torch.float64),
                       1.0) for m, (d, k) in SHAPES.items()}
     start = strategy.init_state(init, {"w": torch.zeros(2, 5, dtype=torch.float64)})
@@ -477,3 +477,16 @@ def test_factor_dp_without_clipping_or_noise_is_the_plain_uniform_rule_from_roun
             torch.testing.assert_close(dp.state.lora[m].B, plain.lora[m].B, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(dp.state.lora[m].A, plain.lora[m].A, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(dp.state.head["w"], plain.head["w"], rtol=1e-12, atol=1e-12)
+
+
+def test_under_factor_dp_a_rank_no_client_holds_keeps_its_value():
+    """ffa's own rule zero-pads B above every client's rank (the column's value would then depend on which
+    clients were sampled); under DP (no noise) those columns keep their value, and the held ones move by the
+    clients' mean change."""
+    strategy, state, out, payloads = factor_dp_round("ffa", 1e9, 0.0, [2, 2, 2, 2, 2], R=4)
+    B, A, head = factor_reference("ffa", state, out, payloads, 1e9)
+    for n, f in out.state.lora.items():
+        assert torch.equal(f.B[:, 2:], state.lora[n].B[:, 2:]) and bool(state.lora[n].B[:, 2:].any())
+        torch.testing.assert_close(f.B, B[n], rtol=1e-12, atol=1e-12)
+    plain = strategy.aggregate(state, out.accepted)
+    assert all(not bool(f.B[:, 2:].any()) for f in plain.lora.values())  # the plain rule zero-pads them
