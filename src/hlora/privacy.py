@@ -48,8 +48,8 @@ factors, so a clipped update X0 + c (X - X0) moves it by exactly c Delta_k). It 
 the release is x_t + (1/m) sum_k c_k Delta_k + N(0, sigma^2) on every coordinate the round trains (ffa: B
 and the head; rolora: the round's factor and the head; fedit: both factors and the head), x_t the factors
 the clients started from (:func:`starting_point`), stepped by the server optimizer's elementwise tensor
-rule (avg: x_t + D; avgm, adam, yogi with D as the pseudo-gradient: post-processing of the noisy D). The coordinates a round does not train are not
-released anew (ffa's A never changes). Note that C bounds a different norm here (the factors' change at
+rule (avg: x_t + D; avgm, adam, yogi with D as the pseudo-gradient: post-processing of the noisy D). The
+coordinates a round does not train are not released anew (ffa's A never changes). Note that C bounds a different norm here (the factors' change at
 scaling 1, not s B A's), so its scale differs from hlora's. The strategy's own average is not the rule
 under DP: a rank no client of the round holds keeps its value instead of the average's zero-padding or
 renormalised weights (both depend on which clients were sampled: a client's presence would move them by
@@ -58,8 +58,8 @@ more than C / m).
 **Refused**: the other factor-space strategies. fedplora, hetlora: their rule reweighs or prunes ranks by
 the round's clients, so one client's presence moves other clients' weights. lorafair: its correction is a
 least-squares fit to the products, not affine in one client's factors. fedex: its error term is built from
-the products. fedsa: each client keeps its B, a personal model outside the server's release. FLoRA: its merged update is an exact low-rank sum that clients download as stacks; dense
-noise makes it full rank, which has no stacked form. Centralized: there are no clients to protect.
+the products. fedsa: each client keeps its B, a personal model outside the server's release. FLoRA: its
+merged update is an exact low-rank sum that clients download as stacks; dense noise makes it full rank, which has no stacked form. Centralized: there are no clients to protect.
 
 **Accounting.** dp-accounting's RDP accountant (Mironov 2017; Mironov, Talwar, Zhang 2019) of T
 compositions of the Poisson-subsampled Gaussian mechanism with sampling rate q = per_round / clients and
