@@ -1,6 +1,7 @@
 import pytest
 
-from hlora.data import DataError, load_task, partition
+from hlora.config import ConfigError, load_config
+from hlora.data import DataError, load_task, partition, subset_train, task_of
 from tests.conftest import write_tsv
 
 
@@ -10,6 +11,40 @@ def test_bundled_glue_tasks_load_completely(task, n_train, n_dev, pos):
     assert len(data.train) == n_train and len(data.dev) == n_dev
     assert data.train.text_b is not None and data.num_labels == 2
     assert sum(data.train.labels) == pos  # MRPC: 2474 paraphrases; RTE: 1241 not_entailment
+
+
+def test_bundled_sst2_loads_completely_as_single_sentences():
+    data = load_task("sst2")
+    assert len(data.train) == 67349 and len(data.dev) == 872  # the bundled README's counts
+    assert data.train.text_b is None and data.label_names == ["0", "1"] and data.f1_label == 1
+    assert sum(data.train.labels) == 37569 and sum(data.dev.labels) == 444  # positives (label 1)
+
+
+def test_train_subset_is_one_seeded_draw_in_file_order_whatever_the_run_seed():
+    full = load_task("sst2").train
+    a = task_of(load_config(None, {"task": "sst2", "train_subset": 6000, "seed": 0}))
+    b = task_of(load_config(None, {"task": "sst2", "train_subset": 6000, "seed": 2}))
+    assert len(a.train) == 6000 and a.train.text_a == b.train.text_a and a.train.labels == b.train.labels
+    assert len(a.dev) == 872  # the dev set is never cut
+    assert 0.45 < sum(a.train.labels) / 6000 < 0.65  # a uniform draw keeps the label mix (55.8% positive)
+    assert task_of(load_config(None, {"task": "sst2"})).train.text_a == full.text_a  # None: everything
+
+
+def test_train_subset_keeps_distinct_examples_in_file_order(tmp_path):
+    rows = [[f"s{i}", str(i % 2)] for i in range(100)]
+    train = write_tsv(tmp_path / "t.tsv", ["text", "y"], rows)
+    dev = write_tsv(tmp_path / "d.tsv", ["text", "y"], rows[:4])
+    kept = subset_train(load_task(None, train, dev, ["text"], "y"), 30).train
+    index = [int(t[1:]) for t in kept.text_a]
+    assert len(set(index)) == 30 and index == sorted(index) and index != list(range(30))
+    assert kept.labels == [i % 2 for i in index]  # each text keeps its own label
+
+
+def test_train_subset_refuses_more_than_the_data_or_fewer_than_the_clients():
+    with pytest.raises(DataError, match="--train-subset 5000: the training set of mrpc has 3668 examples"):
+        subset_train(load_task("mrpc"), 5000)
+    with pytest.raises(ConfigError, match="at least one example a client"):
+        load_config(None, {"task": "mrpc", "train_subset": 50, "clients": 100})
 
 
 def test_mrpc_reports_f1_of_the_paraphrase_class_and_rte_does_not():

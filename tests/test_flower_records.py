@@ -26,7 +26,7 @@ from hlora.engine.flower.records import (
     record_to_update,
     update_to_record,
 )
-from hlora.engine.flower.settings import NodeConfigError, node_settings, run_settings
+from hlora.engine.flower.settings import NodeConfigError, node_settings, run_settings, shared_task
 from hlora.factors import Factor, init_factors
 from hlora.model import FederatedModel, configure, load_classifier
 from hlora.objectives import Objective, logit_offset, offset_from_counts
@@ -158,6 +158,12 @@ def test_run_config_mistakes_are_named():
     with pytest.raises(ConfigError, match="preset"):
         run_settings({"preset": "paper"})
     assert run_settings({"local-steps": 0})[0].local_steps is None  # 0: not set, as ""
+    assert run_settings({"train-subset": 0})[0].train_subset is None
+    cfg, options = run_settings({"train-subset": 3000, "labels": "0,1", "text-columns": "s", "label-column": "y"})
+    with pytest.raises(ConfigError, match="nodes bring their own files"):
+        shared_task(cfg, options.labels, with_dev=False)
+    cfg, _ = run_settings({"task": "sst2", "train-subset": 3000})
+    assert len(shared_task(cfg, None, with_dev=False).train) == 3000
 
 
 def test_node_config_mistakes_are_one_line():

@@ -166,3 +166,17 @@ def test_hetlora_self_pruning_runs_and_prunes(tiny_args, tmp_path):
     assert pruned and all(r >= 1 for r in pruned.values())
     ranks = yaml.safe_load((res.out / "config.yaml").read_text())["client_ranks"]
     assert all(pruned[c] < ranks[c] for c in pruned)
+
+
+def test_a_run_on_a_bundled_sst2_subset(tiny_model, tmp_path, capsys):
+    """``--task sst2 --train-subset N``: single sentences, N training examples split over the clients, the
+    whole 872-sentence dev set scored, and the subset recorded in config.yaml so the run can be repeated."""
+    out = tmp_path / "sst2"
+    code, text = run_cli(["run", "--model", tiny_model, "--task", "sst2", "--train-subset", "40", "--clients", "4",
+                          "--per-round", "2", "--rounds", "1", "--local-epochs", "1", "--batch-size", "8",
+                          "--max-length", "32", "--ranks", "2", "--precision", "fp32", "--out", str(out)], capsys)
+    assert code in (None, 0), text
+    assert yaml.safe_load((out / "config.yaml").read_text())["train_subset"] == 40
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["round"] == 1 and 0 <= row["accuracy"] <= 1
+    assert len(json.loads((out / "dev_predictions.json").read_text())["predicted"]) == 872

@@ -56,9 +56,9 @@ def _default(name: str) -> str:
 # `hlora run --help` groups its options in these panels (compare shows the same ones); every run option names
 # its panel here, and tests/test_cli.py fails when one does not.
 PANELS: dict[str, tuple[str, ...]] = {
-    "Data": ("task", "train", "dev", "text_columns", "label_column", "max_length", "prompt_field", "input_field",
-             "response_field", "category_field", "partition", "alpha", "classes_per_client", "shards_per_client",
-             "size_exponent"),
+    "Data": ("task", "train", "dev", "text_columns", "label_column", "max_length", "train_subset", "prompt_field",
+             "input_field", "response_field", "category_field", "partition", "alpha", "classes_per_client",
+             "shards_per_client", "size_exponent"),
     "Model": ("model", "target_modules", "ranks", "rank_policy", "rank_file", "layer_ranks", "lora_alpha", "dtype",
               "dropout", "attention", "gradient_checkpointing", "precision"),
     "Federation": ("strategy", "strategy_option", "clients", "per_round", "rounds", "client_weights", "min_clients",
@@ -161,7 +161,7 @@ class RichReporter:
 def run(
     config: Optional[Path] = typer.Argument(None, help="A YAML or JSON config file; options override it."),
     task: Optional[str] = _opt(
-        "task", "GLUE task: mrpc or rte; instruct (decoder LM on instruction JSONL, with --train/--dev); "
+        "task", "GLUE task: mrpc, rte or sst2; instruct (decoder LM on instruction JSONL, with --train/--dev); "
         "hf:NAME[:CONFIG] for a Hugging Face dataset; or a name for --train/--dev."
     ),
     train: Optional[Path] = _opt("train", "Training file (.tsv, .csv, .jsonl) instead of a GLUE task."),
@@ -169,6 +169,9 @@ def run(
     text_columns: Optional[str] = _opt("text_columns", "Text column(s) of the files: a or a,b (a pair)."),
     label_column: Optional[str] = _opt("label_column", "Label column of the files (strings or integers)."),
     max_length: Optional[int] = _opt("max_length", "Tokens per example (longer ones are truncated)."),
+    train_subset: Optional[int] = _opt(
+        "train_subset", "Keep N training examples: a seeded draw, the same for every --seed (e.g. 6000 of sst2)."
+    ),
     prompt_field: Optional[str] = _opt("prompt_field", "Instruction field of --task instruct data (default: instruction)."),
     input_field: Optional[str] = _opt("input_field", "Optional input field (default: input or context)."),
     response_field: Optional[str] = _opt("response_field", "Response field (default: output or response)."),

@@ -33,6 +33,9 @@ class RunConfig:
     text_columns: list[str] | None = None
     label_column: str | None = None
     max_length: int = 128
+    #: keep this many training examples, a seeded draw that is the same for every --seed (None: all), e.g. 6000
+    #: of SST-2's 67,349 (hlora.data.subset_train)
+    train_subset: int | None = None
     # instruction data (--task instruct): field names (default: Alpaca/Dolly names), generation metric
     prompt_field: str | None = None
     input_field: str | None = None
@@ -244,6 +247,9 @@ class RunConfig:
             raise ConfigError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ConfigError("--batch-size must be at least 1")
+        if self.train_subset is not None and self.train_subset < self.clients:
+            raise ConfigError(f"--train-subset must keep at least one example a client (--clients "
+                              f"{self.clients}), got {self.train_subset}")
         if self.max_length < 8:
             raise ConfigError(f"--max-length must be at least 8, got {self.max_length}")
         if self.gen_samples < 0:

@@ -10,7 +10,7 @@ import torch
 from hlora.checkpoint import CHECKPOINT, load_checkpoint
 from hlora.client_state import ClientStates, split_holdout
 from hlora.config import ConfigError, RunConfig, load_config
-from hlora.data import Fields, encode, load_task, read_split
+from hlora.data import Fields, encode, read_split, task_of
 from hlora.data.examples import Examples
 from hlora.data.instruct import InstructExamples, format_prompt, read_instruct
 from hlora.export import adapter_svd, save_peft_adapter, truncated
@@ -107,7 +107,7 @@ class Predictor:
     def __init__(self, run: TrainedRun, rank: int | None = None) -> None:
         self.run = run
         cfg = run.cfg
-        self.task = load_task(cfg.task, cfg.train, cfg.dev, cfg.text_columns, cfg.label_column, Fields.of(cfg))
+        self.task = task_of(cfg)
         model, self.tokenizer = load_model(cfg, self.task)
         self.fm = FederatedModel(model, cfg.target_modules)
         self.adapter, self.energy = run.truncated(rank)

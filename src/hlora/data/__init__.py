@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from hlora.data.examples import DataError, Encoded, Examples, TaskData, encode
 from hlora.data.files import read_column, read_rows
@@ -28,10 +31,34 @@ __all__ = [
     "PARTITIONS",
     "read_column",
     "TASKS",
+    "TRAIN_SUBSET_SEED",
+    "subset_train",
+    "task_of",
 ]
 
 TASKS = sorted(GLUE)
 INSTRUCT = "instruct"
+#: the seed of ``--train-subset``'s draw: one fixed subset for every ``--seed``, so seeds vary the federation
+#: (split, ranks, client sample), not the data
+TRAIN_SUBSET_SEED = 0
+
+
+def task_of(cfg: Any) -> TaskData:
+    """The task a run config names (task, files, columns, instruction fields), with its ``train_subset``."""
+    task = load_task(cfg.task, cfg.train, cfg.dev, cfg.text_columns, cfg.label_column, Fields.of(cfg))
+    return subset_train(task, cfg.train_subset)
+
+
+def subset_train(task: TaskData, n: int | None) -> TaskData:
+    """Keep ``n`` training examples (None: all): a uniform draw without replacement with
+    :data:`TRAIN_SUBSET_SEED`, kept in file order. The dev split is untouched."""
+    if n is None:
+        return task
+    if not 1 <= n <= len(task.train):
+        raise DataError(f"--train-subset {n}: the training set of {task.name} has {len(task.train)} examples")
+    keep = np.sort(np.random.default_rng(TRAIN_SUBSET_SEED).choice(len(task.train), size=n, replace=False))
+    task.train = task.train.subset(keep.tolist())
+    return task
 
 
 def load_task(
@@ -42,7 +69,7 @@ def load_task(
     label_column: str | None = None,
     fields: Fields | None = None,
 ) -> TaskData:
-    """A GLUE task by name (``mrpc``, ``rte``), or local files given by ``train`` and ``dev``.
+    """A GLUE task by name (``mrpc``, ``rte``, ``sst2``), or local files given by ``train`` and ``dev``.
 
     Files need ``text_columns`` (one, or two for a sentence pair) and ``label_column``; labels may be
     strings or integers. The label set is taken from the training file, sorted. ``hf:NAME[:CONFIG]``

@@ -22,4 +22,5 @@ class GlueTask:
 GLUE: dict[str, GlueTask] = {
     "mrpc": GlueTask("MRPC", ("#1 String", "#2 String"), "Quality", ("0", "1"), "1"),
     "rte": GlueTask("RTE", ("sentence1", "sentence2"), "label", ("entailment", "not_entailment"), None),
+    "sst2": GlueTask("SST-2", ("sentence",), "label", ("0", "1"), "1"),
 }

@@ -37,10 +37,10 @@ def format_table(counts: np.ndarray, label_names: list[str]) -> str:
 def partition_stats(cfg, folder: Path) -> tuple[str, Path]:
     """Load the config's task (its training split only matters), split it as a run would, and return the
     table and the path of ``folder/partition.png``."""
-    from hlora.data import Fields, load_task
+    from hlora.data import task_of
     from hlora.plots import plot_partition
 
-    task = load_task(cfg.task, cfg.train, cfg.dev, cfg.text_columns, cfg.label_column, Fields.of(cfg))
+    task = task_of(cfg)
     parts = cfg.client_parts(task)
     counts = label_counts_per_client(task.train.labels, parts, task.num_labels)
     folder = Path(folder)

@@ -22,7 +22,7 @@ from hlora.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from hlora.client import train_client
 from hlora.client_state import ClientStates, own_majority, personal_round, personal_scores, split_holdout
 from hlora.config import ConfigError, RunConfig, load_config
-from hlora.data import Encoded, EncodedLM, Fields, TaskData, load_task
+from hlora.data import Encoded, EncodedLM, TaskData, task_of
 from hlora.engine.outputs import finish_run, round_row
 from hlora.factors import init_factors
 from hlora.metrics import MetricsLog, dev_predictions, predict_logits
@@ -144,7 +144,7 @@ def setup(cfg: RunConfig) -> Experiment:
         torch.set_num_threads(cfg.threads)
     else:  # record it: float reductions, hence exact resumes, depend on the thread count
         cfg.threads = torch.get_num_threads()
-    task = load_task(cfg.task, cfg.train, cfg.dev, cfg.text_columns, cfg.label_column, Fields.of(cfg))
+    task = task_of(cfg)
     if cfg.clients > len(task.train):
         raise ConfigError(f"--clients {cfg.clients} exceeds the {len(task.train)} training examples")
     parts = cfg.client_parts(task)  # a split this data cannot take is refused before the model loads

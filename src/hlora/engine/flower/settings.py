@@ -29,6 +29,7 @@ from hlora.data import (
     TaskData,
     load_task,
     read_split,
+    subset_train,
 )
 from hlora.data.instruct import read_instruct
 from hlora.engine.flower.node_worker import WORKER_KEYS, WorkerError, worker_options
@@ -94,8 +95,8 @@ def run_settings(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerOption
                 continue  # "" means: not set, the RunConfig default
             if name == "strategy_options":
                 value = [p for p in re.split(r"[\s,]+", str(value)) if p]
-            if name in ("threads", "local_steps", "head_lr") and value == 0:
-                continue  # 0: not set (torch's threads; local-epochs instead of steps)
+            if name in ("threads", "local_steps", "head_lr", "train_subset") and value == 0:
+                continue  # 0: not set (torch's threads; local-epochs instead of steps; every example)
             if name in ("attack", "attackers", "attack_lambda") and value not in ("none", 0, 0.0):
                 raise ConfigError(f"run-config {key}: attacks are simulated by hlora run only (not on Flower)")
             if name == "personal_eval" and value not in (False, "false", 0):
@@ -155,6 +156,10 @@ def shared_task(cfg: RunConfig, labels: list[str] | None, with_dev: bool) -> Tas
 
     ``with_dev`` reads the dev set (the server, which evaluates); a node never needs it.
     """
+    if cfg.train_subset is not None and not cfg.train:
+        if labels or cfg.task == INSTRUCT:
+            raise ConfigError("run-config train-subset draws from a training set every site reads (train, or a "
+                              "named task); here the nodes bring their own files")
     if cfg.task == INSTRUCT:
         return instruct_task(cfg, labels, with_dev)
     if labels:
@@ -168,8 +173,8 @@ def shared_task(cfg: RunConfig, labels: list[str] | None, with_dev: bool) -> Tas
         return task
     if cfg.train:
         task = load_task(cfg.task, cfg.train, cfg.dev, cfg.text_columns, cfg.label_column)
-        return classification_only(task)
-    task = classification_only(load_task(cfg.task))
+        return classification_only(subset_train(task, cfg.train_subset))
+    task = classification_only(subset_train(load_task(cfg.task), cfg.train_subset))
     if with_dev and cfg.dev:
         task.dev = read_split(cfg.dev, task)
     return task
@@ -189,7 +194,11 @@ def instruct_task(cfg: RunConfig, labels: list[str] | None, with_dev: bool) -> T
         dev = read_instruct(cfg.dev, fields)[0] if with_dev and cfg.dev else empty
     except (DataError, OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"run-config: {e}") from None
-    return TaskData(INSTRUCT, train, dev, categories, kind=INSTRUCT, train_file=cfg.train or None)
+    task = TaskData(INSTRUCT, train, dev, categories, kind=INSTRUCT, train_file=cfg.train or None)
+    try:
+        return subset_train(task, cfg.train_subset)
+    except DataError as e:
+        raise ConfigError(f"run-config: {e}") from None
 
 
 def classification_only(task: TaskData) -> TaskData:
