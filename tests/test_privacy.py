@@ -14,6 +14,7 @@ dp_accounting = pytest.importorskip("dp_accounting")
 from hlora.config import ConfigError  # noqa: E402
 from hlora.factors import Factor  # noqa: E402
 from hlora.privacy import (  # noqa: E402
+    CLIP_KEY,
     DP,
     ORDERS,
     PrivacyError,
@@ -368,6 +369,61 @@ def test_noise_changes_the_run_and_no_noise_reports_no_epsilon(tiny_args, tmp_pa
     assert noisy.rows[0]["eval_loss"] != clip_only.rows[0]["eval_loss"]
 
 
+# --- adaptive clipping (Andrew et al. 2021) ------------------------------------------------------------
+
+
+def test_adaptive_clipping_splits_z_between_the_average_and_the_count():
+    dp = DP(clip=1.0, noise=0.861, adaptive=0.5)
+    z_d = dp.update_noise(20)  # sigma_b = 20 / 20 = 1: z_D = (0.861^-2 - 2^-2)^-1/2 = 0.95393 (by hand)
+    assert z_d == pytest.approx(0.95393, abs=1e-5)
+    assert z_d ** -2 + (2 * dp.count_std(20)) ** -2 == pytest.approx(0.861 ** -2)  # one mechanism of multiplier z
+    assert dp.std(20, clip=2.0) == pytest.approx(z_d * 2.0 / 20)
+    assert DP(clip=1.0, noise=0.861).std(20) == pytest.approx(0.861 / 20)  # fixed clip: z whole
+    assert DP(clip=1.0, noise=0.0, adaptive=0.5).std(20) == 0.0 and DP(noise=0.0).count_std(20) == 0.0
+
+
+def test_without_noise_the_clip_takes_its_geometric_step():
+    dp = DP(clip=1.0, noise=0.0, adaptive=0.3)
+    g = torch.Generator().manual_seed(0)
+    assert dp.next_clip(2.0, 20, 20, g) == pytest.approx(2.0 * math.exp(-0.2 * (1.0 - 0.3)))  # all within: shrink
+    assert dp.next_clip(2.0, 0, 20, g) == pytest.approx(2.0 * math.exp(0.2 * 0.3))  # none within: grow
+    assert dp.next_clip(2.0, 6, 20, g) == pytest.approx(2.0)  # exactly the target share: stay
+
+
+@pytest.mark.parametrize("quantile", [0.2, 0.5, 0.8])
+def test_the_clip_finds_the_target_quantile_of_the_norms_through_its_noisy_count(quantile):
+    """Norms 1..20 every round, from C = 100 and C = 0.1: after 150 rounds the noisy count has brought C to
+    the quantile's norm (up to the step's wobble and the count's noise, sigma_b = 1 at m = 20)."""
+    dp = DP(clip=1.0, noise=1.0, adaptive=quantile)
+    norms = torch.arange(1, 21, dtype=torch.float64)
+    for start in (100.0, 0.1):
+        clip, seen = start, []
+        for t in range(300):
+            within = int((norms <= clip).sum())
+            clip = dp.next_clip(clip, within, 20, torch.Generator().manual_seed(t))
+            seen.append(clip)
+        late = sorted(seen[150:])
+        assert quantile * 20 - 3 < late[len(late) // 2] < quantile * 20 + 3
+
+
+def test_an_adaptive_run_records_its_clip_every_round_and_resumes_to_the_same_rows(tiny_args, tmp_path):
+    from hlora import run
+    from hlora.checkpoint import load_checkpoint
+    from hlora.engine.simulation import resume
+
+    extra = dict(dp_clip=0.05, dp_noise=0.1, dp_adaptive_clip=0.5, rounds=3)  # z < per-round / 10 = 0.2
+    ref = run(tiny_config(tiny_args, tmp_path / "ref", **extra))
+    clips = [r["dp_clip"] for r in ref.rows]
+    assert clips[0] == 0.05 and clips[1] > clips[0] and clips[2] > clips[1]  # C = 0.05 clips all: it grows
+    assert all(r["dp_epsilon"] == spent_epsilon(0.5, 0.1, r["round"], 4**-1.1) for r in ref.rows)  # z, whole
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_config(tiny_args, tmp_path / "cut", **extra), StopAfter(2))
+    res = resume(tmp_path / "cut")
+    assert _strip(res.rows) == _strip(ref.rows)
+    a, _ = load_checkpoint(tmp_path / "cut")
+    assert a.extra[CLIP_KEY] == load_checkpoint(tmp_path / "ref")[0].extra[CLIP_KEY]
+
+
 # --- refusals -----------------------------------------------------------------------------------------
 
 
@@ -394,6 +450,10 @@ def test_noise_changes_the_run_and_no_noise_reports_no_epsilon(tiny_args, tmp_pa
         (["--dp-clip", "1", "--dp-noise", "1", "--client-weights", "examples"],
          "--dp-clip needs --client-weights uniform"),
         (["--dp-clip", "1", "--dp-noise", "1", "--dp-dense-mb", "0"], "--dp-dense-mb must be > 0"),
+        (["--dp-clip", "1", "--dp-noise", "0.1", "--dp-adaptive-clip", "1"],
+         "--dp-adaptive-clip is the target quantile of the change norms, in (0, 1)"),
+        (["--dp-clip", "1", "--dp-noise", "2", "--dp-adaptive-clip", "0.5"],
+         "z must be below per-round / 10 = 2, got 2"),
     ],
 )
 def test_bad_dp_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
@@ -426,7 +486,8 @@ def test_dp_errors_are_config_errors():
 
 
 @pytest.mark.slow
-def test_a_dp_run_on_flower_equals_the_simulation(tmp_path, tiny_model, tiny_mrpc):
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_a_dp_run_on_flower_equals_the_simulation(adaptive, tmp_path, tiny_model, tiny_mrpc):
     """Three nodes holding partition ids are the simulation's clients 0..2; the server clips and draws the
     noise from (seed, round), so a Flower DP run computes what ``hlora run`` computes, epsilon included."""
     pytest.importorskip("flwr")
@@ -434,11 +495,14 @@ def test_a_dp_run_on_flower_equals_the_simulation(tmp_path, tiny_model, tiny_mrp
     from tests.test_flower import assert_same_adapter, flower_and_simulation
 
     options = {"dp-clip": 0.05, "dp-noise": 0.5, "client-weights": "uniform", "per-round": 2, "rounds": 2}
+    if adaptive:  # C moves with the count; z below per-round / 10
+        options.update({"dp-adaptive-clip": 0.5, "dp-noise": 0.1})
     out, sim = flower_and_simulation(tmp_path, tiny_model, tiny_mrpc, **options)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == len(sim.rows) == 2
+    assert (rows[1]["dp_clip"] != rows[0]["dp_clip"]) == adaptive
     for got, expected in zip(rows, sim.rows):
-        for key in ("round", "clients", "accuracy", "rejected", "dp_epsilon"):
+        for key in ("round", "clients", "accuracy", "rejected", "dp_epsilon", "dp_clip"):
             assert got[key] == expected[key], key
         assert [c["client"] for c in got["clipped"]] == [c["client"] for c in expected["clipped"]]
         assert got["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-5, abs=1e-7)

@@ -40,7 +40,7 @@ def _default(name: str) -> str:
                 "robust_m": "K - f", "robust_trim": "f / K", "robust_clip": "--robust-clip-ratio x the round's median",
                 "attack_lambda": "1 for signflip and noise, 5 for scale",
                 "dp_clip": "off", "dp_noise": "from --dp-epsilon-target", "dp_epsilon_target": "none",
-                "dp_delta": "1 / clients^1.1",
+                "dp_delta": "1 / clients^1.1", "dp_adaptive_clip": "off",
                 "server_lr": "2 with the default avgm, else 1",
                 "head_lr": "0.1 for an sgd head, --lr for adamw",
                 "log_group": "MLflow: hlora, W&B: none; compare: the grid's name",
@@ -68,7 +68,7 @@ PANELS: dict[str, tuple[str, ...]] = {
     "Server": ("server_opt", "server_lr", "server_momentum", "server_betas", "server_tau", "server_rank"),
     "Privacy and robustness": ("robust", "robust_f", "robust_m", "robust_trim", "robust_clip", "robust_clip_ratio",
                                "robust_dense_mb", "attack", "attackers", "attack_lambda", "dp_clip", "dp_noise",
-                               "dp_epsilon_target", "dp_delta", "dp_dense_mb"),
+                               "dp_epsilon_target", "dp_delta", "dp_adaptive_clip", "dp_dense_mb"),
     "Evaluation and outputs": ("gen_samples", "max_new_tokens", "eval_every", "eval_batch_size", "personal_holdout",
                                "personal_eval", "seed", "threads", "out", "log", "log_group", "mlflow_uri", "resume"),
 }
@@ -258,6 +258,10 @@ def run(
         "dp_epsilon_target", "DP: choose z so that epsilon after --rounds is at most this (instead of --dp-noise)."
     ),
     dp_delta: Optional[float] = _opt("dp_delta", "DP delta of the reported epsilon."),
+    dp_adaptive_clip: Optional[float] = _opt(
+        "dp_adaptive_clip", "DP: let C follow this quantile of the clients' change norms, from --dp-clip (Andrew "
+        "et al. 2021; a noisy count takes part of z)."
+    ),
     dp_dense_mb: Optional[float] = _opt(
         "dp_dense_mb", "Memory (MB) DP may take for one module's dense noisy change and its SVD."
     ),

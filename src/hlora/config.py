@@ -99,12 +99,14 @@ class RunConfig:
     #: client-level differential privacy (hlora.privacy; DP-FedAvg): clip (None or 0: off) bounds each client's
     #: change; noise is z (the noise multiplier), or None with epsilon_target (z then chosen by the accountant
     #: and recorded here); delta (None: 1 / clients^1.1); dense_mb: the memory one module's dense noisy change
-    #: and its SVD may take
+    #: and its SVD may take; adaptive_clip: the target quantile of the change norms that C follows from dp_clip
+    #: (Andrew et al. 2021; None: C stays dp_clip)
     dp_clip: float | None = None
     dp_noise: float | None = None
     dp_epsilon_target: float | None = None
     dp_delta: float | None = None
     dp_dense_mb: float = 2048.0
+    dp_adaptive_clip: float | None = None
     # local training
     local_epochs: int = 2
     #: a fixed number of optimizer steps per client per round, cycling its data (overrides local_epochs)
@@ -345,7 +347,8 @@ class RunConfig:
     def privacy(self):
         from hlora.privacy import DP
 
-        return DP(self.dp_clip, self.dp_noise, self.dp_epsilon_target, self.dp_delta, self.dp_dense_mb)
+        return DP(self.dp_clip, self.dp_noise, self.dp_epsilon_target, self.dp_delta, self.dp_dense_mb,
+                  self.dp_adaptive_clip)
 
     def server_optimizer(self):
         from hlora.server_opt import ServerOpt

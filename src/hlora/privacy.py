@@ -61,6 +61,23 @@ least-squares fit to the products, not affine in one client's factors. fedex: it
 the products. fedsa: each client keeps its B, a personal model outside the server's release. FLoRA: its
 merged update is an exact low-rank sum that clients download as stacks; dense noise makes it full rank, which has no stacked form. Centralized: there are no clients to protect.
 
+**Adaptive clipping** (Andrew et al. 2021, "Differentially Private Learning with Adaptive Clipping";
+``--dp-adaptive-clip GAMMA``). C is not tuned but follows the GAMMA quantile of the clients' change norms,
+starting at C_0 = ``--dp-clip``. After round t, with b_t the number of the round's m sampled clients whose
+change has ||Delta_k|| <= C_t (a rejected client's change is 0, so it counts),
+
+    b~_t = ( b_t + N(0, sigma_b^2) ) / m,     C_{t+1} = C_t exp( -eta (b~_t - GAMMA) ),
+    eta = 0.2 (:data:`CLIP_LR`),  sigma_b = m / 20 (:data:`COUNT_NOISE_SHARE`: the paper's choice).
+
+The count is a second Gaussian release, of sensitivity 1/2 once centred (sum_k (b_k - 1/2), with m public).
+Released together with the clipped sum at multiplier z_D, the pair is one Gaussian mechanism of multiplier
+z with z^-2 = z_D^-2 + (2 sigma_b)^-2 (the paper's Theorem 1). So the accountant counts z (``--dp-noise``,
+or the one ``--dp-epsilon-target`` chooses), and the average gets the smaller share,
+sigma = z_D C_t / m with z_D = (z^-2 - (2 sigma_b)^-2)^(-1/2): defined only for z < 2 sigma_b = m / 10,
+refused above (the count would need more noise than the whole budget allows). C_t lives in the state's
+``extra`` (checkpoints and resumes exactly); its noise comes from its own seeded stream
+(:data:`CLIP_STREAM`). Every row records the round's C_t (``dp_clip``).
+
 **Accounting.** dp-accounting's RDP accountant (Mironov 2017; Mironov, Talwar, Zhang 2019) of T
 compositions of the Poisson-subsampled Gaussian mechanism with sampling rate q = per_round / clients and
 noise multiplier z, converted to (epsilon, delta). hlora samples a fixed-size subset without replacement,
@@ -115,6 +132,14 @@ REFUSED = {
 }
 #: the client_seed stream of the server's DP noise (client -1: the server)
 NOISE_STREAM = 4
+#: the client_seed stream of adaptive clipping's count noise (client -1: the server)
+CLIP_STREAM = 5
+#: adaptive clipping's geometric step eta (Andrew et al. 2021)
+CLIP_LR = 0.2
+#: adaptive clipping's count noise sigma_b, as a share of the clients a round (Andrew et al.: m / 20)
+COUNT_NOISE_SHARE = 1 / 20
+#: the key of the current clip C_t in GlobalState.extra (adaptive clipping)
+CLIP_KEY = "dp_clip"
 #: RDP orders: integer orders (computed in closed form, no fractional-order series to converge) up to 1024
 ORDERS = tuple(range(2, 65)) + (80, 96, 128, 256, 512, 1024)
 #: bytes per entry of one module's dense noisy change at the peak of its float32 SVD: the matrix, the noise,
@@ -136,6 +161,8 @@ class DP:
     epsilon_target: float | None = None
     delta: float | None = None
     dense_mb: float = 2048.0
+    #: adaptive clipping's target quantile GAMMA of the change norms (None: C stays --dp-clip)
+    adaptive: float | None = None
 
     @property
     def on(self) -> bool:
@@ -185,7 +212,39 @@ class DP:
         if self.noise is None:
             raise PrivacyError("--dp-clip needs --dp-noise z or --dp-epsilon-target EPS (--dp-noise 0: clipping "
                                "only, no privacy)")
+        if self.adaptive is not None:
+            if not 0 < self.adaptive < 1:
+                raise PrivacyError(f"--dp-adaptive-clip is the target quantile of the change norms, in (0, 1); "
+                                   f"got {self.adaptive}")
+            if self.noise >= 2 * self.count_std(per_round):
+                raise PrivacyError(
+                    f"--dp-adaptive-clip spends part of the noise on the clip's count: z must be below "
+                    f"per-round / 10 = {2 * self.count_std(per_round):g}, got {self.noise:.4g} (sample more clients "
+                    "a round, or fix the clip)")
         return self
+
+    def count_std(self, per_round: int) -> float:
+        """sigma_b: the std of adaptive clipping's noisy count (0 without noise: no privacy, no count noise)."""
+        return COUNT_NOISE_SHARE * per_round if self.noise else 0.0
+
+    def update_noise(self, per_round: int) -> float:
+        """z_D, the multiplier of the average's noise: z, or with adaptive clipping (z^-2 - (2 sigma_b)^-2)^-1/2
+        (module docstring)."""
+        z = self.noise or 0.0
+        if self.adaptive is None or z == 0:
+            return z
+        return (z ** -2 - (2 * self.count_std(per_round)) ** -2) ** -0.5
+
+    def clip_at(self, state: GlobalState) -> float:
+        """C_t: the clip of the round that starts from ``state`` (adaptive: carried in its extra)."""
+        return float(state.extra.get(CLIP_KEY, self.clip)) if self.adaptive is not None else float(self.clip)
+
+    def next_clip(self, clip: float, within: int, per_round: int, generator: torch.Generator) -> float:
+        """C_{t+1} from C_t = ``clip`` and b_t = ``within`` of the round's ``per_round`` sampled clients at or
+        below it: C_t exp(-eta (b~_t - GAMMA)), b~_t = (b_t + N(0, sigma_b^2)) / m."""
+        noise = float(torch.randn((), generator=generator, dtype=torch.float64))
+        share = (within + self.count_std(per_round) * noise) / per_round
+        return clip * math.exp(-CLIP_LR * (share - self.adaptive))
 
     def check_dense(self, shapes: dict[str, tuple[int, int]], strategy: str | None = None) -> None:
         """Refuse where one module's dense noisy change and its SVD would not fit ``dense_mb`` (a product-space
@@ -199,9 +258,10 @@ class DP:
                 f"--dp-clip adds dense noise to every module and re-decomposes it by SVD: {d} x {k} at {name} "
                 f"needs {need / 2**20:.3g} MB, above --dp-dense-mb {self.dense_mb:g}; raise the budget")
 
-    def std(self, per_round: int) -> float:
-        """sigma = z C / m: the noise's standard deviation on the average of m clipped changes."""
-        return (self.noise or 0.0) * self.clip / per_round
+    def std(self, per_round: int, clip: float | None = None) -> float:
+        """sigma = z_D C / m: the noise's standard deviation on the average of m changes clipped to ``clip``
+        (default: C = --dp-clip); z_D = z unless adaptive clipping takes its share (:meth:`update_noise`)."""
+        return self.update_noise(per_round) * (self.clip if clip is None else clip) / per_round
 
     def epsilon(self, sampling_rate: float, rounds: int) -> float | None:
         """Epsilon spent after ``rounds`` rounds at ``delta`` (None: unbounded, i.e. no noise)."""
@@ -329,11 +389,12 @@ def truncated_svd(M: Tensor, rank: int) -> SVD:
     return SVD(U[:, :rank].contiguous(), S[:rank].contiguous(), Vt[:rank].contiguous())
 
 
-def noise_generator(seed: int, round: int) -> torch.Generator:
-    """The round's noise generator: seeded by (seed, round) alone."""
+def noise_generator(seed: int, round: int, stream: int = NOISE_STREAM) -> torch.Generator:
+    """The round's noise generator: seeded by (seed, round) alone (``stream``: CLIP_STREAM for the count of
+    adaptive clipping)."""
     from hlora.server import client_seed
 
-    return torch.Generator().manual_seed(client_seed(seed, round, -1, stream=NOISE_STREAM))
+    return torch.Generator().manual_seed(client_seed(seed, round, -1, stream=stream))
 
 
 def starting_point(strategy: Strategy, state: GlobalState, dispatched: Payload) -> GlobalState:

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hlora.privacy import FACTOR_DP, DP, clip_scales, noise_generator, private_factor_step, private_step
+from hlora.privacy import CLIP_KEY, CLIP_STREAM, FACTOR_DP, DP, clip_scales, noise_generator, private_factor_step, \
+    private_step
 from hlora.robust import Robust, Verdict, clip_update
 from hlora.server_opt import ServerOpt
 from hlora.strategies import ClientSpec, GlobalState, Payload, Strategy, Update
@@ -30,7 +31,7 @@ def client_seed(seed: int, round: int, client: int, stream: int = 0) -> int:
     """A seed per (run, round, client, stream): a client's round never depends on what ran before it.
     Stream 0 drives local training (shuffling, dropout), stream 1 the server's draws for the client, stream 3
     a simulated attacker's noise (:mod:`hlora.attacks`), stream 4 with client -1 the server's DP noise of the
-    round (:mod:`hlora.privacy`)."""
+    round and stream 5 with client -1 the noise of its adaptive clipping count (:mod:`hlora.privacy`)."""
     return int(np.random.SeedSequence([seed, round, client + 1, stream]).generate_state(1)[0])
 
 
@@ -46,6 +47,8 @@ class RoundOutcome:
     skipped: bool = False
     seconds_train: float = 0.0  # inside the executor: the clients' local training (and transport)
     seconds_aggregate: float = 0.0
+    #: under DP, the clip C of the round (``--dp-adaptive-clip``: C_t); None without DP
+    dp_clip: float | None = None
 
     @property
     def train_loss(self) -> float | None:
@@ -116,7 +119,8 @@ def server_round(
         sent = _reject(out, sent, norm_outliers(out.accepted, sent, max_norm_ratio))
     t0 = time.perf_counter()  # the robust rule is server work: timed with the aggregation
     if private:
-        verdict = Verdict(scales=clip_scales(out.accepted, sent, dp.clip, strategy, state))
+        out.dp_clip = dp.clip_at(state)
+        verdict = Verdict(scales=clip_scales(out.accepted, sent, out.dp_clip, strategy, state))
     else:
         verdict = (robust or Robust()).judge(out.accepted, sent)
     sent = _reject(out, sent, verdict.rejected)
@@ -132,15 +136,20 @@ def server_round(
         ]
         if private and strategy.name in FACTOR_DP:
             out.state = private_factor_step(strategy, state, weighed, sent, payloads[0], per_round=len(clients),
-                                            std=dp.std(len(clients)), generator=noise_generator(seed, round),
-                                            opt=server_opt)
+                                            std=dp.std(len(clients), out.dp_clip),
+                                            generator=noise_generator(seed, round), opt=server_opt)
         elif private:
-            out.state = private_step(state, weighed, sent, per_round=len(clients), std=dp.std(len(clients)),
-                                     generator=noise_generator(seed, round), opt=server_opt)
+            out.state = private_step(state, weighed, sent, per_round=len(clients),
+                                     std=dp.std(len(clients), out.dp_clip), generator=noise_generator(seed, round),
+                                     opt=server_opt)
         else:
             if client_weights == "uniform":
                 weighed = [dataclasses.replace(u, num_examples=1) for u in weighed]
             out.state = (server_opt or ServerOpt()).step(strategy, state, weighed, sent)
+    if private and dp.adaptive is not None:  # C_{t+1}: the clients at or below C_t, counted with noise
+        within = len(clients) - len(verdict.scales)  # a rejected client's change is 0: within C_t
+        clip = dp.next_clip(out.dp_clip, within, len(clients), noise_generator(seed, round, CLIP_STREAM))
+        out.state = dataclasses.replace(out.state, extra={**out.state.extra, CLIP_KEY: clip})
     out.seconds_aggregate = time.perf_counter() - t0
     return out
 

@@ -48,7 +48,9 @@ def round_row(
     t_eval = time.perf_counter() - t_eval
     svds = adapter_svd(adapter)
     energy = {str(r): round(energy_kept(svds, r), 6) for r in sorted(set(client_ranks))}
-    clipped = {"clipped": outcome.clipped} if outcome.clipped else {}  # --robust normclip's scaled clients
+    clipped = {"clipped": outcome.clipped} if outcome.clipped else {}  # --robust normclip's or DP's scaled clients
+    if outcome.dp_clip is not None:  # the round's DP clip C (C_t with --dp-adaptive-clip)
+        clipped["dp_clip"] = outcome.dp_clip
     return {
         "round": rnd,
         **scores,
