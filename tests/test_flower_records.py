@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from hlora.engine.flower.settings import NodeConfigError, node_settings, run_set
 from hlora.factors import Factor, init_factors
 from hlora.model import FederatedModel, configure, load_classifier
 from hlora.objectives import Objective, logit_offset, offset_from_counts
+from hlora.privacy import CLIP_KEY, DP
 from hlora.server import client_seed
 from hlora.strategies import ClientSpec, Payload, Update, get_strategy
 
@@ -333,8 +335,12 @@ def test_a_round_whose_nodes_are_all_unreachable_is_skipped_not_fatal():
     execute.pairs = [(s, strategy.dispatch(state, s, torch.Generator().manual_seed(0))) for s in clients[:2]]
     execute.results = [NodeUnavailable("node 11 is offline"),
                        NodeUnavailable("node 12: no reply within 30 s")]
-    outcome = unreachable_round(strategy, state, execute)
+    outcome = unreachable_round(strategy, state, execute, cfg.privacy())
     assert outcome.skipped and not outcome.accepted and outcome.state.round == state.round + 1
+    assert outcome.dp_clip is None  # no DP
+    adaptive = dataclasses.replace(state, extra={**state.extra, CLIP_KEY: 0.3})  # C_t = 0.3, kept for the next round
+    outcome = unreachable_round(strategy, adaptive, execute, DP(clip=1.0, noise=0.1, adaptive=0.5))
+    assert outcome.dp_clip == 0.3 and outcome.state.extra[CLIP_KEY] == 0.3
     assert outcome.state.lora is state.lora
     assert [r["client"] for r in outcome.rejected] == [0, 1]
     assert "NodeUnavailable: node 12: no reply within 30 s" in outcome.rejected[1]["reason"]

@@ -380,6 +380,8 @@ def test_adaptive_clipping_splits_z_between_the_average_and_the_count():
     assert dp.std(20, clip=2.0) == pytest.approx(z_d * 2.0 / 20)
     assert DP(clip=1.0, noise=0.861).std(20) == pytest.approx(0.861 / 20)  # fixed clip: z whole
     assert DP(clip=1.0, noise=0.0, adaptive=0.5).std(20) == 0.0 and DP(noise=0.0).count_std(20) == 0.0
+    clip_only = DP(clip=1.0, noise=0.0, adaptive=0.5).check(strategy="hlora", clients=100, per_round=20, rounds=3)
+    assert clip_only.count_std(20) == 0.0  # clipping only (no privacy): the clip still adapts, noiselessly
 
 
 def test_without_noise_the_clip_takes_its_geometric_step():
@@ -454,6 +456,7 @@ def test_an_adaptive_run_records_its_clip_every_round_and_resumes_to_the_same_ro
          "--dp-adaptive-clip is the target quantile of the change norms, in (0, 1)"),
         (["--dp-clip", "1", "--dp-noise", "2", "--dp-adaptive-clip", "0.5"],
          "z must be below per-round / 10 = 2, got 2"),
+        (["--dp-adaptive-clip", "0.5"], "--dp-adaptive-clip need --dp-clip C"),
     ],
 )
 def test_bad_dp_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):

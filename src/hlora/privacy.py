@@ -76,7 +76,8 @@ or the one ``--dp-epsilon-target`` chooses), and the average gets the smaller sh
 sigma = z_D C_t / m with z_D = (z^-2 - (2 sigma_b)^-2)^(-1/2): defined only for z < 2 sigma_b = m / 10,
 refused above (the count would need more noise than the whole budget allows). C_t lives in the state's
 ``extra`` (checkpoints and resumes exactly); its noise comes from its own seeded stream
-(:data:`CLIP_STREAM`). Every row records the round's C_t (``dp_clip``).
+(:data:`CLIP_STREAM`). Every row records the round's C_t (``dp_clip``). Like ``clipped``, the rows are the
+trusted server's log, not a release: they give b_t exactly.
 
 **Accounting.** dp-accounting's RDP accountant (Mironov 2017; Mironov, Talwar, Zhang 2019) of T
 compositions of the Poisson-subsampled Gaussian mechanism with sampling rate q = per_round / clients and
@@ -178,7 +179,8 @@ class DP:
             raise PrivacyError(f"--dp-dense-mb must be > 0, got {self.dense_mb}")
         if not self.on:
             given = [n for n, v in (("--dp-noise", self.noise), ("--dp-epsilon-target", self.epsilon_target),
-                                    ("--dp-delta", self.delta)) if v is not None]
+                                    ("--dp-delta", self.delta), ("--dp-adaptive-clip", self.adaptive))
+                     if v is not None]
             if given:
                 raise PrivacyError(f"{', '.join(given)} need --dp-clip C (the bound on a client's change)")
             return self
@@ -216,11 +218,12 @@ class DP:
             if not 0 < self.adaptive < 1:
                 raise PrivacyError(f"--dp-adaptive-clip is the target quantile of the change norms, in (0, 1); "
                                    f"got {self.adaptive}")
-            if self.noise >= 2 * self.count_std(per_round):
+            if self.noise and self.noise >= 2 * self.count_std(per_round):  # z = 0: clipping only, no privacy
+                chosen = f" (from --dp-epsilon-target {self.epsilon_target:g})" if self.epsilon_target else ""
                 raise PrivacyError(
                     f"--dp-adaptive-clip spends part of the noise on the clip's count: z must be below "
-                    f"per-round / 10 = {2 * self.count_std(per_round):g}, got {self.noise:.4g} (sample more clients "
-                    "a round, or fix the clip)")
+                    f"per-round / 10 = {2 * self.count_std(per_round):g}, got {self.noise:.4g}{chosen} (sample "
+                    "more clients a round, or fix the clip)")
         return self
 
     def count_std(self, per_round: int) -> float:

@@ -77,6 +77,7 @@ from hlora.factors import Adapter, Factor, init_factors
 from hlora.metrics import MetricsLog, dev_predictions, evaluate, evaluate_lm, perplexity
 from hlora.model import FederatedModel
 from hlora.precision import resolve_precision
+from hlora.privacy import DP
 from hlora.server import RoundOutcome, client_seed, server_round
 from hlora.strategies import ClientSpec, GlobalState, Payload, Strategy, StrategyError, Update, get_strategy
 from hlora.tasks import is_lm, load_model, peft_task_type, score, tokenize
@@ -372,7 +373,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         except NodeUnavailable:
             if not all(isinstance(r, NodeUnavailable) for r in execute.results):
                 raise
-            outcome = unreachable_round(strategy, state, execute)
+            outcome = unreachable_round(strategy, state, execute, dp)
         if options.save_updates:
             (out / "updates").mkdir(exist_ok=True)
             torch.save({"round": rnd, "clients": specs, "before": state, "updates": outcome.accepted,
@@ -585,15 +586,15 @@ def server_precision(cfg: RunConfig, fm: FederatedModel, dev: Encoded | EncodedL
     return resolve_precision("auto", step)
 
 
-def unreachable_round(strategy: Strategy, state: GlobalState, execute: GridExecutor) -> RoundOutcome:
+def unreachable_round(strategy: Strategy, state: GlobalState, execute: GridExecutor, dp: DP) -> RoundOutcome:
     """Every sampled node was unreachable or silent: a network problem, not a bug, so the round is
-    skipped (the global model kept) and the run goes on. (``server_round`` raises when every client
-    fails, because in one process that is a bug.)"""
+    skipped (the global model kept, and under DP the clip C_t too) and the run goes on. (``server_round``
+    raises when every client fails, because in one process that is a bug.)"""
     rejected = [{"client": spec.id, "reason": f"training failed: {type(e).__name__}: {e}"}
                 for (spec, _), e in zip(execute.pairs, execute.results)]
     down = sum(strategy.downlink_bytes(state, payload) for _, payload in execute.pairs)
     return RoundOutcome(dataclasses.replace(state, round=state.round + 1), [], rejected, downlink_bytes=down,
-                        skipped=True)
+                        skipped=True, dp_clip=dp.clip_at(state) if dp.on else None)
 
 
 def _fmt(value: float | None) -> str:
