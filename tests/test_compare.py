@@ -120,6 +120,15 @@ def test_tiny_compare_writes_every_output_and_skips_finished_cells(tiny_args, tm
     assert code in (0, None) and "cell" not in text
     assert not (out / "flexlora").exists()
     assert [r["method"] for r in csv.DictReader((out / "table.csv").open())] == ["hlora", "fedit:ranks=4"]
+    # --reference: the differences are taken against another method, the same numbers with the sign turned
+    code, text = run_cli([*argv, "--report-only", "--reference", "fedit:ranks=4"], capsys)
+    assert code in (0, None), text
+    flipped = list(csv.DictReader((out / "table.csv").open()))
+    assert flipped[0]["vs"] == "fedit:ranks=4" and flipped[1]["vs"] == ""
+    assert float(flipped[0]["seeds_diff"]) == pytest.approx(-float(fe["seeds_diff"]))
+    assert "Δ vs fedit:ranks=4, bootstrap (pts)" in (out / "table.md").read_text()
+    code, text = run_cli([*argv, "--report-only", "--reference", "flexlora"], capsys)
+    assert code == 2 and "--reference 'flexlora' is not a method of --strategies (hlora, fedit:ranks=4)" in text
     # the same --out with other settings is another experiment: refused at once, nothing touched
     table_before = (out / "table.csv").read_text()
     code, text = run_cli([*argv, "--lr", "0.02"], capsys)

@@ -395,6 +395,9 @@ def compare(
     jobs: int = typer.Option(
         1, help="Cells run at once, each in its own process (at 1 thread unless --threads is given)."
     ),
+    reference: str = typer.Option(
+        "hlora", help="The method of --strategies every other is compared with (per seed and by the bootstrap)."
+    ),
     **run_options: Any,
 ) -> None:
     """Run a grid of methods x seeds on the same split and client sample; write table.md/.csv and figures.
@@ -424,7 +427,7 @@ def compare(
 
     table = run_compare(config, shared, parse_methods(strategies), seed_list, Path(out), target, reporter_for,
                         say=lambda msg: console.print(msg, highlight=False), run_cells=not report_only,
-                        jobs=jobs)
+                        jobs=jobs, reference=reference)
     console.print(f"wrote {out}/table.md, table.csv, accuracy.png, communication.png ({len(table)} methods)")
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from hlora.config import ConfigError, RunConfig, load_config, parse_options
 from hlora.metrics import read_rows
-from hlora.report import summarize, write_tables
+from hlora.report import REFERENCE, summarize, write_tables
 
 RUN_FIELDS = {f.name for f in fields(RunConfig)}
 
@@ -553,17 +553,22 @@ def compare(
     say=print,
     run_cells: bool = True,
     jobs: int = 1,
+    reference: str = REFERENCE,
 ) -> list[dict[str, Any]]:
     """Run the grid (skipping finished cells), then write table.md, table.csv and the figures.
 
     ``jobs`` > 1 runs that many cells at once, each in its own process at 1 thread unless the settings
     name ``threads`` (see :func:`run_grid`). With ``run_cells`` False nothing runs: the tables and figures
-    cover the cells finished so far.
+    cover the cells finished so far. ``reference``: the method (a label of ``methods``) every other is
+    compared with, per seed and by the bootstrap.
     """
     from hlora.plots import plot_groups
 
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    labels = [m.label for m in methods]
+    if reference != REFERENCE and reference not in labels:
+        raise ConfigError(f"--reference {reference!r} is not a method of --strategies ({', '.join(labels)})")
     cells = cell_configs(config_file, shared, methods, seeds, out)
     if run_cells:
         if jobs > 1:
@@ -574,10 +579,10 @@ def compare(
         run_grid(cells, reporter_for, say, jobs=jobs)
     path = lambda m, s: out / m.slug / f"seed{s}"  # noqa: E731
     done = {m.label: {s: path(m, s) for s in seeds if cell_state(path(m, s)) == "done"} for m in methods}
-    table = summarize(done, target)
+    table = summarize(done, target, reference)
     if not table:
         raise ConfigError(f"{out}: no cell of this grid has finished yet, so there is nothing to report")
-    write_tables(table, out, target)
+    write_tables(table, out, target, reference)
     groups = {label: [read_rows(path) for path in runs.values()] for label, runs in done.items()}
     plot_groups(groups, out, title=cells[0][2].task, reference=("majority class", majority_share(cells[0][2])))
     return table
