@@ -166,6 +166,9 @@ def test_run_config_mistakes_are_named():
         shared_task(cfg, options.labels, with_dev=False)
     cfg, _ = run_settings({"task": "sst2", "train-subset": 3000})
     assert len(shared_task(cfg, None, with_dev=False).train) == 3000
+    cfg, _ = run_settings({"task": "mrpc", "train-subset": 5000})  # one line, as every run-config mistake
+    with pytest.raises(ConfigError, match="run-config: --train-subset 5000: the training set of mrpc has 3668"):
+        shared_task(cfg, None, with_dev=False)
 
 
 def test_node_config_mistakes_are_one_line():

@@ -155,11 +155,21 @@ def shared_task(cfg: RunConfig, labels: list[str] | None, with_dev: bool) -> Tas
     ``hlora run``; ``train`` when nodes take a share of it (partition-id), ``dev`` for the server.
 
     ``with_dev`` reads the dev set (the server, which evaluates); a node never needs it.
+
+    ``train-subset``: every site keeps the same seeded draw of that training set (:func:`subset_train`).
     """
-    if cfg.train_subset is not None and not cfg.train:
-        if labels or cfg.task == INSTRUCT:
-            raise ConfigError("run-config train-subset draws from a training set every site reads (train, or a "
-                              "named task); here the nodes bring their own files")
+    if cfg.train_subset is not None and not cfg.train and (labels or cfg.task == INSTRUCT):
+        raise ConfigError("run-config train-subset draws from a training set every site reads (train, or a "
+                          "named task); here the nodes bring their own files")
+    task = _read_task(cfg, labels, with_dev)
+    try:
+        return subset_train(task, cfg.train_subset)
+    except DataError as e:
+        raise ConfigError(f"run-config: {e}") from None
+
+
+def _read_task(cfg: RunConfig, labels: list[str] | None, with_dev: bool) -> TaskData:
+    """:func:`shared_task` before its ``train-subset``."""
     if cfg.task == INSTRUCT:
         return instruct_task(cfg, labels, with_dev)
     if labels:
@@ -173,8 +183,8 @@ def shared_task(cfg: RunConfig, labels: list[str] | None, with_dev: bool) -> Tas
         return task
     if cfg.train:
         task = load_task(cfg.task, cfg.train, cfg.dev, cfg.text_columns, cfg.label_column)
-        return classification_only(subset_train(task, cfg.train_subset))
-    task = classification_only(subset_train(load_task(cfg.task), cfg.train_subset))
+        return classification_only(task)
+    task = classification_only(load_task(cfg.task))
     if with_dev and cfg.dev:
         task.dev = read_split(cfg.dev, task)
     return task
@@ -194,11 +204,7 @@ def instruct_task(cfg: RunConfig, labels: list[str] | None, with_dev: bool) -> T
         dev = read_instruct(cfg.dev, fields)[0] if with_dev and cfg.dev else empty
     except (DataError, OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"run-config: {e}") from None
-    task = TaskData(INSTRUCT, train, dev, categories, kind=INSTRUCT, train_file=cfg.train or None)
-    try:
-        return subset_train(task, cfg.train_subset)
-    except DataError as e:
-        raise ConfigError(f"run-config: {e}") from None
+    return TaskData(INSTRUCT, train, dev, categories, kind=INSTRUCT, train_file=cfg.train or None)
 
 
 def classification_only(task: TaskData) -> TaskData:
