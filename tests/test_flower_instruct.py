@@ -140,7 +140,7 @@ def test_classifier_only_run_config_keys_are_refused_for_instruct(instruct_run_c
             run_settings({**instruct_run_config, **bad})
         assert "\n" not in str(e.value)
     cfg, options = run_settings({**instruct_run_config, "labels": "0,1"})
-    with pytest.raises(ConfigError, match="--task instruct has none"):
+    with pytest.raises(ConfigError, match="task instruct has none"):
         shared_task(cfg, options.labels, with_dev=True)
     cfg, options = run_settings(instruct_run_config)
     task = shared_task(cfg, options.labels, with_dev=True)

@@ -155,8 +155,11 @@ def test_run_config_mistakes_are_named():
         run_settings({"roundz": 3})
     with pytest.raises(ConfigError, match="node-config"):
         run_settings({"ranks": "2,4"})
-    with pytest.raises(ConfigError, match="per-round"):
+    with pytest.raises(ConfigError) as e:  # in the run-config's words, not hlora run's flags
         run_settings({"clients": 2, "per-round": 3})
+    assert str(e.value) == "run-config: per-round must be between 1 and clients (2), got 3"
+    with pytest.raises(ConfigError, match=r"^run-config: dp-adaptive-clip .*dp-clip"):
+        run_settings({"dp-adaptive-clip": 0.5})
     with pytest.raises(ConfigError, match="preset"):
         run_settings({"preset": "paper"})
     assert run_settings({"local-steps": 0})[0].local_steps is None  # 0: not set, as ""
@@ -167,7 +170,7 @@ def test_run_config_mistakes_are_named():
     cfg, _ = run_settings({"task": "sst2", "train-subset": 3000})
     assert len(shared_task(cfg, None, with_dev=False).train) == 3000
     cfg, _ = run_settings({"task": "mrpc", "train-subset": 5000})  # one line, as every run-config mistake
-    with pytest.raises(ConfigError, match="run-config: --train-subset 5000: the training set of mrpc has 3668"):
+    with pytest.raises(ConfigError, match="^run-config: train-subset 5000: the training set of mrpc has 3668"):
         shared_task(cfg, None, with_dev=False)
 
 

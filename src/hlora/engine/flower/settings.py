@@ -111,7 +111,10 @@ def run_settings(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerOption
                               f"its --node-config")
         else:
             raise ConfigError(f"unknown run-config key {key!r}")
-    cfg = load_config(None, overrides)
+    try:
+        cfg = load_config(None, overrides)
+    except ConfigError as e:
+        raise ConfigError(in_run_config_words(str(e))) from None
     try:
         options = FlowerOptions(
             round_timeout=float(own["round-timeout"]),
@@ -132,6 +135,14 @@ def run_settings(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerOption
     if options.round_timeout <= 0 or options.node_timeout <= 0:
         raise ConfigError("run-config round-timeout and node-timeout must be > 0 seconds")
     return cfg, options
+
+
+def in_run_config_words(message: str) -> str:
+    """A RunConfig or data error as a Flower user reads it: each ``--flag`` that names a RunConfig field becomes
+    its run-config key (``--per-round`` -> ``per-round``), behind a ``run-config:`` prefix."""
+    message = re.sub(r"--([a-z][a-z0-9-]*)",
+                     lambda m: m[1] if m[1].replace("-", "_") in FIELDS else m[0], message)
+    return message if message.startswith("run-config") else f"run-config: {message}"
 
 
 def _flag(value: Any) -> bool:
@@ -165,7 +176,7 @@ def shared_task(cfg: RunConfig, labels: list[str] | None, with_dev: bool) -> Tas
     try:
         return subset_train(task, cfg.train_subset)
     except DataError as e:
-        raise ConfigError(f"run-config: {e}") from None
+        raise ConfigError(in_run_config_words(str(e))) from None
 
 
 def _read_task(cfg: RunConfig, labels: list[str] | None, with_dev: bool) -> TaskData:
@@ -195,7 +206,7 @@ def instruct_task(cfg: RunConfig, labels: list[str] | None, with_dev: bool) -> T
     run-config names ``train`` (nodes with a partition-id split it by category, as ``hlora run``), and the
     dev set for the server; a node with its own ``data-file`` needs neither."""
     if labels:
-        raise ConfigError("run-config labels names a classifier's labels; --task instruct has none "
+        raise ConfigError("run-config labels names a classifier's labels; task instruct has none "
                           "(a node brings its own instruction JSONL as data-file)")
     fields = Fields.of(cfg)
     empty = InstructExamples([], [], [])
@@ -203,7 +214,7 @@ def instruct_task(cfg: RunConfig, labels: list[str] | None, with_dev: bool) -> T
         train, categories = read_instruct(cfg.train, fields) if cfg.train else (empty, [])
         dev = read_instruct(cfg.dev, fields)[0] if with_dev and cfg.dev else empty
     except (DataError, OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"run-config: {e}") from None
+        raise ConfigError(in_run_config_words(str(e))) from None
     return TaskData(INSTRUCT, train, dev, categories, kind=INSTRUCT, train_file=cfg.train or None)
 
 
