@@ -327,16 +327,15 @@ def calibrate_noise(q: float, rounds: int, epsilon: float, delta: float) -> floa
     return z
 
 
-def clip_scales(updates: list[Update], sent: list[Payload], clip: float, strategy: Strategy | None = None,
-                state: GlobalState | None = None) -> dict[int, float]:
+def clip_scales(updates: list[Update], sent: list[Payload], clip: float,
+                changes: list[dict[tuple[str, str], Tensor]] | None = None) -> dict[int, float]:
     """client id -> c_k < 1 for the clients whose ||Delta_k|| is above ``clip``: the change of s B A over modules
-    and head (from the factors' Gram matrix), or for a FACTOR_DP ``strategy`` the change of the released
-    factors (:func:`parameter_changes` against ``state``)."""
+    and head (from the factors' Gram matrix), or, given a FACTOR_DP strategy's ``changes``
+    (:func:`parameter_changes`), the norm of each client's change of the released factors."""
     if not updates:
         return {}
-    if strategy is not None and strategy.name in FACTOR_DP:
-        norms = [math.sqrt(sum(float(t.double().square().sum()) for t in d.values()))
-                 for d in parameter_changes(strategy, state, updates, sent)]
+    if changes is not None:
+        norms = [math.sqrt(sum(float(t.double().square().sum()) for t in d.values())) for d in changes]
     else:
         norms = change_gram(updates, sent).diagonal().clamp_min(0).sqrt().tolist()
     return {u.client: c for u, c in zip(updates, clip_factors(norms, clip)) if c < 1}
@@ -409,21 +408,23 @@ def starting_point(strategy: Strategy, state: GlobalState, dispatched: Payload) 
     return strategy.aggregate(state, [Update(-1, dispatched.lora, dispatched.head, 1)])
 
 
-def private_factor_step(strategy: Strategy, state: GlobalState, updates: list[Update], sent: list[Payload],
-                        dispatched: Payload, *, per_round: int, std: float, generator: torch.Generator,
-                        opt: ServerOpt | None = None) -> GlobalState:
-    """A FACTOR_DP strategy's DP round: ``updates`` are already clipped (answers to ``sent``); every trained
+def private_factor_step(strategy: Strategy, state: GlobalState, changes: list[dict[tuple[str, str], Tensor]],
+                        scales: list[float], dispatched: Payload, *, per_round: int, std: float,
+                        generator: torch.Generator, opt: ServerOpt | None = None) -> GlobalState:
+    """A FACTOR_DP strategy's DP round from each client's change of the released factors (``changes``,
+    :func:`parameter_changes`) and its clip factor c_k (``scales``; the aggregate is affine in one client's
+    factors, so clipping its factors to X0 + c_k (X - X0) scales its change by c_k exactly): every trained
     coordinate (:func:`trained_keys` of ``dispatched``, any payload of the round) steps by
-    D = (1 / ``per_round``) sum_k Delta_k + N(0, std^2), with the server optimizer's tensor rule (avg: x + D).
+    D = (1 / ``per_round``) sum_k c_k Delta_k + N(0, std^2), with the server optimizer's tensor rule (avg: x + D).
     The noise is drawn coordinate by coordinate in the order of :func:`trained_keys`."""
     opt = opt or ServerOpt()
     moments = dict(state.extra.get(KEY, {}))
     keys = trained_keys(state, dispatched)
     start = starting_point(strategy, state, dispatched)
     D = {key: torch.zeros_like(_value(state, key)) for key in keys}
-    for change in parameter_changes(strategy, state, updates, sent):
+    for change, c in zip(changes, scales):
         for key, d in change.items():
-            D[key].add_(d, alpha=1 / per_round)
+            D[key].add_(d, alpha=c / per_round)
     new = {}
     for key in keys:
         x = _value(start, key)

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hlora.privacy import CLIP_KEY, CLIP_STREAM, FACTOR_DP, DP, clip_scales, noise_generator, private_factor_step, \
-    private_step
+from hlora.privacy import (CLIP_KEY, CLIP_STREAM, DP, FACTOR_DP, clip_scales, noise_generator, parameter_changes,
+                           private_factor_step, private_step)
 from hlora.robust import Robust, Verdict, clip_update
 from hlora.server_opt import ServerOpt
 from hlora.strategies import ClientSpec, GlobalState, Payload, Strategy, Update
@@ -120,7 +120,9 @@ def server_round(
     t0 = time.perf_counter()  # the robust rule is server work: timed with the aggregation
     if private:
         out.dp_clip = dp.clip_at(state)
-        verdict = Verdict(scales=clip_scales(out.accepted, sent, out.dp_clip, strategy, state))
+        # a factor-space strategy's changes of the released factors: computed once, for the norms and the step
+        changes = parameter_changes(strategy, state, out.accepted, sent) if strategy.name in FACTOR_DP else None
+        verdict = Verdict(scales=clip_scales(out.accepted, sent, out.dp_clip, changes))
     else:
         verdict = (robust or Robust()).judge(out.accepted, sent)
     sent = _reject(out, sent, verdict.rejected)
@@ -135,7 +137,8 @@ def server_round(
             else u for u, p in zip(out.accepted, sent)
         ]
         if private and strategy.name in FACTOR_DP:
-            out.state = private_factor_step(strategy, state, weighed, sent, payloads[0], per_round=len(clients),
+            scales = [verdict.scales.get(u.client, 1.0) for u in out.accepted]
+            out.state = private_factor_step(strategy, state, changes, scales, payloads[0], per_round=len(clients),
                                             std=dp.std(len(clients), out.dp_clip),
                                             generator=noise_generator(seed, round), opt=server_opt)
         elif private:
