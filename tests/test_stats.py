@@ -207,3 +207,24 @@ def test_an_attack_cells_rejections_are_summed_over_rounds_and_seeds(tmp_path):
     assert "| attackers rejected | honest rejected |" in md and "| 2/4 (50%) | 3/8 (38%) |" in md
     cells = md.split("| hlora |")[1].split("\n")[0].split(" | ")  # seeds, rounds, final, best, the two counts
     assert cells[4:6] == ["-", "-"]
+
+
+def test_mb_per_point_above_the_majority_class(tmp_path):
+    groups = {"hlora": {}, "fedit:ranks=8": {}}
+    for s in range(3):
+        groups["hlora"][s] = _cell(tmp_path / "hlora" / f"seed{s}", HLORA[s], 10.0)
+        groups["fedit:ranks=8"][s] = _cell(tmp_path / "fedit" / f"seed{s}", [0.45] * 5 + [FEDIT_FINAL[s]], 20.0)
+    # 6 rounds of 1 MB up and 2 MB down: 18 MB a run; hlora ends 6 points above 45%, fedit 2.17/3 - 0.45 above
+    hl, fe = summarize(groups, target=0.5, majority=0.45)
+    assert hl["mb_per_point"] == pytest.approx(18 / 6.0)
+    assert fe["mb_per_point"] == pytest.approx(18 / (100 * (2.17 / 3 - 0.45)))
+    hl, fe = summarize(groups, target=0.5, majority=0.6)  # hlora's 51% buys nothing above 60%
+    assert math.isnan(hl["mb_per_point"]) and fe["mb_per_point"] == pytest.approx(18 / (100 * (2.17 / 3 - 0.6)))
+    write_tables([hl, fe], tmp_path, target=0.5, majority=0.6)
+    md = (tmp_path / "table.md").read_text()
+    assert "| MB up | MB down | MB / pt | s/round |" in md and "majority class (60.0%)" in md
+    assert "| 6.0 | 12.0 | - | 10.0 |" in md.split("| hlora |")[1].split("\n")[0]
+    assert f"| 6.0 | 12.0 | {18 / (100 * (2.17 / 3 - 0.6)):.1f} | 20.0 |" in md
+    assert math.isnan(summarize(groups, target=0.5)[0]["mb_per_point"])  # no majority given: not computed
+    write_tables(summarize(groups, target=0.5), tmp_path, target=0.5)
+    assert "MB / pt" not in (tmp_path / "table.md").read_text()

@@ -62,6 +62,7 @@ def summarize(
     target: float,
     reference: str = REFERENCE,
     resamples: int = RESAMPLES,
+    majority: float | None = None,
 ) -> list[dict[str, Any]]:
     """One row per method of ``groups`` (method label -> seed -> finished run directory), in order.
 
@@ -70,7 +71,9 @@ def summarize(
     grid; other methods only): ``seeds_diff`` is :func:`~hlora.stats.paired_seeds` of the final accuracy
     over the seeds both finished, ``boot_diff`` is :func:`~hlora.stats.paired_bootstrap` of the final-round
     accuracy over dev examples (seeds with both ``dev_predictions.json`` on the same dev labels), and
-    ``resolved`` says whether its interval excludes 0 (empty when there is none).
+    ``resolved`` says whether its interval excludes 0 (empty when there is none). Given the dev set's
+    ``majority`` share, ``mb_per_point`` is the run's MB, up and down, per point of mean final accuracy above
+    it (NaN at or below it: nothing was bought).
     """
     cells = {m: {s: (Path(p), read_rows(p)) for s, p in runs.items()} for m, runs in groups.items() if runs}
     longest = max((len(rows) for runs in cells.values() for _, rows in runs.values()), default=0)
@@ -103,6 +106,8 @@ def summarize(
         row["mb_up"] = statistics.fmean(sum(x["uplink_bytes"] for x in r) / 1e6 for r in logs)
         row["mb_down"] = statistics.fmean(sum(x["downlink_bytes"] for x in r) / 1e6 for r in logs)
         row["s_per_round"] = statistics.fmean(statistics.fmean(x["seconds"] for x in r) for r in logs)
+        gain = 100 * (row["final_acc"] - majority) if majority is not None else math.nan
+        row["mb_per_point"] = (row["mb_up"] + row["mb_down"]) / gain if gain > 0 else math.nan
         seeds_diff = boot = None
         if reference in cells and m != reference:
             both = sorted(set(runs) & set(cells[reference]))
@@ -176,8 +181,10 @@ def _diff(r: dict[str, Any], key: str, mark: bool) -> str:
     return text
 
 
-def write_tables(table: list[dict[str, Any]], out: Path, target: float, reference: str = REFERENCE) -> None:
-    """``table.csv`` (every number, fractions) and ``table.md`` (percent, readable, with a legend)."""
+def write_tables(table: list[dict[str, Any]], out: Path, target: float, reference: str = REFERENCE,
+                 majority: float | None = None) -> None:
+    """``table.csv`` (every number, fractions) and ``table.md`` (percent, readable, with a legend; the MB per
+    point above the ``majority`` share when given)."""
     if not table:
         return
     out = Path(out)
@@ -199,7 +206,9 @@ def write_tables(table: list[dict[str, Any]], out: Path, target: float, referenc
     head += ["final F1 (%)"] if has_f1 else []
     head += [f"acc @{k}" for k in fixed]
     head += ["attackers rejected", "honest rejected"] if has_attack else []
-    head += [f"rounds to {100 * target:.0f}%", "MB up", "MB down", "s/round"]
+    head += [f"rounds to {100 * target:.0f}%", "MB up", "MB down"]
+    head += ["MB / pt"] if majority is not None else []
+    head += ["s/round"]
     head += [f"Δ vs {reference}, seeds (pts)", f"Δ vs {reference}, bootstrap (pts)"] if compared else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
@@ -213,11 +222,14 @@ def write_tables(table: list[dict[str, Any]], out: Path, target: float, referenc
             cells += [_share(r["attackers_rejected"], r["attackers_sampled"]),
                       _share(r["honest_rejected"], r["honest_sampled"])]
         rt = "-" if math.isnan(r["rounds_to_target"]) else f"{r['rounds_to_target']:.1f} ({r['reached_target']})"
-        cells += [rt, f"{r['mb_up']:.1f}", f"{r['mb_down']:.1f}", f"{r['s_per_round']:.1f}"]
+        cells += [rt, f"{r['mb_up']:.1f}", f"{r['mb_down']:.1f}"]
+        if majority is not None:
+            cells += ["-" if math.isnan(r["mb_per_point"]) else f"{r['mb_per_point']:.1f}"]
+        cells += [f"{r['s_per_round']:.1f}"]
         if compared:
             cells += [_diff(r, "seeds_diff", mark=False), _diff(r, "boot_diff", mark=True)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *legend(target, reference, fixed, compared, has_personal, has_attack)]
+    lines += ["", *legend(target, reference, fixed, compared, has_personal, has_attack, majority)]
     if has_prior:
         lines.append("- personal + prior: the same models with each client's training offset tau (log pi_k - log pi) "
                      "added to the logits (logit adjustment), i.e. predicting for the client's own label mix.")
@@ -230,7 +242,7 @@ def write_tables(table: list[dict[str, Any]], out: Path, target: float, referenc
 
 
 def legend(target: float, reference: str, fixed: list[int], compared: bool, personal: bool = False,
-           attack: bool = False) -> list[str]:
+           attack: bool = False, majority: float | None = None) -> list[str]:
     """The lines under ``table.md``'s table that say what its columns mean."""
     lines = [
         "- final / best acc: dev accuracy at the last round / the best round, mean ± std over seeds (min-max).",
@@ -252,6 +264,9 @@ def legend(target: float, reference: str, fixed: list[int], compared: bool, pers
         "- MB up / down: bytes sent by the clients / the server over the whole run, mean over seeds; s/round: "
         "wall time of a round (training, aggregation, evaluation), mean over rounds and seeds.",
     ]
+    if majority is not None:
+        lines.append(f"- MB / pt: MB up + down per point of mean final accuracy above the dev set's majority class "
+                     f"({100 * majority:.1f}%); - at or below it.")
     if compared:
         lines += [
             f"- Δ vs {reference}, seeds: final accuracy minus {reference}'s with the same seed (the same split, "
