@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One serial worker of the results grids (docs/results/compare-*): runs the cells listed in QUEUE, one line a
+# cell, "TASK OUT ROUNDS METHOD SEEDS" (TASK: mrpc, or sst2 = --task sst2 --train-subset 6000 --target 0.8),
+# each as `hlora compare --jobs 1 --threads 1 --precision bf16`, in order. Start two side by side on 2 cores
+# (disjoint cells, or the same ones: a cell's lock keeps a second worker off it), with
+# benchmarks/commit_cells.sh beside them to commit each finished cell:
+#   setsid bash benchmarks/grid_queue.sh QUEUE > QUEUE.out 2>&1 < /dev/null &
+# Lines may be appended while it runs. HLORA_SRC_MRPC / HLORA_SRC_SST2 name the source tree a task's cells run
+# on (the grids' earlier seeds ran on a fixed commit, checked out as a worktree; default: this repository's).
+set -uo pipefail
+queue=${1:?queue file}
+here=$(cd "$(dirname "$0")/.." && pwd)
+hlora=${HLORA:-$here/.venv/bin/hlora}
+while read -r task out rounds method seeds; do
+  [ -z "$method" ] && continue
+  case "$task" in
+    mrpc) src=${HLORA_SRC_MRPC:-$here/src}; extra=(--task mrpc) ;;
+    sst2) src=${HLORA_SRC_SST2:-$here/src}; extra=(--task sst2 --train-subset 6000 --target 0.8) ;;
+    *) echo "unknown task $task (mrpc or sst2)"; continue ;;
+  esac
+  echo "$(date -u +%T) start $task $out $rounds $method $seeds"
+  PYTHONPATH=$src "$hlora" compare "${extra[@]}" --rounds "$rounds" --seeds "$seeds" --strategies "$method" \
+    --jobs 1 --threads 1 --precision bf16 --out "$out" >> "$queue.log" 2>&1
+  echo "$(date -u +%T) end $method $seeds rc=$?"
+done < "$queue"
