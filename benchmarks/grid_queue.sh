@@ -5,14 +5,14 @@
 # (disjoint cells, or the same ones: a cell's lock keeps a second worker off it), with
 # benchmarks/commit_cells.sh beside them to commit each finished cell:
 #   setsid bash benchmarks/grid_queue.sh QUEUE > QUEUE.out 2>&1 < /dev/null &
-# Lines may be appended while it runs. HLORA_SRC_MRPC / HLORA_SRC_SST2 name the source tree a task's cells run
+# Lines may be appended while it runs; empty lines and lines starting with # are skipped. HLORA_SRC_MRPC / HLORA_SRC_SST2 name the source tree a task's cells run
 # on (the grids' earlier seeds ran on a fixed commit, checked out as a worktree; default: this repository's).
 set -uo pipefail
 queue=${1:?queue file}
 here=$(cd "$(dirname "$0")/.." && pwd)
 hlora=${HLORA:-$here/.venv/bin/hlora}
-while read -r task out rounds method seeds; do
-  [ -z "$method" ] && continue
+while read -r task out rounds method seeds || [ -n "$task" ]; do
+  case "$task" in ''|'#'*) continue ;; esac
   case "$task" in
     mrpc) src=${HLORA_SRC_MRPC:-$here/src}; extra=(--task mrpc) ;;
     sst2) src=${HLORA_SRC_SST2:-$here/src}; extra=(--task sst2 --train-subset 6000 --target 0.8) ;;
@@ -20,6 +20,7 @@ while read -r task out rounds method seeds; do
   esac
   echo "$(date -u +%T) start $task $out $rounds $method $seeds"
   PYTHONPATH=$src "$hlora" compare "${extra[@]}" --rounds "$rounds" --seeds "$seeds" --strategies "$method" \
-    --jobs 1 --threads 1 --precision bf16 --out "$out" >> "$queue.log" 2>&1
-  echo "$(date -u +%T) end $method $seeds rc=$?"
+    --jobs 1 --threads 1 --precision bf16 --out "$out" >> "$queue.log" 2>&1 < /dev/null
+  rc=$?
+  echo "$(date -u +%T) end $method $seeds rc=$rc"
 done < "$queue"

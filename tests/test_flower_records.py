@@ -160,6 +160,8 @@ def test_run_config_mistakes_are_named():
     assert str(e.value) == "run-config: per-round must be between 1 and clients (2), got 3"
     with pytest.raises(ConfigError, match=r"^run-config: dp-adaptive-clip .*dp-clip"):
         run_settings({"dp-adaptive-clip": 0.5})
+    with pytest.raises(ConfigError, match=r"^run-config: strategy-options takes KEY=VALUE, got 'foo'"):
+        run_settings({"strategy-options": "foo"})
     with pytest.raises(ConfigError, match="preset"):
         run_settings({"preset": "paper"})
     assert run_settings({"local-steps": 0})[0].local_steps is None  # 0: not set, as ""

@@ -579,10 +579,10 @@ def compare(
         run_grid(cells, reporter_for, say, jobs=jobs)
     path = lambda m, s: out / m.slug / f"seed{s}"  # noqa: E731
     done = {m.label: {s: path(m, s) for s in seeds if cell_state(path(m, s)) == "done"} for m in methods}
+    if not any(done.values()):
+        raise ConfigError(f"{out}: no cell of this grid has finished yet, so there is nothing to report")
     majority = majority_share(cells[0][2])
     table = summarize(done, target, reference, majority=majority)
-    if not table:
-        raise ConfigError(f"{out}: no cell of this grid has finished yet, so there is nothing to report")
     write_tables(table, out, target, reference, majority)
     groups = {label: [read_rows(path) for path in runs.values()] for label, runs in done.items()}
     plot_groups(groups, out, title=cells[0][2].task, reference=("majority class", majority))

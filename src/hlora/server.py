@@ -132,23 +132,24 @@ def server_round(
     if out.skipped:
         out.state = dataclasses.replace(state, round=state.round + 1)
     else:
-        weighed = [
-            clip_update(u, p, verdict.scales[u.client], strategy.aggregates_products) if u.client in verdict.scales
-            else u for u, p in zip(out.accepted, sent)
-        ]
-        if private and strategy.name in FACTOR_DP:
+        if private and strategy.name in FACTOR_DP:  # the clip scales each client's change of the release
             scales = [verdict.scales.get(u.client, 1.0) for u in out.accepted]
             out.state = private_factor_step(strategy, state, changes, scales, payloads[0], per_round=len(clients),
                                             std=dp.std(len(clients), out.dp_clip),
                                             generator=noise_generator(seed, round), opt=server_opt)
-        elif private:
-            out.state = private_step(state, weighed, sent, per_round=len(clients),
-                                     std=dp.std(len(clients), out.dp_clip), generator=noise_generator(seed, round),
-                                     opt=server_opt)
         else:
-            if client_weights == "uniform":
-                weighed = [dataclasses.replace(u, num_examples=1) for u in weighed]
-            out.state = (server_opt or ServerOpt()).step(strategy, state, weighed, sent)
+            weighed = [
+                clip_update(u, p, verdict.scales[u.client], strategy.aggregates_products)
+                if u.client in verdict.scales else u for u, p in zip(out.accepted, sent)
+            ]
+            if private:
+                out.state = private_step(state, weighed, sent, per_round=len(clients),
+                                         std=dp.std(len(clients), out.dp_clip),
+                                         generator=noise_generator(seed, round), opt=server_opt)
+            else:
+                if client_weights == "uniform":
+                    weighed = [dataclasses.replace(u, num_examples=1) for u in weighed]
+                out.state = (server_opt or ServerOpt()).step(strategy, state, weighed, sent)
     if private and dp.adaptive is not None:  # C_{t+1}: the clients at or below C_t, counted with noise
         within = len(clients) - len(verdict.scales)  # a rejected client's change is 0: within C_t
         clip = dp.next_clip(out.dp_clip, within, len(clients), noise_generator(seed, round, CLIP_STREAM))

@@ -138,11 +138,22 @@ def run_settings(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerOption
 
 
 def in_run_config_words(message: str) -> str:
-    """A RunConfig or data error as a Flower user reads it: each ``--flag`` that names a RunConfig field becomes
-    its run-config key (``--per-round`` -> ``per-round``), behind a ``run-config:`` prefix."""
-    message = re.sub(r"--([a-z][a-z0-9-]*)",
-                     lambda m: m[1] if m[1].replace("-", "_") in FIELDS else m[0], message)
+    """A RunConfig or data error as a Flower user reads it: each ``--flag`` of ``hlora run`` that has a run-config
+    key becomes that key (``--per-round`` -> ``per-round``), behind a ``run-config:`` prefix."""
+    message = RUN_CONFIG_FLAG.sub(_key_of, message)
     return message if message.startswith("run-config") else f"run-config: {message}"
+
+
+#: an ``hlora run`` flag in a message (not inside a word or a path: ``a--b`` stays)
+RUN_CONFIG_FLAG = re.compile(r"(?<![\w/.-])--([a-z][a-z0-9-]*)")
+#: flags whose run-config key is not the flag's own name
+FLAG_KEYS = {"strategy-option": "strategy-options"}
+
+
+def _key_of(flag: re.Match) -> str:
+    key = FLAG_KEYS.get(flag[1], flag[1])
+    name = key.replace("-", "_")
+    return key if name in FIELDS and name not in NOT_IN_RUN_CONFIG else flag[0]
 
 
 def _flag(value: Any) -> bool:
