@@ -9,6 +9,7 @@ from PIL import Image
 
 from hlora.compare import cell_labels, parse_methods
 from hlora.config import ConfigError
+from hlora.data.glue import default_target
 from hlora.plots import spread_labels
 from tests.conftest import tiny_cli_args
 from tests.test_cli import run_cli
@@ -129,12 +130,19 @@ def test_tiny_compare_writes_every_output_and_skips_finished_cells(tiny_args, tm
     assert "Δ vs fedit:ranks=4, bootstrap (pts)" in (out / "table.md").read_text()
     code, text = run_cli([*argv, "--report-only", "--reference", "flexlora"], capsys)
     assert code == 2 and "--reference 'flexlora' is not a method of --strategies (hlora, fedit:ranks=4)" in text
+    # no --target: the task's own (mrpc: 75%)
+    code, text = run_cli([*argv[:-2], "--report-only"], capsys)
+    assert code in (0, None) and "rounds to 75%" in (out / "table.md").read_text()
     # the same --out with other settings is another experiment: refused at once, nothing touched
     table_before = (out / "table.csv").read_text()
     code, text = run_cli([*argv, "--lr", "0.02"], capsys)
     assert code == 2 and "was run with other settings: lr" in text and "(now 0.02)" in text
     assert (out / "table.csv").read_text() == table_before
     assert (out / "hlora" / "seed0" / "metrics.jsonl").read_text() == before
+
+
+def test_default_target_is_the_tasks():
+    assert [default_target(t) for t in ("mrpc", "SST2", "rte", "hf:imdb", None)] == [0.75, 0.80, 0.55, 0.75, 0.75]
 
 
 def test_majority_share_is_the_dev_sets_most_common_label(tiny_mrpc):

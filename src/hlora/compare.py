@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from hlora.config import ConfigError, RunConfig, load_config, parse_options
+from hlora.data.glue import default_target
 from hlora.metrics import read_rows
 from hlora.report import REFERENCE, summarize, write_tables
 
@@ -548,7 +549,7 @@ def compare(
     methods: list[Method],
     seeds: list[int],
     out: Path,
-    target: float,
+    target: float | None,
     reporter_for,
     say=print,
     run_cells: bool = True,
@@ -560,7 +561,7 @@ def compare(
     ``jobs`` > 1 runs that many cells at once, each in its own process at 1 thread unless the settings
     name ``threads`` (see :func:`run_grid`). With ``run_cells`` False nothing runs: the tables and figures
     cover the cells finished so far. ``reference``: the method (a label of ``methods``) every other is
-    compared with, per seed and by the bootstrap.
+    compared with, per seed and by the bootstrap. ``target`` None: the task's (:func:`default_target`).
     """
     from hlora.plots import plot_groups
 
@@ -570,6 +571,8 @@ def compare(
     if reference != REFERENCE and reference not in labels:
         raise ConfigError(f"--reference {reference!r} is not a method of --strategies ({', '.join(labels)})")
     cells = cell_configs(config_file, shared, methods, seeds, out)
+    if target is None:
+        target = default_target(cells[0][2].task)
     if run_cells:
         if jobs > 1:
             for _, _, cfg in cells:
