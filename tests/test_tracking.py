@@ -163,5 +163,5 @@ def test_the_flower_run_config_takes_the_tracking_keys():
 
     cfg, _ = run_settings({"log": "tensorboard, mlflow", "log-group": "site-a", "mlflow-uri": ""})
     assert cfg.log == ["tensorboard", "mlflow"] and cfg.log_group == "site-a" and cfg.mlflow_uri is None
-    with pytest.raises(ConfigError, match="--log takes"):
+    with pytest.raises(ConfigError, match="^run-config: log takes"):
         run_settings({"log": "neptune"})
