@@ -141,8 +141,11 @@ def test_tiny_compare_writes_every_output_and_skips_finished_cells(tiny_args, tm
     assert (out / "hlora" / "seed0" / "metrics.jsonl").read_text() == before
 
 
-def test_default_target_is_the_tasks():
+def test_default_target_is_the_tasks(capsys, monkeypatch):
     assert [default_target(t) for t in ("mrpc", "SST2", "rte", "hf:imdb", None)] == [0.75, 0.80, 0.55, 0.75, 0.75]
+    monkeypatch.setenv("COLUMNS", "200")
+    code, text = run_cli(["compare", "--help"], capsys)  # the help names them, from the same table
+    assert code == 0 and "Default: the task's (MRPC 0.75, RTE 0.55, SST-2 0.80; 0.75 for other tasks)" in text
 
 
 def test_majority_share_is_the_dev_sets_most_common_label(tiny_mrpc):

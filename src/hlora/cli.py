@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hlora.config import ConfigError, RunConfig, load_config
 from hlora.data import DataError
+from hlora.data.glue import DEFAULT_TARGET, GLUE
 from hlora.model import ModelError
 from hlora.strategies import StrategyError, names
 
@@ -389,8 +390,8 @@ def compare(
     ),
     seeds: str = typer.Option("0", help="Seeds, comma-separated: each method runs once per seed."),
     target: Optional[float] = typer.Option(
-        None, help="Accuracy whose first round the table reports [default: the task's: MRPC 0.75, SST-2 0.80, "
-        "RTE 0.55; 0.75 for other tasks]."
+        None, help="Accuracy whose first round the table reports. Default: the task's ("
+        f"{', '.join(f'{g.folder} {g.target:.2f}' for g in GLUE.values())}; {DEFAULT_TARGET:.2f} for other tasks)."
     ),
     report_only: bool = typer.Option(
         False, "--report-only", help="Run nothing: write the tables and figures of the cells finished so far."
