@@ -167,12 +167,15 @@ def test_flora_merges_rounds_and_restarts_a_fresh_lora():
     # the download is the last round's stacked factors: (2 + 5) * (D + K) floats, plus the head
     pl = s.dispatch(state, spec(0, 2), torch.Generator())
     assert s.downlink_bytes(state, pl) == 7 * (D + K) * 8 + 3 * 8
-    # a client that missed every round needs all three stacks (21 ranks), or the merged update (its
-    # thin SVD, rank 16 here) when that is smaller
+    # a client that missed every round needs all three stacks (21 ranks), or the merged update when that
+    # is smaller: its thin SVD or, here at full rank 16, the dense D x K matrix
     late = s.dispatch(state, spec(9, 2), torch.Generator())
     merged = global_delta(s, state)
     rank = int(torch.linalg.matrix_rank(merged))
-    assert s.downlink_bytes(state, late) == min(21 * (D + K), rank * (D + 1 + K)) * 8 + 3 * 8
+    assert rank == min(D, K)
+    expected = min(21 * (D + K), rank * (D + 1 + K), D * K)
+    assert expected == D * K  # the dense form is the cheapest at full rank
+    assert s.downlink_bytes(state, late) == expected * 8 + 3 * 8
 
 
 def test_ffa_A_is_bit_identical_on_every_client_and_round():

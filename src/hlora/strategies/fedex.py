@@ -26,7 +26,7 @@ Its rank grows by at most sum_k r_k + 2R a round, up to min(d, k).
 
 Download: the global factors at rank R (the first r_k trainable, the rest frozen), the head, and the
 error terms of the rounds since the client last took part, each as its stacked factors ([B_k], [p_k s_k
-A_k], the tail term, (B', -A')), or the whole of E as its thin SVD when that is smaller (FLoRA's
+A_k], the tail term, (B', -A')), or the whole of E when that is smaller, as its thin SVD or dense (FLoRA's
 catch-up). Upload: B_k, A_k and the head.
 """
 

@@ -7,7 +7,8 @@ Server rule, per module, over the round's clients (weights p_k = n_k / n):
 The stacked update is merged into the frozen weights (W <- W + B' A') by every client, which then
 starts a fresh LoRA of its own rank for the next round. The download is the stacked factors, whose
 size grows with the number of clients: sum_k r_k (d + k) numbers per module. A client sampled again
-after missing rounds downloads every stack it missed (or the merged update, when that is smaller).
+after missing rounds downloads every stack it missed (or the merged update, as thin SVD factors or
+dense, when that is smaller).
 
 Here the merged total (W - W0) is kept as an exact thin SVD (no truncation: zero singular values only
 are dropped), and a client carries it as a frozen low-rank branch beside its fresh LoRA.
@@ -42,10 +43,17 @@ def stack_factors(factors: list[Factor], weights: list[float]) -> Factor:
 
 def catch_up_bytes(state: GlobalState, client: int, merged: Iterable[SVD]) -> int:
     """What a client must download to hold the merged weights: the stacks of every round since it last
-    took part, or the merged update itself (thin SVD factors) when that is smaller."""
+    took part, or the merged update itself when that is smaller, each module as its thin SVD factors or,
+    once their rank passes d k / (d + k + 1), as the dense d x k matrix."""
     since = state.extra.get("synced", {}).get(client, 0)
     stacks = sum(b for rnd, b in state.extra.get("stacked_bytes", {}).items() if rnd > since)
-    return min(stacks, sum(tensor_bytes(svd.U, svd.S, svd.Vt) for svd in merged))
+    return min(stacks, sum(merged_bytes(svd) for svd in merged))
+
+
+def merged_bytes(svd: SVD) -> int:
+    """The cheaper wire form of a merged update W - W0: its thin SVD factors or the dense matrix."""
+    dense = svd.U.shape[0] * svd.Vt.shape[1] * svd.U.element_size()
+    return min(tensor_bytes(svd.U, svd.S, svd.Vt), dense)
 
 
 def catch_up_extra(state: GlobalState, updates: list[Update], sent: int) -> dict:
