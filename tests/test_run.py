@@ -76,6 +76,25 @@ def test_centralized_pools_the_rounds_clients(tiny_args, tmp_path):
     assert len(res.rows) == 2
 
 
+def test_centralized_takes_the_rounds_total_of_local_steps(tiny_args, tmp_path, monkeypatch):
+    """With --local-steps N the pooled site takes N x (clients a round) steps, as the federated round does."""
+    from hlora.engine import simulation
+
+    seen, real = [], simulation.train_client
+
+    def spy(*args, **kwargs):  # the real training, recording the steps it was asked for
+        seen.append((kwargs["client_id"], kwargs["local_steps"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(simulation, "train_client", spy)
+    cfg = tiny_config(tiny_args, tmp_path / "c", strategy="centralized", local_steps=3, rounds=1)
+    run(cfg)
+    assert seen == [(-1, 3 * cfg.per_round)]
+    seen.clear()
+    run(tiny_config(tiny_args, tmp_path / "h", strategy="hlora", local_steps=3, rounds=1))
+    assert [steps for _, steps in seen] == [3] * cfg.per_round
+
+
 def test_an_existing_run_is_never_overwritten(tiny_args, tmp_path, capsys):
     run(tiny_config(tiny_args, tmp_path / "r", rounds=1))
     before = (tmp_path / "r" / "metrics.jsonl").read_text()

@@ -112,10 +112,11 @@ class Experiment:
         return dev_predictions(self.fm, adapter, head, self.dev, self.cfg.eval_batch_size)
 
 
-def local_examples(n: int, cfg: RunConfig) -> int:
+def local_examples(n: int, cfg: RunConfig, steps: int | None = None) -> int:
     """Examples a client of ``n`` examples trains on in a round (about, with --local-steps: a pass's last
-    batch may be short)."""
-    return cfg.local_steps * min(cfg.batch_size, n) if cfg.local_steps else cfg.local_epochs * n
+    batch may be short); ``steps`` overrides ``cfg.local_steps``."""
+    steps = steps or cfg.local_steps
+    return steps * min(cfg.batch_size, n) if steps else cfg.local_epochs * n
 
 
 def default_out(cfg: RunConfig) -> Path:
@@ -307,10 +308,13 @@ def _rounds(
             pooled = sorted(i for c in sampled for i in exp.parts[c])
             spec = ClientSpec(-1, exp.pooled_ranks(), cfg.lora_alpha, len(pooled))
             jobs = [(spec, pooled)]
+            # as many optimizer steps as the federated round takes in all (each client's --local-steps)
+            steps = cfg.local_steps and cfg.local_steps * len(sampled)
         else:
             jobs = [(exp.clients[c], exp.parts[c]) for c in sampled]
+            steps = cfg.local_steps
         indices = {spec.id: ix for spec, ix in jobs}
-        reporter.round_start(rnd, sum(local_examples(len(ix), cfg) for _, ix in jobs))
+        reporter.round_start(rnd, sum(local_examples(len(ix), cfg, steps) for _, ix in jobs))
 
         def execute(pairs: list[tuple[ClientSpec, Any]]) -> list[Update | Exception]:
             results: list[Update | Exception] = []
@@ -320,7 +324,7 @@ def _rounds(
                         fm, payload, exp.training_set(spec.id), indices[spec.id], client_id=spec.id,
                         epochs=cfg.local_epochs,
                         lr=cfg.client_lr(rnd), batch_size=cfg.batch_size, seed=client_seed(cfg.seed, rnd, spec.id),
-                        on_batch=reporter.advance, local_steps=cfg.local_steps, objective=exp.objective(spec.id),
+                        on_batch=reporter.advance, local_steps=steps, objective=exp.objective(spec.id),
                         head_opt=cfg.head_opt, head_lr=cfg.head_lr, client_opt=cfg.client_opt,
                         adam_eps=cfg.adam_eps,
                     )
