@@ -174,3 +174,16 @@ def test_eval_predict_export_of_an_lm_run(learned, tmp_path, capsys):
     assert code in (None, 0) and text.count("\n") == 1  # one greedy response (may be empty this early)
     code, _ = run_cli(["export", str(learned.out), "--rank", "1", "--out", str(tmp_path / "r1")], capsys)
     assert json.loads((tmp_path / "r1" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+
+
+def test_summary_has_the_final_perplexity_without_generation(tmp_path):
+    """--gen-samples 0 leaves ROUGE-L out of the rows; the summary still has the final perplexity."""
+    from hlora.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path)
+    for rnd, loss in [(1, 2.0), (2, 1.5)]:
+        log.append({"round": rnd, "eval_loss": loss, "perplexity": math.exp(loss),
+                    "uplink_bytes": 1, "downlink_bytes": 2})
+    summary = log.summary()
+    assert summary["final_perplexity"] == math.exp(1.5) and "final_rouge_l" not in summary
+    assert summary["final_eval_loss"] == 1.5 and summary["best_round"] == 2

@@ -218,9 +218,9 @@ class MetricsLog:
             "uplink_bytes": sum(r["uplink_bytes"] for r in self.rows),
             "downlink_bytes": sum(r["downlink_bytes"] for r in self.rows),
         }
-        if self.rows and "rouge_l" in self.rows[-1]:
-            out["final_rouge_l"] = self.rows[-1]["rouge_l"]
-            out["final_perplexity"] = self.rows[-1]["perplexity"]
+        for key in ("rouge_l", "perplexity"):  # an LM's (ROUGE-L only with --gen-samples above 0)
+            if self.rows and key in self.rows[-1]:
+                out[f"final_{key}"] = self.rows[-1][key]
         if self.rows and "f1" in self.rows[-1]:
             out["final_f1"] = self.rows[-1]["f1"]
             out["best_f1"] = max(r["f1"] for r in scored)

@@ -6,7 +6,9 @@ or a network. The embedded simulation and the Flower engine call the same method
 Conventions (shared by every strategy):
 
 * Client k has rank r_k (per module), LoRA scaling s_k = alpha_k / r_k and n_k training examples.
-  The weight of its update in a round is p_k = n_k / sum_j n_j over the round's clients.
+  The weight of its update in a round is p_k = n_k / sum_j n_j over the round's clients. ``server.py`` sets
+  n_k = 1 (so p_k = 1/K) under the default ``--client-weights uniform``, n_k = the client's examples under
+  ``examples`` (the papers').
 * A client's :class:`~hlora.factors.Factor` carries its own scaling, so its effective update is
   ``f.scale * f.B @ f.A``. Global state is kept at scaling 1.
 * ``global_adapter(state)`` is the update that is evaluated: the global model is W0 + sum of it.

@@ -32,7 +32,8 @@ from hlora.strategies.base import (
 
 
 def aggregate_products(factors: list[Factor], weights: list[float]) -> SVD:
-    """dW = sum_k w_k s_k B_k A_k as a thin SVD, via QR of the stacked factors (see linalg)."""
+    """dW = sum_k w_k s_k B_k A_k as a thin SVD, via ``linalg.factored_svd`` of the stacked factors (its Gram
+    route for float32 factors, QR for float64)."""
     return factored_svd(
         [f.B for f in factors], [f.A for f in factors], [w * f.scale for f, w in zip(factors, weights)]
     )
