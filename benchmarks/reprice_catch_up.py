@@ -1,0 +1,110 @@
+"""Re-price the catch-up downloads of finished FLoRA / FedEx-LoRA cells (commit f5556f3).
+
+    python benchmarks/reprice_catch_up.py [--module 384x384] CELL_DIR [CELL_DIR ...]
+
+Until f5556f3, a client's catch-up (the stacks of the rounds it missed, or the merged update when that
+is smaller) priced the merged update as its thin SVD factors, r (d + 1 + k) numbers a module, also past
+rank d k / (d + k + 1), where the dense d x k matrix is cheaper (up to 2x at full rank). The cells of
+the results grids ran before the fix, so their ``downlink_bytes`` are the old price. This script
+re-prices them from their own ``metrics.jsonl``, without re-running anything:
+
+1. A round's stacks are known from the row: FLoRA sends sum_k r_k ranks, FedEx-LoRA sum_k r_k + R (the
+   new global factors) + R (the previous factors' tails, when a client of the round is below R), each
+   rank (d + k) numbers on each module. The bytes per rank and the head's come from the uplink column
+   (sum_k r_k ranks plus one head a client), checked on every row.
+2. Which rounds a client missed follows from the rows' ``clients``.
+3. A row's old download is sum_c (factors + min(stacks_c, X) + head) for one unknown X, the merged
+   update's thin-SVD bytes at that round; the sum is increasing in X, so X is solved from the row, and
+   with it each client's old catch-up.
+4. The new price of a catch-up is at most min(old, the dense bytes of every module), and equal to it
+   whenever every module's rank is on the same side of d k / (d + k + 1), i.e. except in the round or two
+   where the merged ranks cross it.
+
+Prints one markdown row per cell: the old and the re-priced download total, in MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+FLOAT = 4  # the grids' adapters are float32
+
+
+def stack_ranks(strategy: str, ranks: list[int], R: int) -> int:
+    if strategy == "flora":
+        return sum(ranks)
+    return sum(ranks) + R + (R if min(ranks) < R else 0)  # fedex: the error terms of the round
+
+
+def per_rank_and_head(rows: list[dict]) -> tuple[int, int]:
+    """Bytes of one rank on every module and of one head, from two rows' uploads; checked on all rows."""
+    (r1, u1, n1), (r2, u2, n2) = [(sum(r["ranks"]), r["uplink_bytes"], len(r["clients"])) for r in rows[:2]]
+    per_rank = (u1 * n2 - u2 * n1) // (r1 * n2 - r2 * n1)
+    head = (u1 - r1 * per_rank) // n1
+    for r in rows:
+        if r["uplink_bytes"] != sum(r["ranks"]) * per_rank + len(r["clients"]) * head:
+            raise SystemExit(f"round {r['round']}: the upload is not sum(ranks) x {per_rank} + clients x {head}")
+    return per_rank, head
+
+
+def solve(stacks: list[int], target: int) -> list[int]:
+    """Each client's min(stacks_c, X), for the X that makes their sum ``target``."""
+    if target >= sum(stacks):
+        return list(stacks)
+    lo, hi = 0, max(stacks)
+    while hi - lo > 1:  # integer bisection on X
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if sum(min(s, mid) for s in stacks) <= target else (lo, mid)
+    out = [min(s, lo) for s in stacks]
+    if sum(out) != target:
+        raise SystemExit(f"no X gives the recorded download ({sum(out)} != {target})")
+    return out
+
+
+def reprice(cell: Path, d: int, k: int) -> tuple[float, float, int]:
+    cfg = yaml.safe_load((cell / "config.yaml").read_text())
+    strategy = cfg["strategy"]
+    rows = [json.loads(line) for line in (cell / "metrics.jsonl").open()]
+    per_rank, head = per_rank_and_head(rows)
+    modules = per_rank // ((d + k) * FLOAT)
+    if modules * (d + k) * FLOAT != per_rank:
+        raise SystemExit(f"{cell}: {per_rank} bytes a rank is not a whole number of {d}x{k} modules")
+    R = max(max(r["ranks"]) for r in rows)
+    factors = R * per_rank if strategy == "fedex" else 0  # FedEx also sends the global factors at rank R
+    dense = modules * d * k * FLOAT
+    stacked: dict[int, int] = {}
+    synced: dict[int, int] = {}
+    old = new = 0
+    crossed = 0
+    for r in rows:
+        stacks = [sum(b for rnd, b in stacked.items() if rnd > synced.get(c, 0)) for c in r["clients"]]
+        fixed = len(stacks) * (factors + head)
+        catch = solve(stacks, r["downlink_bytes"] - fixed)
+        old += r["downlink_bytes"]
+        new += fixed + sum(min(c, dense) for c in catch)
+        crossed += any(c > dense for c in catch)
+        stacked[r["round"]] = stack_ranks(strategy, r["ranks"], R) * per_rank
+        for c in r["clients"]:
+            synced[c] = r["round"] - 1
+    return old / 1e6, new / 1e6, crossed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("cells", nargs="+", type=Path)
+    ap.add_argument("--module", default="384x384", help="d x k of an adapted module (MiniLM-L6: 384x384)")
+    args = ap.parse_args()
+    d, k = (int(x) for x in args.module.split("x"))
+    print("| cell | download, old price (MB) | re-priced (MB) | ratio | rounds with a dense catch-up |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for cell in args.cells:
+        old, new, crossed = reprice(cell, d, k)
+        print(f"| {cell} | {old:,.1f} | {new:,.1f} | {old / new:.2f} | {crossed} |")
+
+
+if __name__ == "__main__":
+    main()
