@@ -20,7 +20,11 @@ re-prices them from their own ``metrics.jsonl``, without re-running anything:
    whenever every module's rank is on the same side of d k / (d + k + 1), i.e. except in the round or two
    where the merged ranks cross it.
 
-Prints one markdown row per cell: the old and the re-priced download total, in MB.
+A check of steps 1-2 on FLoRA, whose merged rank is known (the ranks sent so far, up to min(d, k), when
+no direction cancels): the old price replayed from the stacks alone, compared with the recorded rows.
+
+Prints one markdown row per cell: the old and the re-priced download total, in MB, and for FLoRA how
+many rows the replay reproduces.
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ def reprice(cell: Path, d: int, k: int) -> tuple[float, float, int]:
     stacked: dict[int, int] = {}
     synced: dict[int, int] = {}
     old = new = 0
-    crossed = 0
+    crossed = replayed = rank = 0
     for r in rows:
         stacks = [sum(b for rnd, b in stacked.items() if rnd > synced.get(c, 0)) for c in r["clients"]]
         fixed = len(stacks) * (factors + head)
@@ -87,10 +91,14 @@ def reprice(cell: Path, d: int, k: int) -> tuple[float, float, int]:
         old += r["downlink_bytes"]
         new += fixed + sum(min(c, dense) for c in catch)
         crossed += any(c > dense for c in catch)
+        thin_svd = modules * rank * (d + 1 + k) * FLOAT
+        replayed += fixed + sum(min(s, thin_svd) for s in stacks) == r["downlink_bytes"]
         stacked[r["round"]] = stack_ranks(strategy, r["ranks"], R) * per_rank
+        rank = min(rank + sum(r["ranks"]), d, k)
         for c in r["clients"]:
             synced[c] = r["round"] - 1
-    return old / 1e6, new / 1e6, crossed
+    check = f"{replayed}/{len(rows)}" if strategy == "flora" else "-"
+    return old / 1e6, new / 1e6, crossed, check
 
 
 def main() -> None:
@@ -99,11 +107,12 @@ def main() -> None:
     ap.add_argument("--module", default="384x384", help="d x k of an adapted module (MiniLM-L6: 384x384)")
     args = ap.parse_args()
     d, k = (int(x) for x in args.module.split("x"))
-    print("| cell | download, old price (MB) | re-priced (MB) | ratio | rounds with a dense catch-up |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| cell | download, old price (MB) | re-priced (MB) | ratio | rounds with a dense catch-up "
+          "| rows the replay reproduces |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for cell in args.cells:
-        old, new, crossed = reprice(cell, d, k)
-        print(f"| {cell} | {old:,.1f} | {new:,.1f} | {old / new:.2f} | {crossed} |")
+        old, new, crossed, check = reprice(cell, d, k)
+        print(f"| {cell} | {old:,.1f} | {new:,.1f} | {old / new:.2f} | {crossed} | {check} |")
 
 
 if __name__ == "__main__":
