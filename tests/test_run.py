@@ -50,6 +50,7 @@ def test_two_round_four_client_run_writes_every_output(tiny_args, tmp_path, caps
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["final_accuracy"] == rows[-1]["accuracy"]
     assert summary["uplink_bytes"] == sum(r["uplink_bytes"] for r in rows)
+    assert summary["provenance"]["torch"] == torch.__version__ and summary["provenance"]["hlora"]
     text = capsys.readouterr().err
     assert "round   1/2" in text and "round   2/2" in text
 

@@ -18,6 +18,7 @@ from hlora.export import adapter_svd, energy_kept, save_peft_adapter, truncated
 from hlora.factors import Adapter
 from hlora.metrics import MetricsLog
 from hlora.model import resolve_model_path
+from hlora.provenance import provenance
 from hlora.server import RoundOutcome
 from hlora.strategies import GlobalState, Strategy
 
@@ -93,7 +94,8 @@ def finish_run(
 
     ``predictions(adapter, head)`` gives the ``predicted`` and ``gold`` dev labels of a classifier (None: an
     LM, or no dev set); it sees the global adapter the last round evaluated (the last round always is).
-    ``extra``: more summary keys (e.g. DP's final ``dp_epsilon``).
+    ``extra``: more summary keys (e.g. DP's final ``dp_epsilon``). ``provenance``: the code and library
+    versions that ran (``hlora.provenance``).
     """
     full = strategy.global_adapter(state)
     rank = None
@@ -104,4 +106,4 @@ def finish_run(
     if predictions is not None:
         log.predictions(state.round, **predictions(full, state.head))
     return log.summary(task=task, strategy=strategy_name, wall_seconds=wall_seconds, adapter_rank=rank,
-                       **(extra or {}))
+                       **(extra or {}), provenance=provenance())
