@@ -130,6 +130,17 @@ def test_tiny_compare_writes_every_output_and_skips_finished_cells(tiny_args, tm
     assert "Δ vs fedit:ranks=4, bootstrap (pts)" in (out / "table.md").read_text()
     code, text = run_cli([*argv, "--report-only", "--reference", "flexlora"], capsys)
     assert code == 2 and "--reference 'flexlora' is not a method of --strategies (hlora, fedit:ranks=4)" in text
+    # --table NAME: a second table of some of the cells beside the grid's own, which stays as it was
+    own = {name: (out / name).read_bytes() for name in ("table.md", "table.csv", "accuracy.png")}
+    code, text = run_cli([*argv[:i], "fedit:ranks=4", *argv[i + 1:], "--report-only", "--reference",
+                          "fedit:ranks=4", "--table", "fedit-only"], capsys)
+    assert code in (0, None) and "fedit-only.md, fedit-only.csv, fedit-only-accuracy.png" in " ".join(text.split())
+    assert [r["method"] for r in csv.DictReader((out / "fedit-only.csv").open())] == ["fedit:ranks=4"]
+    assert (out / "fedit-only-accuracy.png").exists() and (out / "fedit-only-communication.png").exists()
+    assert {name: (out / name).read_bytes() for name in own} == own
+    for bad in ("../up", "x.md", ""):
+        code, text = run_cli([*argv, "--report-only", "--table", bad], capsys)
+        assert code == 2 and "--table is a file name without a folder or extension" in text
     # no --target: the task's own (mrpc: 75%)
     code, text = run_cli([*argv[:-2], "--report-only"], capsys)
     assert code in (0, None) and "rounds to 75%" in (out / "table.md").read_text()

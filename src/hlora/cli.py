@@ -402,6 +402,11 @@ def compare(
     reference: str = typer.Option(
         "hlora", help="The method of --strategies every other is compared with (per seed and by the bootstrap)."
     ),
+    table: str = typer.Option(
+        "table", help="Name of the table files in --out: NAME.md and NAME.csv (figures: NAME-accuracy.png, "
+        "NAME-communication.png). Another name writes a second table beside the grid's own, e.g. "
+        "--report-only on a subset of --strategies with another --reference."
+    ),
     **run_options: Any,
 ) -> None:
     """Run a grid of methods x seeds on the same split and client sample; write table.md/.csv and figures.
@@ -429,10 +434,12 @@ def compare(
         console.print(f"[bold]cell {i}/{n}[/]: {method.label}, seed {seed}{left}", highlight=False)
         return RichReporter(prefix=f"[{i}/{n} {method.label} s{seed}] ")
 
-    table = run_compare(config, shared, parse_methods(strategies), seed_list, Path(out), target, reporter_for,
+    rows = run_compare(config, shared, parse_methods(strategies), seed_list, Path(out), target, reporter_for,
                         say=lambda msg: console.print(msg, highlight=False), run_cells=not report_only,
-                        jobs=jobs, reference=reference)
-    console.print(f"wrote {out}/table.md, table.csv, accuracy.png, communication.png ({len(table)} methods)")
+                        jobs=jobs, reference=reference, table_name=table)
+    figures = "" if table == "table" else f"{table}-"
+    console.print(f"wrote {out}/{table}.md, {table}.csv, {figures}accuracy.png, {figures}communication.png "
+                  f"({len(rows)} methods)")
 
 
 def _compare_signature() -> None:

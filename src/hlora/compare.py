@@ -26,7 +26,7 @@ from typing import Any
 from hlora.config import ConfigError, RunConfig, load_config, parse_options
 from hlora.data.glue import default_target
 from hlora.metrics import read_rows
-from hlora.report import REFERENCE, summarize, write_tables
+from hlora.report import REFERENCE, TABLE, summarize, write_tables
 
 RUN_FIELDS = {f.name for f in fields(RunConfig)}
 
@@ -555,6 +555,7 @@ def compare(
     run_cells: bool = True,
     jobs: int = 1,
     reference: str = REFERENCE,
+    table_name: str = TABLE,
 ) -> list[dict[str, Any]]:
     """Run the grid (skipping finished cells), then write table.md, table.csv and the figures.
 
@@ -562,11 +563,17 @@ def compare(
     name ``threads`` (see :func:`run_grid`). With ``run_cells`` False nothing runs: the tables and figures
     cover the cells finished so far. ``reference``: the method (a label of ``methods``) every other is
     compared with, per seed and by the bootstrap. ``target`` None: the task's (:func:`default_target`).
+    ``table_name``: another name than ``table`` writes NAME.md, NAME.csv, NAME-accuracy.png and
+    NAME-communication.png instead, beside the grid's own table (e.g. a subset of its methods against
+    another reference).
     """
     from hlora.plots import plot_groups
 
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", table_name) or table_name.endswith((".md", ".csv")):
+        raise ConfigError(f"--table is a file name without a folder or extension (letters, digits, _ . -), "
+                          f"got {table_name!r}")
     labels = [m.label for m in methods]
     if reference != REFERENCE and reference not in labels:
         raise ConfigError(f"--reference {reference!r} is not a method of --strategies ({', '.join(labels)})")
@@ -586,9 +593,10 @@ def compare(
         raise ConfigError(f"{out}: no cell of this grid has finished yet, so there is nothing to report")
     majority = majority_share(cells[0][2])
     table = summarize(done, target, reference, majority=majority)
-    write_tables(table, out, target, reference, majority)
+    write_tables(table, out, target, reference, majority, name=table_name)
     groups = {label: [read_rows(path) for path in runs.values()] for label, runs in done.items()}
-    plot_groups(groups, out, title=cells[0][2].task, reference=("majority class", majority))
+    plot_groups(groups, out, title=cells[0][2].task, reference=("majority class", majority),
+                prefix="" if table_name == TABLE else f"{table_name}-")
     return table
 
 

@@ -71,9 +71,11 @@ def plot_groups(
     out: Path,
     title: str = "",
     reference: tuple[str, float] | None = None,
+    prefix: str = "",
 ) -> list[Path]:
-    """``accuracy.png`` (``eval_loss.png`` for language models) and ``communication.png`` in ``out``: one line
-    per group (a band over seeds), each line labelled at its end so that no legend hunt is needed.
+    """``accuracy.png`` (``eval_loss.png`` for language models) and ``communication.png`` in ``out``, each
+    name after ``prefix``: one line per group (a band over seeds), each line labelled at its end so that no
+    legend hunt is needed.
 
     ``reference`` = (name, accuracy in [0, 1]) draws a labelled dotted line on the accuracy figures, e.g. the
     majority class of the dev set."""
@@ -127,7 +129,7 @@ def plot_groups(
         ax.set_xlim(left, right * 4 if kind == "communication" else right + (right - left) * 0.22)
         _label_ends(ax, ends, log_x=kind == "communication")
         fig.tight_layout()
-        path = out / f"{kind}.png"
+        path = out / f"{prefix}{kind}.png"
         fig.savefig(path)
         plt.close(fig)
         paths.append(path)

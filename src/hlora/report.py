@@ -26,6 +26,8 @@ from hlora.stats import Difference, paired_bootstrap, paired_seeds, spread
 #: rounds whose accuracy the table shows (those the grid reaches)
 FIXED_ROUNDS = (5, 10, 20)
 REFERENCE = "hlora"
+#: the name of a comparison's table files (table.md, table.csv)
+TABLE = "table"
 RESAMPLES = 2000
 
 
@@ -182,9 +184,10 @@ def _diff(r: dict[str, Any], key: str, mark: bool) -> str:
 
 
 def write_tables(table: list[dict[str, Any]], out: Path, target: float, reference: str = REFERENCE,
-                 majority: float | None = None) -> None:
-    """``table.csv`` (every number, fractions) and ``table.md`` (percent, readable, with a legend; the MB per
-    point above the ``majority`` share when given)."""
+                 majority: float | None = None, name: str = TABLE) -> None:
+    """``NAME.csv`` (every number, fractions) and ``NAME.md`` (percent, readable, with a legend; the MB per
+    point above the ``majority`` share when given); ``name`` is ``table`` unless a second table of the same
+    cells is wanted."""
     if not table:
         return
     out = Path(out)
@@ -192,7 +195,7 @@ def write_tables(table: list[dict[str, Any]], out: Path, target: float, referenc
     w = csv.DictWriter(text, fieldnames=list(table[0]))
     w.writeheader()
     w.writerows(table)
-    _atomic_text(out / "table.csv", text.getvalue())
+    _atomic_text(out / f"{name}.csv", text.getvalue())
     has_f1 = any(not math.isnan(r["final_f1"]) for r in table)
     has_personal = any(not math.isnan(r["personal_acc"]) for r in table)
     has_prior = any(not math.isnan(r["personal_prior_acc"]) for r in table)
@@ -238,7 +241,7 @@ def write_tables(table: list[dict[str, Any]], out: Path, target: float, referenc
         lines.append(f"- personal baseline: each client predicting its own training share's majority label scores "
                      f"{100 * statistics.fmean(baseline):.1f}% on the same held-out shares (mean over the cells "
                      "that record it): under label skew, the line a personal acc must clear.")
-    _atomic_text(out / "table.md", "\n".join(lines) + "\n")
+    _atomic_text(out / f"{name}.md", "\n".join(lines) + "\n")
 
 
 def legend(target: float, reference: str, fixed: list[int], compared: bool, personal: bool = False,
