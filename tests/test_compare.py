@@ -10,7 +10,10 @@ from PIL import Image
 from hlora.compare import cell_labels, parse_methods
 from hlora.config import ConfigError
 from hlora.data.glue import default_target
+from hlora import __version__
 from hlora.plots import spread_labels
+from hlora.provenance import source_commit
+from hlora.report import code_line, code_version
 from tests.conftest import tiny_cli_args
 from tests.test_cli import run_cli
 
@@ -105,6 +108,11 @@ def test_tiny_compare_writes_every_output_and_skips_finished_cells(tiny_args, tm
     fe = table[1]
     assert fe["vs"] == "hlora" and fe["seeds_diff_seeds"] == "2" and fe["boot_diff_seeds"] == "2"
     assert fe["resolved"] in ("yes", "no") and float(hl["s_per_round"]) > 0
+    # the code each cell ran on, from its summary's provenance (a checkout's commit, or the installed version)
+    commit = source_commit()
+    code = f"{commit[:7]}{'-dirty' if commit.endswith('-dirty') else ''}" if commit else f"hlora {__version__}"
+    assert hl["code"] == fe["code"] == f"{code},{code}"
+    assert f"- code (summary.json's provenance), cells: {code} (4)." in md
     for fig in ("accuracy.png", "communication.png"):
         with Image.open(out / fig) as im:
             assert im.size[0] > 400 and im.size[1] > 300
@@ -150,6 +158,15 @@ def test_tiny_compare_writes_every_output_and_skips_finished_cells(tiny_args, tm
     assert code == 2 and "was run with other settings: lr" in text and "(now 0.02)" in text
     assert (out / "table.csv").read_text() == table_before
     assert (out / "hlora" / "seed0" / "metrics.jsonl").read_text() == before
+
+
+def test_a_cell_from_before_provenance_reads_as_not_recorded(tmp_path):
+    (tmp_path / "summary.json").write_text('{"final_accuracy": 0.7}')
+    assert code_version(tmp_path) == "?"
+    (tmp_path / "summary.json").write_text('{"provenance": {"hlora": "0.1.0", "git_commit": "0123456789ab-dirty"}}')
+    assert code_version(tmp_path) == "0123456-dirty"
+    table = [{"code": "?,0123456"}, {"code": "?"}]
+    assert code_line(table) == "- code (summary.json's provenance), cells: not recorded (2), 0123456 (1)."
 
 
 def test_default_target_is_the_tasks(capsys, monkeypatch):

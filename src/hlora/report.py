@@ -16,6 +16,7 @@ import json
 import math
 import os
 import statistics
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -130,8 +131,27 @@ def summarize(
         _put_diff(row, "seeds_diff", seeds_diff)
         _put_diff(row, "boot_diff", boot)
         row["resolved"] = "" if boot is None else ("yes" if boot.resolved else "no")
+        row["code"] = ",".join(code_version(path) for path, _ in runs.values())
         table.append(row)
     return table
+
+
+def code_version(cell: Path) -> str:
+    """The commit (7 hex digits, ``-dirty`` kept) a finished cell ran on, from its summary's provenance; the
+    hlora version when it ran from a wheel; ``?`` for a cell from before provenance was recorded."""
+    seen = _summary(cell).get("provenance") or {}
+    commit = seen.get("git_commit")
+    if commit:
+        head, _, dirty = commit.partition("-")
+        return head[:7] + (f"-{dirty}" if dirty else "")
+    return f"hlora {seen['hlora']}" if seen.get("hlora") else "?"
+
+
+def code_line(table: list[dict[str, Any]]) -> str:
+    """The legend line that says which code the cells ran on, with how many cells each."""
+    counts = Counter(v for r in table for v in r["code"].split(","))
+    parts = [f"{'not recorded' if v == '?' else v} ({n})" for v, n in sorted(counts.items(), key=lambda x: -x[1])]
+    return "- code (summary.json's provenance), cells: " + ", ".join(parts) + "."
 
 
 def detection(logs: list[list[dict[str, Any]]]) -> dict[str, int]:
@@ -241,6 +261,7 @@ def write_tables(table: list[dict[str, Any]], out: Path, target: float, referenc
         lines.append(f"- personal baseline: each client predicting its own training share's majority label scores "
                      f"{100 * statistics.fmean(baseline):.1f}% on the same held-out shares (mean over the cells "
                      "that record it): under label skew, the line a personal acc must clear.")
+    lines.append(code_line(table))
     _atomic_text(out / f"{name}.md", "\n".join(lines) + "\n")
 
 
