@@ -23,6 +23,10 @@ re-prices them from their own ``metrics.jsonl``, without re-running anything:
 A check of steps 1-2 on FLoRA, whose merged rank is known (the ranks sent so far, up to min(d, k), when
 no direction cancels): the old price replayed from the stacks alone, compared with the recorded rows.
 
+Every adapted module must have the shape ``--module`` (the MiniLM's query and value: 384 x 384), float32;
+a cell whose rows all hold the same ranks (``--ranks 8``) cannot separate a rank's bytes from the head's
+and is refused.
+
 Prints one markdown row per cell: the old and the re-priced download total, in MB, and for FLoRA how
 many rows the replay reproduces.
 """
@@ -46,19 +50,29 @@ def stack_ranks(strategy: str, ranks: list[int], R: int) -> int:
 
 def per_rank_and_head(rows: list[dict]) -> tuple[int, int]:
     """Bytes of one rank on every module and of one head, from two rows' uploads; checked on all rows."""
-    (r1, u1, n1), (r2, u2, n2) = [(sum(r["ranks"]), r["uplink_bytes"], len(r["clients"])) for r in rows[:2]]
+    seen = [(sum(r["ranks"]), r["uplink_bytes"], len(r["clients"])) for r in rows]
+    r1, u1, n1 = seen[0]
+    other = next(((r, u, n) for r, u, n in seen if r * n1 != r1 * n), None)
+    if other is None:
+        raise SystemExit("every round has the same ranks per client: "
+                         "a rank's bytes and the head's cannot be told apart")
+    r2, u2, n2 = other
     per_rank = (u1 * n2 - u2 * n1) // (r1 * n2 - r2 * n1)
     head = (u1 - r1 * per_rank) // n1
     for r in rows:
         if r["uplink_bytes"] != sum(r["ranks"]) * per_rank + len(r["clients"]) * head:
-            raise SystemExit(f"round {r['round']}: the upload is not sum(ranks) x {per_rank} + clients x {head}")
+            raise SystemExit(f"round {r['round']}: the upload is not "
+                             f"sum(ranks) x {per_rank} + clients x {head}")
     return per_rank, head
 
 
 def solve(stacks: list[int], target: int) -> list[int]:
     """Each client's min(stacks_c, X), for the X that makes their sum ``target``."""
-    if target >= sum(stacks):
+    if target == sum(stacks):
         return list(stacks)
+    if target > sum(stacks):
+        raise SystemExit(f"the recorded download ({target}) is more than "
+                         f"every stack the clients missed ({sum(stacks)})")
     lo, hi = 0, max(stacks)
     while hi - lo > 1:  # integer bisection on X
         mid = (lo + hi) // 2
@@ -77,7 +91,7 @@ def reprice(cell: Path, d: int, k: int) -> tuple[float, float, int]:
     modules = per_rank // ((d + k) * FLOAT)
     if modules * (d + k) * FLOAT != per_rank:
         raise SystemExit(f"{cell}: {per_rank} bytes a rank is not a whole number of {d}x{k} modules")
-    R = max(max(r["ranks"]) for r in rows)
+    R = max(cfg["client_ranks"])  # the global factors' rank: the largest client rank
     factors = R * per_rank if strategy == "fedex" else 0  # FedEx also sends the global factors at rank R
     dense = modules * d * k * FLOAT
     stacked: dict[int, int] = {}

@@ -110,7 +110,8 @@ def test_tiny_compare_writes_every_output_and_skips_finished_cells(tiny_args, tm
     assert fe["resolved"] in ("yes", "no") and float(hl["s_per_round"]) > 0
     # the code each cell ran on, from its summary's provenance (a checkout's commit, or the installed version)
     commit = source_commit()
-    code = f"{commit[:7]}{'-dirty' if commit.endswith('-dirty') else ''}" if commit else f"hlora {__version__}"
+    dirty = "-dirty" if commit and commit.endswith("-dirty") else ""
+    code = f"{commit[:7]}{dirty}" if commit else f"hlora {__version__}"
     assert hl["code"] == fe["code"] == f"{code},{code}"
     assert f"- code (summary.json's provenance), cells: {code} (4)." in md
     for fig in ("accuracy.png", "communication.png"):
@@ -142,7 +143,8 @@ def test_tiny_compare_writes_every_output_and_skips_finished_cells(tiny_args, tm
     own = {name: (out / name).read_bytes() for name in ("table.md", "table.csv", "accuracy.png")}
     code, text = run_cli([*argv[:i], "fedit:ranks=4", *argv[i + 1:], "--report-only", "--reference",
                           "fedit:ranks=4", "--table", "fedit-only"], capsys)
-    assert code in (0, None) and "fedit-only.md, fedit-only.csv, fedit-only-accuracy.png" in " ".join(text.split())
+    said = " ".join(text.split())  # rich wraps the line
+    assert code in (0, None) and "fedit-only.md, fedit-only.csv, fedit-only-accuracy.png" in said
     assert [r["method"] for r in csv.DictReader((out / "fedit-only.csv").open())] == ["fedit:ranks=4"]
     assert (out / "fedit-only-accuracy.png").exists() and (out / "fedit-only-communication.png").exists()
     assert {name: (out / name).read_bytes() for name in own} == own
@@ -163,8 +165,12 @@ def test_tiny_compare_writes_every_output_and_skips_finished_cells(tiny_args, tm
 def test_a_cell_from_before_provenance_reads_as_not_recorded(tmp_path):
     (tmp_path / "summary.json").write_text('{"final_accuracy": 0.7}')
     assert code_version(tmp_path) == "?"
-    (tmp_path / "summary.json").write_text('{"provenance": {"hlora": "0.1.0", "git_commit": "0123456789ab-dirty"}}')
+    dirty = {"provenance": {"hlora": "0.1.0", "git_commit": "0123456789ab-dirty"}}
+    (tmp_path / "summary.json").write_text(json.dumps(dirty))
     assert code_version(tmp_path) == "0123456-dirty"
+    resumed = {"provenance": {"git_commit": "89abcdef00", "resumed_from": ["?", "0123456789"]}}
+    (tmp_path / "summary.json").write_text(json.dumps(resumed))
+    assert code_version(tmp_path) == "?+0123456+89abcde"
     table = [{"code": "?,0123456"}, {"code": "?"}]
     assert code_line(table) == "- code (summary.json's provenance), cells: not recorded (2), 0123456 (1)."
 

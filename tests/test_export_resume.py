@@ -136,6 +136,32 @@ def test_resume_after_kill_9_gives_the_same_metrics(tiny_args, tmp_path, capsys)
     assert code == 2 and "already finished" in text
 
 
+def test_a_run_resumed_on_other_code_says_so(tiny_args, tmp_path, capsys):
+    """The checkpoint keeps the code of each part of a run; the summary names the earlier parts' commits."""
+    from hlora.checkpoint import CHECKPOINT
+
+    out = tmp_path / "r"
+    run(tiny_config(tiny_args, out))
+    first = json.loads((out / "summary.json").read_text())["provenance"]
+    assert "resumed_from" not in first
+    saved = torch.load(out / CHECKPOINT, weights_only=True)
+    assert saved["provenance"] == [first]
+    # the run's earlier part ran on commit abc (as if the checkout moved before the resume)
+    saved["provenance"] = [{"hlora": "0.1.0", "git_commit": "abc"}]
+    torch.save(saved, out / CHECKPOINT)
+    (out / "summary.json").unlink()
+    code, text = run_cli(["run", "--resume", str(out)], capsys)
+    assert code in (0, None), text
+    resumed = json.loads((out / "summary.json").read_text())["provenance"]
+    assert resumed["resumed_from"] == ["abc"] and resumed["torch"] == first["torch"]
+    # a checkpoint from before provenance was recorded: the earlier part's code is unknown
+    saved.pop("provenance")
+    torch.save(saved, out / CHECKPOINT)
+    (out / "summary.json").unlink()
+    code, text = run_cli(["run", "--resume", str(out)], capsys)
+    assert json.loads((out / "summary.json").read_text())["provenance"]["resumed_from"] == ["?"]
+
+
 def test_checkpoint_is_written_atomically(tiny_args, tmp_path):
     res = run(tiny_config(tiny_args, tmp_path / "r", rounds=1))
     assert (res.out / "checkpoint.pt").exists()

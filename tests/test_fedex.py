@@ -78,14 +78,16 @@ def test_bytes_count_the_factors_the_missed_error_terms_and_the_head():
         sent.append((2 + 5 + R + R) * (D + K) * 8)
     assert state.extra["stacked_bytes"] == {1: sent[0], 2: sent[1], 3: sent[2]}
     # a client of the last round missed only the last error term; one that never took part needs all
-    # three; either may take the whole residual's thin SVD instead, when that is smaller
+    # three; either may take the whole residual instead, when that is smaller: its thin SVD or, past rank
+    # D K / (D + K + 1), the dense D x K matrix
     E = state.extra["residual"]["m"]
-    merged = E.rank * (D + 1 + K) * 8
+    merged = min(E.rank * (D + 1 + K), D * K) * 8
     pl = s.dispatch(state, specs[0], torch.Generator())
     assert s.downlink_bytes(state, pl) == R * (D + K) * 8 + min(sent[2], merged) + HEAD
     late = s.dispatch(state, spec(9, 3), torch.Generator())
     assert s.downlink_bytes(state, late) == R * (D + K) * 8 + min(sum(sent), merged) + HEAD
-    assert merged < sum(sent)  # here the residual saturates near rank min(D, K)
+    # here the residual saturates near rank min(D, K), where the dense matrix is the cheaper form
+    assert merged == D * K * 8 < sum(sent)
 
 
 def test_the_error_term_survives_a_checkpoint(tmp_path):

@@ -138,19 +138,25 @@ def summarize(
 
 def code_version(cell: Path) -> str:
     """The commit (7 hex digits, ``-dirty`` kept) a finished cell ran on, from its summary's provenance; the
-    hlora version when it ran from a wheel; ``?`` for a cell from before provenance was recorded."""
+    hlora version when it ran from a wheel; ``?`` for a cell from before provenance was recorded. A cell
+    resumed on other code: each part's, joined by ``+``."""
     seen = _summary(cell).get("provenance") or {}
-    commit = seen.get("git_commit")
-    if commit:
-        head, _, dirty = commit.partition("-")
+
+    def short(code: str) -> str:
+        head, _, dirty = code.partition("-")
         return head[:7] + (f"-{dirty}" if dirty else "")
-    return f"hlora {seen['hlora']}" if seen.get("hlora") else "?"
+
+    commit = seen.get("git_commit")
+    now = short(commit) if commit else (f"hlora {seen['hlora']}" if seen.get("hlora") else "?")
+    earlier = [c if c == "?" or c.startswith("hlora ") else short(c) for c in seen.get("resumed_from", [])]
+    return "+".join([*earlier, now])  # a run resumed on other code: every part's, in order
 
 
 def code_line(table: list[dict[str, Any]]) -> str:
     """The legend line that says which code the cells ran on, with how many cells each."""
     counts = Counter(v for r in table for v in r["code"].split(","))
-    parts = [f"{'not recorded' if v == '?' else v} ({n})" for v, n in sorted(counts.items(), key=lambda x: -x[1])]
+    ranked = sorted(counts.items(), key=lambda x: -x[1])
+    parts = [f"{'not recorded' if v == '?' else v} ({n})" for v, n in ranked]
     return "- code (summary.json's provenance), cells: " + ", ".join(parts) + "."
 
 

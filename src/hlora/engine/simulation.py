@@ -29,6 +29,7 @@ from hlora.metrics import MetricsLog, dev_predictions, predict_logits
 from hlora.model import FederatedModel
 from hlora.objectives import Objective, label_counts, offset_from_counts
 from hlora.precision import resolve_precision
+from hlora.provenance import segments
 from hlora.ranks import check_patterns, client_ranks, module_ranks
 from hlora.server import client_seed, server_round
 from hlora.strategies import ClientSpec, GlobalState, Strategy, Update, get_strategy
@@ -231,7 +232,8 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> RunResult:
     sampler = np.random.default_rng([cfg.seed, 2])
     with open_tracking(cfg, out, resume=False) as tracker:
         log = MetricsLog(out, tracker=tracker)
-        return _rounds(exp, out, exp.initial_state(), sampler, log, 0.0, reporter or Reporter(), ClientStates())
+        return _rounds(exp, out, exp.initial_state(), sampler, log, 0.0, reporter or Reporter(), ClientStates(),
+                       code=segments(None, resumed=False))
 
 
 def written_before(path: Path) -> dict[str, Any]:
@@ -279,11 +281,13 @@ def resume(out: str | Path, reporter: Reporter | None = None) -> RunResult:
         sampler.bit_generator.state = saved["sampler"]
         rows, wall = saved["rows"], saved["wall_seconds"]
         states = ClientStates.from_state_dict(saved.get("client_states"))
+        code = segments(saved.get("provenance"), resumed=True)
     else:  # killed during the first round
         state, rows, wall, states = exp.initial_state(), [], 0.0, ClientStates()
+        code = segments(None, resumed=False)
     with open_tracking(cfg, out, resume=True) as tracker:  # the same tracked runs, continued
         log = MetricsLog(out, rows, tracker)  # rewrites metrics.jsonl to the checkpoint's rounds
-        return _rounds(exp, out, state, sampler, log, wall, reporter or Reporter(), states)
+        return _rounds(exp, out, state, sampler, log, wall, reporter or Reporter(), states, code)
 
 
 def _rounds(
@@ -295,6 +299,7 @@ def _rounds(
     wall_before: float,
     reporter: Reporter,
     states: ClientStates,
+    code: list[dict[str, Any]],
 ) -> RunResult:
     cfg, strategy, fm = exp.cfg, exp.strategy, exp.fm
     reporter.start(cfg, out, state.round + 1)
@@ -360,7 +365,7 @@ def _rounds(
         log.append(row)
         save_checkpoint(
             out, state, sampler=sampler.bit_generator.state, rows=log.rows, client_ranks=cfg.client_ranks,
-            partition=exp.parts, wall_seconds=wall_before + time.perf_counter() - t_run,
+            partition=exp.parts, wall_seconds=wall_before + time.perf_counter() - t_run, provenance=code,
             **({"client_states": states.state_dict()} if strategy.personal else {}),
         )
         reporter.round_end(row)
@@ -371,6 +376,7 @@ def _rounds(
         wall_seconds=wall_before + time.perf_counter() - t_run,
         task_type=peft_task_type(cfg), predictions=None if is_lm(cfg) else exp.predictions,
         extra={**(dp.summary(cfg.per_round / cfg.clients, cfg.rounds) or {}), **_personal_baseline(exp)} or None,
+        code=code,
     )
     reporter.finish(summary)
     return RunResult(out, summary, log.rows)

@@ -1,8 +1,8 @@
 """Centralized LoRA: the upper-bound row. No federation, no aggregation.
 
 Each round the engine pools the training data of the round's sampled clients into one client (same
-examples, same number of steps as a federated round: --local-epochs passes over the pool, or with --local-steps N,
-N times the number of sampled clients) and trains one LoRA of the largest rank on it,
+examples, same number of steps as a federated round: --local-epochs passes over the pool, or with
+--local-steps N, N times the number of sampled clients) and trains one LoRA of the largest rank on it,
 continuing from the previous round. The server keeps that adapter as it is:
 
     dW_{t+1} = s B A   (the single learner's own update)

@@ -78,6 +78,7 @@ from hlora.metrics import MetricsLog, dev_predictions, evaluate, evaluate_lm, pe
 from hlora.model import FederatedModel
 from hlora.precision import resolve_precision
 from hlora.privacy import DP
+from hlora.provenance import segments
 from hlora.server import RoundOutcome, client_seed, server_round
 from hlora.strategies import ClientSpec, GlobalState, Payload, Strategy, StrategyError, Update, get_strategy
 from hlora.tasks import is_lm, load_model, peft_task_type, score, tokenize
@@ -339,9 +340,11 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
                               f"are not the nodes' {cfg.client_ranks}")
         sampler.bit_generator.state = saved["sampler"]
         rows, wall_before = saved["rows"], saved["wall_seconds"]
+        code = segments(saved.get("provenance"), resumed=True)
     else:
         init = init_factors(fm.shapes, max(cfg.client_ranks), torch.Generator().manual_seed(cfg.seed))
         state, rows, wall_before = strategy.init_state(init, fm.head_state()), [], 0.0
+        code = segments(None, resumed=False)
     metrics = MetricsLog(out, rows if resume else None, tracker=open_tracking(cfg, out, resume=bool(resume)))
     max_rank = max((f.rank for f in state.init.values() if isinstance(f, Factor)), default=max(cfg.client_ranks))
     key = "eval_loss" if lm else "accuracy"  # the main score of a row (summary.json: final_ and best_)
@@ -399,7 +402,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         metrics.append(row)
         save_checkpoint(out, state, sampler=sampler.bit_generator.state, rows=metrics.rows,
                         client_ranks=cfg.client_ranks, partition=[], roster=[dataclasses.asdict(n) for n in nodes],
-                        wall_seconds=wall_before + time.perf_counter() - t_run)
+                        wall_seconds=wall_before + time.perf_counter() - t_run, provenance=code)
         log.info("hlora: round %d/%d %s %s %s %s train_loss %s rejected %d%s (%.1f s)", rnd, cfg.rounds,
                  key, _fmt(row.get(key)), client_key, _fmt(row.get(client_key)), _fmt(row["train_loss"]),
                  len(outcome.rejected), " skipped" if outcome.skipped else "", row["seconds"])
@@ -417,7 +420,8 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
                          strategy_name=cfg.strategy, wall_seconds=wall_before + time.perf_counter() - t_run,
                          task_type=peft_task_type(cfg), predictions=predictions if server_scores and not lm else None,
                          extra=dp.summary(cfg.per_round / cfg.clients, cfg.rounds),
-                         adapter=not strategy.personal)  # fedsa: the server has A only, no model to export
+                         adapter=not strategy.personal,  # fedsa: the server has A only, no model to export
+                         code=code)
     by_clients = [r[client_key] for r in metrics.rows if client_key in r]
     if by_clients:  # the nodes' score of the global model, next to the server's (an LM's loss: best is lowest)
         summary.update({f"final_{client_key}": by_clients[-1],
