@@ -83,7 +83,7 @@ def solve(stacks: list[int], target: int) -> list[int]:
     return out
 
 
-def reprice(cell: Path, d: int, k: int) -> tuple[float, float, int]:
+def reprice(cell: Path, d: int, k: int) -> tuple[float, float, int, str]:
     cfg = yaml.safe_load((cell / "config.yaml").read_text())
     strategy = cfg["strategy"]
     rows = [json.loads(line) for line in (cell / "metrics.jsonl").open()]

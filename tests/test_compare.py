@@ -7,10 +7,10 @@ import re
 import pytest
 from PIL import Image
 
+from hlora import __version__
 from hlora.compare import cell_labels, parse_methods
 from hlora.config import ConfigError
 from hlora.data.glue import default_target
-from hlora import __version__
 from hlora.plots import spread_labels
 from hlora.provenance import source_commit
 from hlora.report import code_line, code_version

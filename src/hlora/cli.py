@@ -437,7 +437,9 @@ def compare(
     rows = run_compare(config, shared, parse_methods(strategies), seed_list, Path(out), target, reporter_for,
                         say=lambda msg: console.print(msg, highlight=False), run_cells=not report_only,
                         jobs=jobs, reference=reference, table_name=table)
-    figures = "" if table == "table" else f"{table}-"
+    from hlora.report import figure_prefix
+
+    figures = figure_prefix(table)
     console.print(f"wrote {out}/{table}.md, {table}.csv, {figures}accuracy.png, {figures}communication.png "
                   f"({len(rows)} methods)")
 

@@ -26,7 +26,7 @@ from typing import Any
 from hlora.config import ConfigError, RunConfig, load_config, parse_options
 from hlora.data.glue import default_target
 from hlora.metrics import read_rows
-from hlora.report import REFERENCE, TABLE, summarize, write_tables
+from hlora.report import REFERENCE, TABLE, figure_prefix, summarize, write_tables
 
 RUN_FIELDS = {f.name for f in fields(RunConfig)}
 
@@ -596,7 +596,7 @@ def compare(
     write_tables(table, out, target, reference, majority, name=table_name)
     groups = {label: [read_rows(path) for path in runs.values()] for label, runs in done.items()}
     plot_groups(groups, out, title=cells[0][2].task, reference=("majority class", majority),
-                prefix="" if table_name == TABLE else f"{table_name}-")
+                prefix=figure_prefix(table_name))
     return table
 
 

@@ -71,11 +71,15 @@ def segments(earlier: list[dict[str, Any]] | None, resumed: bool) -> list[dict[s
     return parts if parts and parts[-1] == now else [*parts, now]
 
 
+def code_label(part: dict[str, Any]) -> str:
+    """One part's code in a word: its commit, else its hlora version (``hlora 0.1.0``), ``?`` when unknown."""
+    return part.get("git_commit") or (f"hlora {part['hlora']}" if part.get("hlora") else "?")
+
+
 def summary_provenance(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """``summary.json``'s ``provenance``: the last part's, with ``resumed_from`` (the earlier parts' commits,
-    or versions, ``?`` where unknown) when the run was resumed on other code."""
+    """``summary.json``'s ``provenance``: the last part's, with ``resumed_from`` (the earlier parts'
+    :func:`code_label`) when the run was resumed on other code."""
     out = dict(parts[-1])
     if len(parts) > 1:
-        out["resumed_from"] = [p.get("git_commit") or (f"hlora {p['hlora']}" if p.get("hlora") else "?")
-                               for p in parts[:-1]]
+        out["resumed_from"] = [code_label(p) for p in parts[:-1]]
     return out

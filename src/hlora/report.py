@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hlora.metrics import read_predictions, read_rows, scored_rows
+from hlora.provenance import code_label
 from hlora.stats import Difference, paired_bootstrap, paired_seeds, spread
 
 #: rounds whose accuracy the table shows (those the grid reaches)
@@ -29,6 +30,11 @@ FIXED_ROUNDS = (5, 10, 20)
 REFERENCE = "hlora"
 #: the name of a comparison's table files (table.md, table.csv)
 TABLE = "table"
+
+
+def figure_prefix(name: str) -> str:
+    """What the figures of table ``name`` start with: nothing for the grid's own table, ``NAME-`` else."""
+    return "" if name == TABLE else f"{name}-"
 RESAMPLES = 2000
 
 
@@ -142,14 +148,12 @@ def code_version(cell: Path) -> str:
     resumed on other code: each part's, joined by ``+``."""
     seen = _summary(cell).get("provenance") or {}
 
-    def short(code: str) -> str:
-        head, _, dirty = code.partition("-")
-        return head[:7] + (f"-{dirty}" if dirty else "")
+    def short(label: str) -> str:  # a commit to 7 hex digits, "-dirty" kept; "?" and versions as they are
+        head, sep, rest = label.partition("-")
+        return head[:7] + sep + rest if head and all(c in "0123456789abcdef" for c in head) else label
 
-    commit = seen.get("git_commit")
-    now = short(commit) if commit else (f"hlora {seen['hlora']}" if seen.get("hlora") else "?")
-    earlier = [c if c == "?" or c.startswith("hlora ") else short(c) for c in seen.get("resumed_from", [])]
-    return "+".join([*earlier, now])  # a run resumed on other code: every part's, in order
+    # a run resumed on other code: every part's, in order
+    return "+".join(short(label) for label in [*seen.get("resumed_from", []), code_label(seen)])
 
 
 def code_line(table: list[dict[str, Any]]) -> str:

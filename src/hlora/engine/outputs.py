@@ -17,7 +17,7 @@ from hlora.export import adapter_svd, energy_kept, save_peft_adapter, truncated
 from hlora.factors import Adapter
 from hlora.metrics import MetricsLog
 from hlora.model import resolve_model_path
-from hlora.provenance import provenance, summary_provenance
+from hlora.provenance import summary_provenance
 from hlora.server import RoundOutcome
 from hlora.strategies import GlobalState, Strategy
 
@@ -85,7 +85,7 @@ def finish_run(
     predictions: Callable[[Adapter, dict[str, Tensor]], dict[str, list[int]]] | None = None,
     extra: dict[str, Any] | None = None,
     adapter: bool = True,
-    code: list[dict[str, Any]] | None = None,
+    code: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """Write the final global model as a PEFT adapter (``out/adapter``; PEFT ``task_type`` SEQ_CLS or
     CAUSAL_LM), ``dev_predictions.json`` and then ``summary.json`` (a run with a summary is finished).
@@ -95,7 +95,7 @@ def finish_run(
     ``predictions(adapter, head)`` gives the ``predicted`` and ``gold`` dev labels of a classifier (None: an
     LM, or no dev set); it sees the global adapter the last round evaluated (the last round always is).
     ``extra``: more summary keys (e.g. DP's final ``dp_epsilon``). ``code``: the provenance of each part of
-    the run (:func:`hlora.provenance.segments`, taken when it started; None: this process's, now).
+    the run (:func:`hlora.provenance.segments`, taken when it started).
     """
     full = strategy.global_adapter(state)
     rank = None
@@ -106,4 +106,4 @@ def finish_run(
     if predictions is not None:
         log.predictions(state.round, **predictions(full, state.head))
     return log.summary(task=task, strategy=strategy_name, wall_seconds=wall_seconds, adapter_rank=rank,
-                       **(extra or {}), provenance=summary_provenance(code or [provenance()]))
+                       **(extra or {}), provenance=summary_provenance(code))

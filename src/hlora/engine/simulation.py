@@ -113,10 +113,9 @@ class Experiment:
         return dev_predictions(self.fm, adapter, head, self.dev, self.cfg.eval_batch_size)
 
 
-def local_examples(n: int, cfg: RunConfig, steps: int | None = None) -> int:
-    """Examples a client of ``n`` examples trains on in a round (about, with --local-steps: a pass's last
-    batch may be short); ``steps`` overrides ``cfg.local_steps``."""
-    steps = steps or cfg.local_steps
+def local_examples(n: int, cfg: RunConfig, steps: int | None) -> int:
+    """Examples a client of ``n`` examples trains on in a round with ``steps`` optimizer steps (about: a
+    pass's last batch may be short), or with --local-epochs when ``steps`` is None."""
     return steps * min(cfg.batch_size, n) if steps else cfg.local_epochs * n
 
 
