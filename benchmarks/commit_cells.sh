@@ -3,8 +3,9 @@
 # only the running cells. Usage (from the repository, beside the grid):
 #   bash benchmarks/commit_cells.sh GRID_OUT DOCS_DIR [SECONDS]
 # Every SECONDS (default 120) while a cell of GRID_OUT is held (its <cell>.lock names the pid of a live
-# `hlora compare`; a lock file left by a killed run does not count) or a compare into GRID_OUT runs: each cell GRID_OUT/<method>/seed<k> with a
-# summary.json not yet in DOCS_DIR gets its metrics.jsonl, summary.json, config.yaml and
+# `hlora compare`; a lock file left by a killed run does not count), a compare into GRID_OUT runs, or a
+# benchmarks/grid_queue.sh worker runs (it may start a cell of GRID_OUT next): each cell GRID_OUT/<method>/seed<k>
+# with a summary.json not yet in DOCS_DIR gets its metrics.jsonl, summary.json, config.yaml and
 # dev_predictions.json copied to DOCS_DIR/<method>/seed<k>/ and committed (only those paths).
 set -euo pipefail
 grid=${1:?grid directory}; docs=${2:?docs directory}; every=${3:-120}
@@ -27,7 +28,7 @@ commit_new() {
     echo "committed $dest"
   done
 }
-running() {  # a live claim, or a compare that has not claimed its next cell yet
+running() {  # a live claim, a compare that has not claimed its next cell yet, or a queue worker between cells
   # the claim's holder writes its pid into the lock (hlora.compare.claim); the lock itself is not touched
   # here, since taking it even for a moment would make a starting cell see it as taken
   local lock pid
@@ -35,7 +36,7 @@ running() {  # a live claim, or a compare that has not claimed its next cell yet
     pid=$(cat "$lock" 2>/dev/null) || continue
     [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && return 0
   done
-  pgrep -f "hlora.*compare.*$grid" >/dev/null
+  pgrep -f "hlora.*compare.*$grid" >/dev/null || pgrep -f "benchmarks/grid_queue.sh" >/dev/null
 }
 while true; do
   commit_new
