@@ -148,7 +148,7 @@ def test_tiny_compare_writes_every_output_and_skips_finished_cells(tiny_args, tm
     assert [r["method"] for r in csv.DictReader((out / "fedit-only.csv").open())] == ["fedit:ranks=4"]
     assert (out / "fedit-only-accuracy.png").exists() and (out / "fedit-only-communication.png").exists()
     assert {name: (out / name).read_bytes() for name in own} == own
-    for bad in ("../up", "x.md", ""):
+    for bad in ("../up", "x.md", "x.MD", "Table", ""):
         code, text = run_cli([*argv, "--report-only", "--table", bad], capsys)
         assert code == 2 and "--table is a file name without a folder or extension" in text
     # no --target: the task's own (mrpc: 75%)

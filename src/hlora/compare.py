@@ -571,7 +571,10 @@ def compare(
 
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", table_name) or table_name.endswith((".md", ".csv")):
+    # in any case: on a case-insensitive filesystem x.MD names x.md, and TABLE.md the grid's own table.md
+    folded = table_name.lower()
+    if (not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", table_name) or folded.endswith((".md", ".csv"))
+            or (folded == TABLE and table_name != TABLE)):
         raise ConfigError(f"--table is a file name without a folder or extension (letters, digits, _ . -), "
                           f"got {table_name!r}")
     labels = [m.label for m in methods]
