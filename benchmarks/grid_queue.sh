@@ -5,6 +5,7 @@
 # (disjoint cells, or the same ones: a cell's lock keeps a second worker off it), with
 # benchmarks/commit_cells.sh beside them to commit each finished cell:
 #   setsid bash benchmarks/grid_queue.sh QUEUE > QUEUE.out 2>&1 < /dev/null &
+# `python benchmarks/grids.py missing` prints a queue of every cell the committed grids lack.
 # Lines may be appended while it runs; empty lines and lines starting with # are skipped. HLORA_SRC_MRPC / HLORA_SRC_SST2 name the source tree a task's cells run
 # on (the grids' earlier seeds ran on a fixed commit, checked out as a worktree; default: this repository's).
 set -uo pipefail
