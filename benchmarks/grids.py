@@ -2,8 +2,8 @@
 
 Two commands, both from the repository root:
 
-    python benchmarks/grids.py report [GRID ...]     # regenerate every table of the grids from the committed cells
-    python benchmarks/grids.py missing [GRID ...]    # the cells not committed yet, as benchmarks/grid_queue.sh lines
+    python benchmarks/grids.py report [GRID ...]    # regenerate the grids' tables from the committed cells
+    python benchmarks/grids.py missing [GRID ...]   # the cells not committed yet, as grid_queue.sh lines
 
 GRID is mrpc, sst2 or robust (default: all). ``missing --exp DIR`` names the scratch directory the queue
 lines write into (default /work/exp); the committed cells live under docs/results/ and
@@ -17,7 +17,8 @@ The cells ran on fixed code, checked out beside the repository (the machine is n
     export HLORA_SRC_MRPC=/work/grid-code/src HLORA_SRC_SST2=/work/grid-code2/src
     python benchmarks/grids.py missing mrpc > /work/exp/qA   # split between two queues, then per queue:
     setsid bash benchmarks/grid_queue.sh /work/exp/qA > /work/exp/qA.out 2>&1 < /dev/null &
-    setsid bash benchmarks/commit_cells.sh /work/exp/compare-mrpc-s6 docs/results/compare-mrpc-s6 > /dev/null 2>&1 &
+    setsid bash benchmarks/commit_cells.sh /work/exp/compare-mrpc-s6 docs/results/compare-mrpc-s6 \
+      > /dev/null 2>&1 &
 """
 
 from __future__ import annotations
@@ -69,27 +70,74 @@ MRPC = Grid(
     task="mrpc",
     rounds=40,
     methods=[
-        "centralized", "hlora", "hlora:ranks=8", "fedit:ranks=8", "fedit:ranks=8:server_opt=avgm:server_lr=2",
-        "hlora:server_opt=avg", "hlora:logit_adjust=0", "hlora:prox_mu=0.01", "hlora:local_steps=10",
-        "hlora:server_lr=3", "hlora:preset=paper", "centralized:preset=paper", "hlora:ranks=8:preset=paper",
-        "fedit:ranks=8:preset=paper", "hlora:dp_clip=0.75:dp_noise=0", "hlora:dp_clip=0.75:dp_epsilon_target=8",
-        "hlora:dp_clip=0.75:dp_epsilon_target=8:server_opt=avg", "hlora:dp_clip=0.75:dp_epsilon_target=3",
-        "hlora:dp_clip=0.75:dp_epsilon_target=1", "flexlora", "hetlora", "fedplora", "flora", "ffa", "fedex",
-        "rolora", "lorafair", "fedsa", "hlora:personal_eval=true", "ffa:server_opt=avgm:server_lr=2",
-        DP_FEDIT + "8", "flexlora:server_opt=avg", DP_FEDIT + "3", DP_FEDIT + "1", "ffa:lora_alpha=64",
+        "centralized",
+        "hlora",
+        "hlora:ranks=8",
+        "fedit:ranks=8",
+        "fedit:ranks=8:server_opt=avgm:server_lr=2",
+        "hlora:server_opt=avg",
+        "hlora:logit_adjust=0",
+        "hlora:prox_mu=0.01",
+        "hlora:local_steps=10",
+        "hlora:server_lr=3",
+        "hlora:preset=paper",
+        "centralized:preset=paper",
+        "hlora:ranks=8:preset=paper",
+        "fedit:ranks=8:preset=paper",
+        "hlora:dp_clip=0.75:dp_noise=0",
+        "hlora:dp_clip=0.75:dp_epsilon_target=8",
+        "hlora:dp_clip=0.75:dp_epsilon_target=8:server_opt=avg",
+        "hlora:dp_clip=0.75:dp_epsilon_target=3",
+        "hlora:dp_clip=0.75:dp_epsilon_target=1",
+        "flexlora",
+        "hetlora",
+        "fedplora",
+        "flora",
+        "ffa",
+        "fedex",
+        "rolora",
+        "lorafair",
+        "fedsa",
+        "hlora:personal_eval=true",
+        "ffa:server_opt=avgm:server_lr=2",
+        DP_FEDIT + "8",
+        "flexlora:server_opt=avg",
+        DP_FEDIT + "3",
+        DP_FEDIT + "1",
+        "ffa:lora_alpha=64",
     ],
     probes={
-        "hlora:local_steps=10", "hlora:server_lr=3", "hlora:dp_clip=0.75:dp_noise=0",
-        "hlora:dp_clip=0.75:dp_epsilon_target=8:server_opt=avg", "ffa:server_opt=avgm:server_lr=2",
+        "hlora:local_steps=10",
+        "hlora:server_lr=3",
+        "hlora:dp_clip=0.75:dp_noise=0",
+        "hlora:dp_clip=0.75:dp_epsilon_target=8:server_opt=avg",
+        "ffa:server_opt=avgm:server_lr=2",
         "ffa:lora_alpha=64",
     },
     tables=[
-        Table("same-step", "hlora:server_opt=avg", [
-            "hlora:server_opt=avg", "flexlora:server_opt=avg", "fedit:ranks=8", "fedex", "lorafair", "rolora",
-            "ffa", "fedsa", "hetlora", "fedplora", "flora",
-        ]),
-        Table("ffa-alpha", "ffa", ["ffa", "ffa:lora_alpha=64", "ffa:server_opt=avgm:server_lr=2", "hlora:server_opt=avg"],
-              seeds=(0,)),
+        Table(
+            "same-step",
+            "hlora:server_opt=avg",
+            [
+                "hlora:server_opt=avg",
+                "flexlora:server_opt=avg",
+                "fedit:ranks=8",
+                "fedex",
+                "lorafair",
+                "rolora",
+                "ffa",
+                "fedsa",
+                "hetlora",
+                "fedplora",
+                "flora",
+            ],
+        ),
+        Table(
+            "ffa-alpha",
+            "ffa",
+            ["ffa", "ffa:lora_alpha=64", "ffa:server_opt=avgm:server_lr=2", "hlora:server_opt=avg"],
+            seeds=(0,),
+        ),
     ],
 )
 
@@ -98,8 +146,19 @@ SST2 = Grid(
     task="sst2",
     rounds=40,
     methods=[
-        "centralized", "hlora", "hlora:ranks=8", "fedit:ranks=8", "flexlora", "fedplora", "hetlora", "flora", "ffa",
-        "fedex", "rolora", "lorafair", "fedsa",
+        "centralized",
+        "hlora",
+        "hlora:ranks=8",
+        "fedit:ranks=8",
+        "flexlora",
+        "fedplora",
+        "hetlora",
+        "flora",
+        "ffa",
+        "fedex",
+        "rolora",
+        "lorafair",
+        "fedsa",
     ],
     tables=[Table("vs-fedit", "fedit:ranks=8", ["fedit:ranks=8", "hlora:ranks=8", "hlora", "centralized"])],
 )
@@ -110,19 +169,33 @@ ROBUST = Grid(
     task="mrpc",
     rounds=20,
     methods=[
-        "hlora", SIGNFLIP + "0.1", SIGNFLIP + "0.1:robust=normclip", SIGNFLIP + "0.1:robust=multikrum:robust_f=2",
-        SIGNFLIP + "0.2", SIGNFLIP + "0.2:robust=normclip", SIGNFLIP + "0.2:robust=multikrum:robust_f=4",
-        SIGNFLIP + "0.2:robust=trimmed:robust_f=4", "hlora:attack=scale:attackers=0.2",
-        "hlora:attack=scale:attackers=0.2:robust=normclip", "hlora:attack=scale:attackers=0.2:robust=multikrum:robust_f=4",
-        SIGNFLIP + "0.1:robust=trimmed:robust_f=2", "hlora:attack=noise:attackers=0.2",
-        "hlora:attack=scale:attackers=0.2:robust=trimmed:robust_f=4", "hlora:attack=scale:attackers=0.1",
-        "hlora:attack=scale:attackers=0.1:robust=normclip", "hlora:attack=noise:attackers=0.2:robust=multikrum:robust_f=4",
-        "hlora:attack=labelflip:attackers=0.2", "hlora:attack=labelflip:attackers=0.2:robust=multikrum:robust_f=4",
+        "hlora",
+        SIGNFLIP + "0.1",
+        SIGNFLIP + "0.1:robust=normclip",
+        SIGNFLIP + "0.1:robust=multikrum:robust_f=2",
+        SIGNFLIP + "0.2",
+        SIGNFLIP + "0.2:robust=normclip",
+        SIGNFLIP + "0.2:robust=multikrum:robust_f=4",
+        SIGNFLIP + "0.2:robust=trimmed:robust_f=4",
+        "hlora:attack=scale:attackers=0.2",
+        "hlora:attack=scale:attackers=0.2:robust=normclip",
+        "hlora:attack=scale:attackers=0.2:robust=multikrum:robust_f=4",
+        SIGNFLIP + "0.1:robust=trimmed:robust_f=2",
+        "hlora:attack=noise:attackers=0.2",
+        "hlora:attack=scale:attackers=0.2:robust=trimmed:robust_f=4",
+        "hlora:attack=scale:attackers=0.1",
+        "hlora:attack=scale:attackers=0.1:robust=normclip",
+        "hlora:attack=noise:attackers=0.2:robust=multikrum:robust_f=4",
+        "hlora:attack=labelflip:attackers=0.2",
+        "hlora:attack=labelflip:attackers=0.2:robust=multikrum:robust_f=4",
     ],
 )
 # the robustness grid's seeds 1-2 are for the clean run and the 20% sign flip with each defense
 ROBUST.probes = set(ROBUST.methods) - {
-    "hlora", SIGNFLIP + "0.2", SIGNFLIP + "0.2:robust=normclip", SIGNFLIP + "0.2:robust=multikrum:robust_f=4",
+    "hlora",
+    SIGNFLIP + "0.2",
+    SIGNFLIP + "0.2:robust=normclip",
+    SIGNFLIP + "0.2:robust=multikrum:robust_f=4",
     SIGNFLIP + "0.2:robust=trimmed:robust_f=4",
 }
 
@@ -141,10 +214,27 @@ def finished_methods(grid: Grid, methods: list[str]) -> list[str]:
 
 def report(grid: Grid, hlora: str) -> None:
     base = [hlora, "compare", *grid.compare_args(), "--report-only"]
-    runs = [["--seeds", ",".join(map(str, ALL_SEEDS)), "--strategies", ",".join(finished_methods(grid, grid.methods))]]
+    runs = [
+        [
+            "--seeds",
+            ",".join(map(str, ALL_SEEDS)),
+            "--strategies",
+            ",".join(finished_methods(grid, grid.methods)),
+        ]
+    ]
     for table in grid.tables:
-        runs.append(["--seeds", ",".join(map(str, table.seeds)), "--table", table.name, "--reference", table.reference,
-                     "--strategies", ",".join(finished_methods(grid, table.methods))])
+        runs.append(
+            [
+                "--seeds",
+                ",".join(map(str, table.seeds)),
+                "--table",
+                table.name,
+                "--reference",
+                table.reference,
+                "--strategies",
+                ",".join(finished_methods(grid, table.methods)),
+            ]
+        )
     for extra in runs:
         print("+", " ".join(base[1:] + extra), flush=True)
         subprocess.run(base + extra, cwd=ROOT, check=True)

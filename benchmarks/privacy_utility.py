@@ -1,4 +1,4 @@
-"""The privacy-utility table of issue #18 from the committed MRPC grid: accuracy against epsilon, HLoRA and FedIT.
+"""Issue #18's privacy-utility table from the committed MRPC grid: accuracy against epsilon, HLoRA and FedIT.
 
     python benchmarks/privacy_utility.py > docs/results/privacy-utility.md
 
@@ -26,8 +26,10 @@ GRID = ROOT / "docs/results/compare-mrpc-s6"
 EPSILONS = ("8", "3", "1")
 STRATEGIES = {  # name: (its run without DP, the prefix its DP runs add dp_epsilon_target=EPS to)
     "HLoRA 2..8": ("hlora", "hlora:dp_clip=0.75:dp_epsilon_target="),
-    "FedIT rank 8 (avgm, lr 2)": ("fedit:ranks=8:server_opt=avgm:server_lr=2",
-                                  "fedit:ranks=8:server_opt=avgm:server_lr=2:dp_clip=0.6:dp_epsilon_target="),
+    "FedIT rank 8 (avgm, lr 2)": (
+        "fedit:ranks=8:server_opt=avgm:server_lr=2",
+        "fedit:ranks=8:server_opt=avgm:server_lr=2:dp_clip=0.6:dp_epsilon_target=",
+    ),
 }
 SEEDS = (0, 1, 2)
 LAST = 10
@@ -68,28 +70,42 @@ def row(name: str, eps: str, method: str, plain: str) -> str:
             delta = "no plain run on these seeds"
         else:
             d = paired_bootstrap([correct(p) for p, _ in pairs], [correct(ref) for _, ref in pairs])
-            delta = f"{100 * d.estimate:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]" + (" ✓" if d.resolved else " ?")
+            delta = f"{100 * d.estimate:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]" + (
+                " ✓" if d.resolved else " ?"
+            )
     z_text = f"{z:.3f}" if z else "-"
-    return (f"| {name} | {eps} | {z_text} | {per_seed} ({','.join(map(str, seeds))}) | {final.mean:.1f} ± {final.std:.1f} "
-            f"| {best.mean:.1f} ± {best.std:.1f} | {tail.mean:.1f} ± {tail.std:.1f} | {delta} |")
+    return (
+        f"| {name} | {eps} | {z_text} | {per_seed} ({','.join(map(str, seeds))}) "
+        f"| {final.mean:.1f} ± {final.std:.1f} "
+        f"| {best.mean:.1f} ± {best.std:.1f} | {tail.mean:.1f} ± {tail.std:.1f} | {delta} |"
+    )
 
 
 def main() -> None:
-    print("| strategy | epsilon | z | final acc per seed (seeds) | final, mean ± std | best, mean ± std "
-          "| last 10 rounds, mean ± std | Δ final vs no DP, bootstrap 95% (pts) |")
+    print(
+        "| strategy | epsilon | z | final acc per seed (seeds) | final, mean ± std | best, mean ± std "
+        "| last 10 rounds, mean ± std | Δ final vs no DP, bootstrap 95% (pts) |"
+    )
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: | --- |")
     for name, (plain, prefix) in STRATEGIES.items():
         print(row(name, "inf", plain, plain))
         for eps in EPSILONS:
             print(row(name, eps, prefix + eps, plain))
     print()
-    print("- MRPC dev (408 examples, majority class 68.4%), 40 rounds, 100 clients, 20 a round, delta = 1/100^1.1; "
-          "cells in results/compare-mrpc-s6/. Clip C: HLoRA 0.75 on s B A's change, FedIT 0.6 on its factors' change "
-          "(docs/privacy.md says how each was chosen).")
+    print(
+        "- MRPC dev (408 examples, majority class 68.4%), 40 rounds, 100 clients, 20 a round, "
+        "delta = 1/100^1.1; "
+        "cells in results/compare-mrpc-s6/. Clip C: HLoRA 0.75 on s B A's change, "
+        "FedIT 0.6 on its factors' change "
+        "(docs/privacy.md says how each was chosen)."
+    )
     print("- best: the highest dev accuracy of the 40 rounds, per seed, then mean ± std over seeds.")
     print("- last 10 rounds: the mean dev accuracy of rounds 31-40 per seed, then mean ± std over seeds.")
-    print("- Δ: final accuracy minus the same strategy's without DP on the same seeds; the interval resamples dev "
-          "examples within each seed (2000 resamples, seeded). ✓: it excludes 0; ?: it does not.")
+    print(
+        "- Δ: final accuracy minus the same strategy's without DP on the same seeds; "
+        "the interval resamples dev "
+        "examples within each seed (2000 resamples, seeded). ✓: it excludes 0; ?: it does not."
+    )
     print("- Written by `python benchmarks/privacy_utility.py` from the committed cells.")
 
 

@@ -1,4 +1,4 @@
-"""benchmarks/grids.py, the committed results grids' definitions, against the cells committed under docs/results."""
+"""benchmarks/grids.py, the results grids' definitions, against the cells committed under docs/results."""
 
 from pathlib import Path
 
@@ -18,7 +18,10 @@ def test_every_committed_cell_belongs_to_its_grid_and_every_extra_table_to_the_g
         assert committed_slugs(ROOT / grid.docs) <= set(slugs), name
         assert grid.probes <= set(grid.methods), name
         for table in grid.tables:
-            assert table.reference in table.methods and set(table.methods) <= set(grid.methods), (name, table.name)
+            assert table.reference in table.methods and set(table.methods) <= set(grid.methods), (
+                name,
+                table.name,
+            )
 
 
 def test_missing_lists_exactly_the_uncommitted_cells_as_queue_lines(tmp_path):
