@@ -6,6 +6,7 @@
 # benchmarks/commit_cells.sh beside them to commit each finished cell:
 #   setsid bash benchmarks/grid_queue.sh QUEUE > QUEUE.out 2>&1 < /dev/null &
 # `python benchmarks/grids.py missing` prints a queue of every cell the committed grids lack.
+# Do not edit this script while a worker runs: bash reads it as it goes (the queue file may be edited).
 # Lines may be appended while it runs; empty lines and lines starting with # are skipped. HLORA_SRC_MRPC / HLORA_SRC_SST2 name the source tree a task's cells run
 # on (the grids' earlier seeds ran on a fixed commit, checked out as a worktree; default: this repository's).
 set -uo pipefail
