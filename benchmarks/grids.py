@@ -202,9 +202,15 @@ ROBUST.probes = set(ROBUST.methods) - {
 GRIDS = {"mrpc": MRPC, "sst2": SST2, "robust": ROBUST}
 
 
-def committed(grid: Grid, method: str, seed: int) -> bool:
+def cell(grid: Grid, method: str, seed: int) -> Path | None:
+    """The committed cell of ``method`` and ``seed`` (None: not committed)."""
     (parsed,) = parse_methods(method)
-    return (ROOT / grid.docs / parsed.slug / f"seed{seed}" / "summary.json").is_file()
+    path = ROOT / grid.docs / parsed.slug / f"seed{seed}"
+    return path if (path / "summary.json").is_file() else None
+
+
+def committed(grid: Grid, method: str, seed: int) -> bool:
+    return cell(grid, method, seed) is not None
 
 
 def finished_methods(grid: Grid, methods: list[str]) -> list[str]:

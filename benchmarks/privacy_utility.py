@@ -15,14 +15,12 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hlora.compare import parse_methods  # noqa: E402
-from hlora.metrics import read_predictions, read_rows  # noqa: E402
+from benchmarks.grids import MRPC, cell  # noqa: E402 (it puts src on the path)
+from hlora.metrics import read_rows  # noqa: E402
+from hlora.report import _final_correct  # noqa: E402
 from hlora.stats import paired_bootstrap, spread  # noqa: E402
-
-GRID = ROOT / "docs/results/compare-mrpc-s6"
 EPSILONS = ("8", "3", "1")
 STRATEGIES = {  # name: (its run without DP, the prefix its DP runs add dp_epsilon_target=EPS to)
     "HLoRA 2..8": ("hlora", "hlora:dp_clip=0.75:dp_epsilon_target="),
@@ -35,23 +33,16 @@ SEEDS = (0, 1, 2)
 LAST = 10
 
 
-def cell(method: str, seed: int) -> Path | None:
-    (parsed,) = parse_methods(method)
-    path = GRID / parsed.slug / f"seed{seed}"
-    return path if (path / "summary.json").is_file() else None
-
-
-def correct(path: Path) -> list[float]:
-    """Per dev example, 1.0 if the final round predicted it right."""
-    saved = read_predictions(path)
-    rows = read_rows(path)
-    if saved is None or saved["round"] != rows[-1]["round"]:
+def correct(path: Path) -> list[int]:
+    """Per dev example, 1 if the final round predicted it right (as the comparison tables read it)."""
+    scores = _final_correct(path, read_rows(path))
+    if scores is None:
         raise SystemExit(f"{path}: no dev predictions of the final round")
-    return [float(p == g) for p, g in zip(saved["predicted"], saved["gold"])]
+    return scores
 
 
 def row(name: str, eps: str, method: str, plain: str) -> str:
-    paths = {s: cell(method, s) for s in SEEDS}
+    paths = {s: cell(MRPC, method, s) for s in SEEDS}
     seeds = [s for s, p in paths.items() if p]
     if not seeds:
         return f"| {name} | {eps} | - | not run | | | | | |"
@@ -65,7 +56,7 @@ def row(name: str, eps: str, method: str, plain: str) -> str:
     if method == plain:
         delta = "-"
     else:
-        pairs = [(paths[s], cell(plain, s)) for s in seeds]
+        pairs = [(paths[s], cell(MRPC, plain, s)) for s in seeds]
         if not all(ref for _, ref in pairs):
             delta = "no plain run on these seeds"
         else:
